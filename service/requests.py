@@ -103,17 +103,28 @@ class SessionTruncation:
     reply_tokens: int | None = None
 
 
+@dataclass(frozen=True)
+class PromptInput:
+    """What to continue: exactly one of text, chat messages (role, content) or token ids."""
+
+    text: str | None = None
+    chat: tuple[tuple[str, str], ...] | None = None
+    token_ids: tuple[int, ...] | None = None
+
+
 @dataclass
 class GenerationRequest:
-    """One generation as the engine sees it: token ids in, parameters, and its identity."""
+    """One generation as the engine sees it. The engine tokenizes `input` (with the session's history
+    when session_id is set) into prompt_token_ids."""
 
     request_id: str
-    prompt_token_ids: list[int]
+    input: PromptInput
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stopping: StoppingParams = field(default_factory=StoppingParams)
     output: OutputOptions = field(default_factory=OutputOptions)
     session_id: str = ""
     truncation: SessionTruncation | None = None
+    prompt_token_ids: list[int] = field(default_factory=list)
 
 
 # ---- outputs, in the order a request produces them: Started, Delta*, then Finished or Failure ----

@@ -1,0 +1,1 @@
+"""The tokenwire client: light, never imports torch."""

@@ -1,0 +1,1 @@
+"""The tokenwire server: gRPC service, engine, scheduler, model runner."""

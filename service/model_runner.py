@@ -1,0 +1,443 @@
+"""torch + transformers: prefill and ONE batched decode forward per step over a slotted KV cache.
+
+Every live sequence owns a row (slot) of a preallocated `[layers, rows, kv_heads, max_len, head_dim]`
+cache. The model runs with `use_cache=False` and a custom attention function that writes each new
+key/value at (row, position) and attends over the row's own prefix, so a decode step is one forward
+over all decoding rows, each at its own position, with no padding and no per-step cache copies.
+
+Decoding rows are kept packed at the front (rows 0..n-1): the decode step then reads the cache
+through a plain view. A sequence whose prefill completes is moved to the front boundary, and a
+finished decoding row is refilled from the last decoding row — one copy per request lifetime.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+from transformers import AttentionInterface
+
+from tokenwire.service.model_loading import ModelSource, load_model, pick_device, pick_dtype, resolve_model
+from tokenwire.service.requests import SamplingParams
+from tokenwire.service.runner_types import PrefillChunk, PrefixCache, TokenSample
+from tokenwire.service.sampling import SamplingRow, make_generator, sample
+
+log = logging.getLogger("tokenwire.model")
+
+_ATTENTION_NAME = "tokenwire_slots"
+
+
+@dataclass
+class _Sequence:
+    seq_id: int
+    row: int
+    sampling: SamplingRow
+    logprobs: bool
+    top_n: int
+    banned: list[int] = field(default_factory=list)  # token ids that may not be sampled (min_tokens)
+    length: int = 0  # tokens whose keys/values are in the cache
+    decoding: bool = False
+
+
+@dataclass
+class _StepContext:
+    """What the attention function needs for the forward in flight (set by the step, read per layer)."""
+
+    decode: bool = True
+    # decode: rows 0..n-1, positions [n], mask [n, 1, 1, kv_len]
+    positions: torch.Tensor | None = None
+    row_index: torch.Tensor | None = None
+    kv_len: int = 0
+    # prefill: one entry per batch row: (cache row, start position, chunk length)
+    prefill_rows: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+class _SlotAttention:
+    """The attention function registered with transformers; holds the cache it writes into."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys = keys
+        self.values = values
+        self.ctx = _StepContext()
+
+    def __call__(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,  # [batch, heads, q_len, head_dim]
+        key: torch.Tensor,  # [batch, kv_heads, q_len, head_dim]
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        **_: Any,
+    ) -> tuple[torch.Tensor, None]:
+        layer = module.layer_idx  # type: ignore[attr-defined]
+        cache_k, cache_v = self.keys[layer], self.values[layer]
+        ctx = self.ctx
+        if ctx.decode:
+            n = query.shape[0]
+            cache_k[ctx.row_index, :, ctx.positions] = key[:, :, 0]
+            cache_v[ctx.row_index, :, ctx.positions] = value[:, :, 0]
+            out = F.scaled_dot_product_attention(
+                query,
+                cache_k[:n, :, : ctx.kv_len],
+                cache_v[:n, :, : ctx.kv_len],
+                attn_mask=attention_mask,
+                scale=scaling,
+                enable_gqa=True,
+            )
+        else:
+            outs = []
+            for b, (row, start, length) in enumerate(ctx.prefill_rows):
+                end = start + length
+                cache_k[row, :, start:end] = key[b, :, :length]
+                cache_v[row, :, start:end] = value[b, :, :length]
+                outs.append(
+                    F.scaled_dot_product_attention(
+                        query[b : b + 1, :, :length],
+                        cache_k[row : row + 1, :, :end],
+                        cache_v[row : row + 1, :, :end],
+                        attn_mask=_prefill_mask(start, length, query.device),
+                        scale=scaling,
+                        enable_gqa=True,
+                    )
+                )
+            width = query.shape[2]
+            out = torch.cat([F.pad(o, (0, 0, 0, width - o.shape[2])) for o in outs])
+        return out.transpose(1, 2), None
+
+
+def _prefill_mask(start: int, length: int, device: torch.device) -> torch.Tensor | None:
+    """Causal mask for queries start..start+length over keys 0..start+length."""
+    query_pos = torch.arange(start, start + length, device=device)[:, None]
+    key_pos = torch.arange(start + length, device=device)[None, :]
+    return key_pos <= query_pos
+
+
+class ModelRunner:
+    """Owns the model, the tokenizer and the KV cache rows. Called from the engine's step thread only."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        name: str,
+        source: str,
+        max_batch_size: int = 16,
+        max_context: int | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.source = source
+        config = model.config
+        self.device: torch.device = model.device
+        self.dtype: torch.dtype = model.dtype
+        self.vocab_size = int(config.vocab_size)
+        model_context = int(getattr(config, "max_position_embeddings", 2048))
+        self.context_length = min(model_context, max_context or model_context)
+        self.max_batch_size = max_batch_size
+        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.bos_token_id: int | None = getattr(tokenizer, "bos_token_id", None)
+
+        layers = int(config.num_hidden_layers)
+        kv_heads = int(getattr(config, "num_key_value_heads", config.num_attention_heads))
+        head_dim = int(getattr(config, "head_dim", config.hidden_size // config.num_attention_heads))
+        shape = (layers, max_batch_size, kv_heads, self.context_length, head_dim)
+        # torch.empty: pages are committed only as positions are written, so a large context is cheap.
+        keys = torch.empty(shape, dtype=self.dtype, device=self.device)
+        values = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self._attention = _SlotAttention(keys, values)
+        AttentionInterface.register(_ATTENTION_NAME, self._attention)
+        model.set_attn_implementation(_ATTENTION_NAME)
+        self._backbone = model.get_decoder()
+        self._lm_head = model.get_output_embeddings()
+
+        self._sequences: dict[int, _Sequence] = {}
+        self._decoding: list[int] = []  # seq ids by row: row i holds _decoding[i]
+        self._free_rows = set(range(max_batch_size))
+        self._seen: torch.Tensor | None = None  # [rows, vocab] bool, allocated when a penalty is first used
+        self._lock = threading.Lock()
+
+    # ---- construction ----
+
+    @classmethod
+    def load(
+        cls,
+        spec: str = "default",
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 16,
+        max_context: int | None = None,
+    ) -> ModelRunner:
+        source: ModelSource = resolve_model(spec)
+        torch_device = pick_device(device)
+        torch_dtype = pick_dtype(torch_device, dtype)
+        model, tokenizer = load_model(source, torch_device, torch_dtype)
+        return cls(
+            model,
+            tokenizer,
+            name=source.name,
+            source=source.location,
+            max_batch_size=max_batch_size,
+            max_context=max_context,
+        )
+
+    # ---- tokenizer ----
+
+    @property
+    def backend_tokenizer(self) -> Any:
+        """The `tokenizers.Tokenizer` behind the transformers tokenizer (for incremental decoding)."""
+        return self.tokenizer.backend_tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": role, "content": content} for role, content in messages],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        return [self.tokenizer.decode([t]) for t in token_ids]
+
+    # ---- sequences ----
+
+    @property
+    def free_rows(self) -> int:
+        return len(self._free_rows)
+
+    @property
+    def live_sequences(self) -> int:
+        return len(self._sequences)
+
+    def add_sequence(
+        self,
+        seq_id: int,
+        sampling: SamplingParams,
+        seed: int,
+        *,
+        prompt_token_ids: Sequence[int] = (),
+        logprobs: bool = False,
+        top_n: int = 0,
+    ) -> None:
+        """Give a new sequence a cache row (raises when none is free: the scheduler admits by rows)."""
+        row = min(self._free_rows)
+        self._free_rows.remove(row)
+        generator = None if sampling.greedy else make_generator(seed, self.device)
+        self._sequences[seq_id] = _Sequence(seq_id, row, SamplingRow(sampling, generator), logprobs, top_n)
+        if sampling.repetition_penalty != 1.0:
+            seen = self._seen_mask()
+            seen[row].zero_()
+            if prompt_token_ids:
+                seen[row, torch.tensor(list(prompt_token_ids), device=self.device)] = True
+
+    def ban_tokens(self, seq_id: int, token_ids: Sequence[int]) -> None:
+        """Forbid sampling these tokens for a sequence (empty: lift the ban)."""
+        self._sequences[seq_id].banned = list(token_ids)
+
+    def remove_sequence(self, seq_id: int) -> None:
+        seq = self._sequences.pop(seq_id, None)
+        if seq is None:
+            return
+        if seq.decoding:
+            last_id = self._decoding.pop()
+            if last_id != seq_id:
+                # Keep decoding rows packed: the last one takes the freed row.
+                last = self._sequences[last_id]
+                self._move_row(last, seq.row)
+                self._decoding[seq.row] = last_id
+                seq.row, last.row = last.row, seq.row  # seq.row is now the freed (old last) row
+        self._free_rows.add(seq.row)
+
+    def _move_row(self, seq: _Sequence, row: int) -> None:
+        """Copy seq's cache (its filled part) and state into `row`, and make it seq's row."""
+        length = seq.length
+        cache = self._attention
+        cache.keys[:, row, :, :length] = cache.keys[:, seq.row, :, :length]
+        cache.values[:, row, :, :length] = cache.values[:, seq.row, :, :length]
+        if self._seen is not None:
+            self._seen[row] = self._seen[seq.row]
+
+    def _seen_mask(self) -> torch.Tensor:
+        if self._seen is None:
+            self._seen = torch.zeros(self.max_batch_size, self.vocab_size, dtype=torch.bool, device=self.device)
+        return self._seen
+
+    # ---- prefix caches (sessions) ----
+
+    def save_prefix(self, seq_id: int, length: int) -> PrefixCache:
+        """Copy the first `length` cached positions of a sequence out of its row."""
+        seq = self._sequences[seq_id]
+        length = min(length, seq.length)
+        cache = self._attention
+        keys = cache.keys[:, seq.row, :, :length].clone()
+        values = cache.values[:, seq.row, :, :length].clone()
+        return PrefixCache(length=length, payload=(keys, values), nbytes=keys.nbytes + values.nbytes)
+
+    def load_prefix(self, seq_id: int, prefix: PrefixCache, length: int) -> None:
+        """Put the first `length` positions of a saved prefix into a (still prefilling) sequence's row."""
+        seq = self._sequences[seq_id]
+        keys, values = prefix.payload
+        cache = self._attention
+        cache.keys[:, seq.row, :, :length] = keys[:, :, :length]
+        cache.values[:, seq.row, :, :length] = values[:, :, :length]
+        seq.length = length
+
+    # ---- the forward passes ----
+
+    @torch.inference_mode()
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> dict[int, TokenSample]:
+        """Run the prompt chunks of several sequences in one forward; sample where a prompt ends."""
+        if not chunks:
+            return {}
+        seqs = [self._sequences[c.seq_id] for c in chunks]
+        width = max(len(c.token_ids) for c in chunks)
+        ids = torch.zeros(len(chunks), width, dtype=torch.long)
+        positions = torch.zeros(len(chunks), width, dtype=torch.long)
+        for b, (c, seq) in enumerate(zip(chunks, seqs, strict=True)):
+            n = len(c.token_ids)
+            ids[b, :n] = torch.tensor(c.token_ids)
+            positions[b] = torch.arange(seq.length, seq.length + width)
+        ctx = _StepContext(
+            decode=False,
+            prefill_rows=[(s.row, s.length, len(c.token_ids)) for c, s in zip(chunks, seqs, strict=True)],
+        )
+        self._attention.ctx = ctx
+        hidden = self._backbone(
+            input_ids=ids.to(self.device), position_ids=positions.to(self.device), use_cache=False
+        ).last_hidden_state
+        finishing = []
+        for b, (c, seq) in enumerate(zip(chunks, seqs, strict=True)):
+            seq.length += len(c.token_ids)
+            if c.last:
+                finishing.append((b, seq))
+        if not finishing:
+            return {}
+        last_hidden = torch.stack([hidden[b, len(chunks[b].token_ids) - 1] for b, _ in finishing])
+        logits = self._lm_head(last_hidden)
+        samples = self._sample(logits, [seq for _, seq in finishing], rows=None)
+        for _, seq in finishing:
+            self._start_decoding(seq)
+        return {seq.seq_id: s for (_, seq), s in zip(finishing, samples, strict=True)}
+
+    def _start_decoding(self, seq: _Sequence) -> None:
+        boundary = len(self._decoding)
+        if seq.row != boundary:
+            occupant = next((s for s in self._sequences.values() if s.row == boundary), None)
+            if occupant is None:
+                self._free_rows.remove(boundary)
+                self._free_rows.add(seq.row)
+                self._move_row(seq, boundary)
+                seq.row = boundary
+            else:
+                self._swap_rows(seq, occupant)
+        seq.decoding = True
+        self._decoding.append(seq.seq_id)
+
+    def _swap_rows(self, a: _Sequence, b: _Sequence) -> None:
+        cache = self._attention
+        for tensor in (cache.keys, cache.values):
+            saved = tensor[:, b.row, :, : b.length].clone()
+            tensor[:, b.row, :, : a.length] = tensor[:, a.row, :, : a.length]
+            tensor[:, a.row, :, : b.length] = saved
+        if self._seen is not None:
+            self._seen[[a.row, b.row]] = self._seen[[b.row, a.row]]
+        a.row, b.row = b.row, a.row
+
+    @torch.inference_mode()
+    def decode(self, token_ids: dict[int, int]) -> dict[int, TokenSample]:
+        """One forward over every decoding sequence: feed each its last token, sample its next."""
+        n = len(self._decoding)
+        if n == 0:
+            return {}
+        assert len(token_ids) == n, "decode must cover every decoding sequence"
+        seqs = [self._sequences[i] for i in self._decoding]
+        ids = torch.tensor([[token_ids[s.seq_id]] for s in seqs], dtype=torch.long, device=self.device)
+        lengths = [s.length for s in seqs]
+        positions = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        kv_len = max(lengths) + 1
+        ctx = self._attention.ctx = _StepContext(
+            decode=True,
+            positions=positions,
+            row_index=torch.arange(n, device=self.device),
+            kv_len=kv_len,
+        )
+        mask = (torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+        assert ctx.positions is not None
+        hidden = self._backbone(
+            input_ids=ids, position_ids=positions[:, None], attention_mask=mask, use_cache=False
+        ).last_hidden_state
+        logits = self._lm_head(hidden[:, -1])
+        for s in seqs:
+            s.length += 1
+        samples = self._sample(logits, seqs, rows=slice(0, n))
+        return {s.seq_id: sample_ for s, sample_ in zip(seqs, samples, strict=True)}
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: Sequence[_Sequence], rows: slice | None
+    ) -> list[TokenSample]:
+        banned = [(i, s.banned) for i, s in enumerate(seqs) if s.banned]
+        if banned:
+            logits = logits.clone()
+            for i, token_ids in banned:
+                logits[i, token_ids] = float("-inf")
+        penalised = any(s.sampling.params.repetition_penalty != 1.0 for s in seqs)
+        seen = None
+        if penalised:
+            mask = self._seen_mask()
+            seen = mask[rows] if rows is not None else mask[[s.row for s in seqs]]
+        want_logprobs = any(s.logprobs or s.top_n for s in seqs)
+        top_n = max((s.top_n for s in seqs), default=0)
+        out = sample(
+            logits.float(),
+            [s.sampling for s in seqs],
+            seen=seen,
+            logprobs=want_logprobs,
+            top_n=top_n,
+        )
+        if penalised and self._seen is not None:
+            for s, token in zip(seqs, out.token_ids, strict=True):
+                self._seen[s.row, token] = True
+        result = []
+        for i, (s, token) in enumerate(zip(seqs, out.token_ids, strict=True)):
+            logprob = out.logprobs[i] if (out.logprobs is not None and (s.logprobs or s.top_n)) else None
+            top = out.top[i][: s.top_n] if (out.top is not None and s.top_n) else []
+            result.append(TokenSample(token, logprob, top))
+        return result
+
+    # ---- health ----
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One prefill and a few decode steps on a scratch sequence, so first requests are not slow."""
+        scratch = -1
+        self.add_sequence(scratch, SamplingParams(), 0)
+        try:
+            first = self.prefill([PrefillChunk(scratch, self.encode("Hello"), last=True)])[scratch]
+            token = first.token_id
+            for _ in range(3):
+                token = self.decode({scratch: token})[scratch].token_id
+        finally:
+            self.remove_sequence(scratch)
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return tuple(sorted(ids))

@@ -1,0 +1,78 @@
+"""What the engine asks of a model runner, as plain types: the real one uses torch, the fake one does not."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tokenwire.service.requests import SamplingParams
+
+
+@dataclass(frozen=True)
+class PrefillChunk:
+    """Part of one sequence's prompt. `last` marks the prompt's end: a first token is sampled then."""
+
+    seq_id: int
+    token_ids: Sequence[int]
+    last: bool
+
+
+@dataclass(frozen=True)
+class TokenSample:
+    token_id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PrefixCache:
+    """The saved KV cache of a token prefix (for sessions). `payload` is the runner's own."""
+
+    length: int
+    payload: Any
+    nbytes: int
+
+
+class Runner(Protocol):
+    """The model runner as the engine uses it. Called from the step thread only."""
+
+    name: str
+    source: str
+    device: Any
+    dtype: Any
+    vocab_size: int
+    context_length: int
+    max_batch_size: int
+    eos_token_ids: tuple[int, ...]
+    has_chat_template: bool
+    bos_token_id: int | None
+
+    @property
+    def backend_tokenizer(self) -> Any: ...
+    @property
+    def free_rows(self) -> int: ...
+    @property
+    def live_sequences(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+    def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]: ...
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]: ...
+
+    def add_sequence(
+        self,
+        seq_id: int,
+        sampling: SamplingParams,
+        seed: int,
+        *,
+        prompt_token_ids: Sequence[int] = (),
+        logprobs: bool = False,
+        top_n: int = 0,
+    ) -> None: ...
+    def remove_sequence(self, seq_id: int) -> None: ...
+    def ban_tokens(self, seq_id: int, token_ids: Sequence[int]) -> None: ...
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> dict[int, TokenSample]: ...
+    def decode(self, token_ids: dict[int, int]) -> dict[int, TokenSample]: ...
+    def save_prefix(self, seq_id: int, length: int) -> PrefixCache: ...
+    def load_prefix(self, seq_id: int, prefix: PrefixCache, length: int) -> None: ...
+    def warm_up(self) -> None: ...

@@ -1,0 +1,141 @@
+"""Which sequences run each step: FIFO admission by free KV rows, chunked prefill under a token budget.
+
+Pure Python, no torch: the scheduler sees sequence ids and token counts, never text or tensors.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass
+class ScheduledSequence:
+    """The scheduler's view of one sequence."""
+
+    seq_id: int
+    prompt_len: int
+    prefilled: int = 0  # prompt tokens whose KV is in the cache (including a reused prefix)
+    phase: Phase = Phase.WAITING
+
+
+@dataclass(frozen=True)
+class PrefillSlice:
+    seq_id: int
+    start: int
+    end: int
+    last: bool
+
+
+@dataclass
+class StepPlan:
+    admitted: list[int] = field(default_factory=list)  # newly given a KV row this step
+    prefill: list[PrefillSlice] = field(default_factory=list)
+    decode: list[int] = field(default_factory=list)  # sequences decoding after this step's prefill
+
+    @property
+    def empty(self) -> bool:
+        return not (self.admitted or self.prefill or self.decode)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_size: int = 16
+    # Prompt tokens prefilled per step across all sequences. Bounds how long one step can stall the
+    # running streams: a long prompt is cut into chunks interleaved with decode steps.
+    prefill_tokens_per_step: int = 512
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self._waiting: deque[ScheduledSequence] = deque()
+        self._prefilling: list[ScheduledSequence] = []
+        self._decoding: dict[int, ScheduledSequence] = {}
+        self._all: dict[int, ScheduledSequence] = {}
+
+    # ---- membership ----
+
+    def add(self, seq: ScheduledSequence) -> None:
+        self._waiting.append(seq)
+        self._all[seq.seq_id] = seq
+
+    def remove(self, seq_id: int) -> Phase | None:
+        """Forget a sequence in any phase; returns the phase it was in (None when unknown)."""
+        seq = self._all.pop(seq_id, None)
+        if seq is None:
+            return None
+        if seq.phase is Phase.WAITING:
+            self._waiting.remove(seq)
+        elif seq.phase is Phase.PREFILL:
+            self._prefilling.remove(seq)
+        else:
+            del self._decoding[seq_id]
+        return seq.phase
+
+    def get(self, seq_id: int) -> ScheduledSequence | None:
+        return self._all.get(seq_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._prefilling) + len(self._decoding)
+
+    @property
+    def num_decoding(self) -> int:
+        return len(self._decoding)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def has_work(self) -> bool:
+        return bool(self._all)
+
+    # ---- the plan ----
+
+    def schedule(self) -> StepPlan:
+        """Admit waiting sequences while rows are free, give prefill chunks within the budget (oldest
+        first), and decode every sequence whose prompt is done."""
+        plan = StepPlan()
+        while self._waiting and self.num_running < self.config.max_batch_size:
+            seq = self._waiting.popleft()
+            seq.phase = Phase.PREFILL
+            self._prefilling.append(seq)
+            plan.admitted.append(seq.seq_id)
+        budget = self.config.prefill_tokens_per_step
+        for seq in self._prefilling:
+            if budget <= 0:
+                break
+            take = min(budget, seq.prompt_len - seq.prefilled)
+            end = seq.prefilled + take
+            plan.prefill.append(PrefillSlice(seq.seq_id, seq.prefilled, end, end == seq.prompt_len))
+            budget -= take
+        return plan
+
+    def complete_prefill(self, plan: StepPlan) -> None:
+        """Record the prefill slices as done; finished prompts move to decoding."""
+        for piece in plan.prefill:
+            seq = self._all.get(piece.seq_id)
+            if seq is None or seq.phase is not Phase.PREFILL:
+                continue
+            seq.prefilled = piece.end
+            if piece.last:
+                seq.phase = Phase.DECODE
+                self._prefilling.remove(seq)
+                self._decoding[seq.seq_id] = seq
+        plan.decode = list(self._decoding)
+
+    def restart_prefill_at(self, seq_id: int, position: int) -> None:
+        """A reused prefix (session) covers the prompt up to `position`."""
+        seq = self._all[seq_id]
+        seq.prefilled = position
