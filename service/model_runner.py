@@ -29,7 +29,7 @@ from tokenwire.service.sampling import SamplingRow, make_generator, sample
 
 log = logging.getLogger("tokenwire.model")
 
-_ATTENTION_NAME = "tokenwire_slots"
+_ATTENTION_PREFIX = "tokenwire_slots"
 
 
 @dataclass
@@ -154,11 +154,17 @@ class ModelRunner:
         keys = torch.empty(shape, dtype=self.dtype, device=self.device)
         values = torch.empty(shape, dtype=self.dtype, device=self.device)
         self._attention = _SlotAttention(keys, values)
-        AttentionInterface.register(_ATTENTION_NAME, self._attention)
-        model.set_attn_implementation(_ATTENTION_NAME)
+        # Registered by a name of its own: each runner (tests hold several) writes into its own cache.
+        attention_name = f"{_ATTENTION_PREFIX}_{id(self):x}"
+        AttentionInterface.register(attention_name, self._attention)
+        model.set_attn_implementation(attention_name)
         self._backbone = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
 
+        # Positions [0, _finite[row]) of each row hold finite values. The decode step reads every
+        # row up to the longest one, and masked-out garbage still poisons softmax @ V when it is
+        # NaN (0 * NaN), so rows are zeroed lazily past their mark, each position once.
+        self._finite = [0] * max_batch_size
         self._sequences: dict[int, _Sequence] = {}
         self._decoding: list[int] = []  # seq ids by row: row i holds _decoding[i]
         self._free_rows = set(range(max_batch_size))
@@ -367,6 +373,7 @@ class ModelRunner:
         lengths = [s.length for s in seqs]
         positions = torch.tensor(lengths, dtype=torch.long, device=self.device)
         kv_len = max(lengths) + 1
+        self._make_finite(lengths, kv_len)
         ctx = self._attention.ctx = _StepContext(
             decode=True,
             positions=positions,
@@ -383,6 +390,16 @@ class ModelRunner:
             s.length += 1
         samples = self._sample(logits, seqs, rows=slice(0, n))
         return {s.seq_id: sample_ for s, sample_ in zip(seqs, samples, strict=True)}
+
+    def _make_finite(self, lengths: list[int], length: int) -> None:
+        """Zero rows 0..len(lengths)-1 past their written part, up to `length`."""
+        cache = self._attention
+        for row, written in enumerate(lengths):
+            start = max(self._finite[row], written)
+            if start < length:
+                cache.keys[:, row, :, start:length] = 0
+                cache.values[:, row, :, start:length] = 0
+                self._finite[row] = length
 
     def _sample(
         self, logits: torch.Tensor, seqs: Sequence[_Sequence], rows: slice | None

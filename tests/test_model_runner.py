@@ -1,0 +1,147 @@
+"""The real model runner behind the engine: greedy equals `generate`, seeds hold in a batch, aborts free rows."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.models import default_model, runner_and_reference, reference_greedy, tiny_model, tokenizer
+from tokenwire.service.engine import Engine, EngineConfig
+from tokenwire.service.requests import (
+    Delta,
+    Finished,
+    GenerationRequest,
+    PromptInput,
+    SamplingParams,
+    StoppingParams,
+    StopReason,
+)
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "1, 2, 3, 4,",
+    "Water boils at",
+    "My favourite colour is",
+    "The quick brown fox",
+    "In 1492, Columbus",
+]
+
+
+def ids(text: str) -> list[int]:
+    return list(tokenizer()(text)["input_ids"])
+
+
+async def run(engine: Engine, requests: list[GenerationRequest]) -> list[tuple[list[int], Finished]]:
+    async def one(request: GenerationRequest) -> tuple[list[int], Finished]:
+        tokens: list[int] = []
+        finished = None
+        async for item in engine.add_request(request):
+            if isinstance(item, Delta):
+                tokens.extend(item.token_ids)
+            elif isinstance(item, Finished):
+                finished = item
+        assert finished is not None
+        return tokens, finished
+
+    return list(await asyncio.gather(*(one(r) for r in requests)))
+
+
+def greedy(request_id: str, prompt: str, n: int) -> GenerationRequest:
+    return GenerationRequest(
+        request_id, PromptInput(token_ids=tuple(ids(prompt))), stopping=StoppingParams(max_tokens=n)
+    )
+
+
+async def idle(engine: Engine) -> bool:
+    for _ in range(100):
+        if engine.is_idle():
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+@pytest.fixture
+async def tiny():
+    runner, reference = runner_and_reference(tiny_model())
+    engine = Engine(runner, EngineConfig(max_batch_size=8, prefill_tokens_per_step=16))
+    engine.start()
+    yield engine, reference
+    await engine.stop()
+
+
+async def test_tiny_greedy_matches_generate_alone_and_batched(tiny) -> None:
+    engine, reference = tiny
+    expected = [reference_greedy(reference, ids(p), 24) for p in PROMPTS]
+    (alone, _), = await run(engine, [greedy("alone", PROMPTS[0], 24)])
+    assert alone == expected[0]
+    # Prompts longer than the 16-token prefill budget are prefilled in chunks across steps.
+    batched = await run(engine, [greedy(f"b{i}", p, 24) for i, p in enumerate(PROMPTS)])
+    assert [tokens for tokens, _ in batched] == expected
+    assert await idle(engine)
+
+
+async def test_tiny_seeded_sampling_same_alone_and_in_a_batch(tiny) -> None:
+    engine, _ = tiny
+    sampling = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=1234)
+
+    def seeded(request_id: str) -> GenerationRequest:
+        return GenerationRequest(
+            request_id,
+            PromptInput(token_ids=tuple(ids(PROMPTS[2]))),
+            sampling=sampling,
+            stopping=StoppingParams(max_tokens=20, ignore_eos=True),
+        )
+
+    (alone, _), = await run(engine, [seeded("alone")])
+    others = [
+        GenerationRequest(
+            f"o{i}",
+            PromptInput(token_ids=tuple(ids(p))),
+            sampling=SamplingParams(temperature=1.2, seed=i) if i % 2 else SamplingParams(),
+            stopping=StoppingParams(max_tokens=20, ignore_eos=True),
+        )
+        for i, p in enumerate(PROMPTS[:6])
+    ]
+    results = await run(engine, [*others, seeded("in-batch")])
+    assert results[-1][0] == alone, results[-1]
+    assert len(alone) == 20
+
+
+async def test_tiny_abort_in_every_phase_frees_rows(tiny) -> None:
+    engine, _ = tiny
+    long_prompt = tuple(ids(" ".join(PROMPTS * 6)))
+    streams = [
+        engine.add_request(
+            GenerationRequest(f"a{i}", PromptInput(token_ids=long_prompt if i == 0 else tuple(ids(PROMPTS[i % 8]))),
+                              stopping=StoppingParams(max_tokens=150, ignore_eos=True))
+        )
+        for i in range(12)  # 8 rows: 4 wait
+    ]
+    await asyncio.sleep(0.05)
+    for s in streams:
+        engine.abort(s.request_id, StopReason.INTERRUPTED)
+    for s in streams:
+        items = [item async for item in s]
+        assert isinstance(items[-1], Finished) and items[-1].reason is StopReason.INTERRUPTED
+    assert await idle(engine)
+    runner = engine.runner
+    assert runner.free_rows == runner.max_batch_size and runner.live_sequences == 0
+
+
+@pytest.mark.model
+async def test_default_model_greedy_matches_generate_with_seven_others() -> None:
+    runner, reference = runner_and_reference(default_model(), max_batch_size=8)
+    engine = Engine(runner, EngineConfig(max_batch_size=8))
+    engine.start()
+    try:
+        expected = reference_greedy(reference, ids(PROMPTS[2]), 32)
+        (alone, _), = await run(engine, [greedy("alone", PROMPTS[2], 32)])
+        assert alone == expected
+        batched = await run(engine, [greedy(f"b{i}", p, 32) for i, p in enumerate(PROMPTS)])
+        assert batched[2][0] == expected
+        assert [t for t, _ in batched] == [reference_greedy(reference, ids(p), 32) for p in PROMPTS]
+    finally:
+        await engine.stop()
