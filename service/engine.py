@@ -9,6 +9,7 @@ thread never touches asyncio objects directly: each step's outputs go to the eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -159,7 +160,7 @@ class Engine:
     # ---- lifecycle ----
 
     def start(self) -> None:
-        """Warm the model up and start the step thread (call from the event loop)."""
+        """Start the step thread (call from the event loop; warm the runner up before)."""
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="tokenwire-step", daemon=True)
         self._thread.start()
@@ -285,7 +286,9 @@ class Engine:
             raise
         except Exception as error:  # a chat template that rejects the messages, say
             field = "start.chat" if request.input.chat is not None else "start.input"
-            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"cannot tokenize the input: {error}", field) from error
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT, f"cannot tokenize the input: {error}", field
+            ) from error
 
     def tokenize_text(self, text: str) -> list[int]:
         return self.runner.encode(text)
@@ -294,7 +297,9 @@ class Engine:
         try:
             return self.runner.encode_chat(messages)
         except Exception as error:
-            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"cannot apply the chat template: {error}", "chat") from error
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT, f"cannot apply the chat template: {error}", "chat"
+            ) from error
 
     def _check_tokens(self, request: GenerationRequest) -> int:
         """Validate the prompt against the model; return the most tokens this request may generate."""
@@ -350,7 +355,9 @@ class Engine:
         if live is None or not self.abort(request_id, StopReason.CANCELLED):
             return None
         result = await asyncio.shield(live.stream.result)
-        return result if isinstance(result, Finished) else None
+        if isinstance(result, Failure):  # it was found; it ended by failing before it could stop
+            return Finished(reason=StopReason.ERROR)
+        return result
 
     def stream_of(self, request_id: str) -> RequestStream | None:
         with self._lock:
@@ -365,7 +372,7 @@ class Engine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
-            self._step_started = time.monotonic()
+            started = self._step_started = time.monotonic()
             outputs: list[tuple[RequestStream, Output]] = []
             try:
                 self.step(outputs)
@@ -373,12 +380,20 @@ class Engine:
                 log.exception("engine step failed; ending every live request")
                 self._fail_all(outputs)
             finally:
-                elapsed = time.monotonic() - self._step_started
                 self._step_started = None
                 if outputs:
                     self._deliver(outputs)
-            if self.on_step is not None:
-                self.on_step(elapsed, self.scheduler.num_decoding)
+            self._call_hook(self.on_step, time.monotonic() - started, self.scheduler.num_decoding)
+
+    @staticmethod
+    def _call_hook(hook: Callable[..., None] | None, *args: object) -> None:
+        """Observers (metrics, logs) must never take the step loop down."""
+        if hook is None:
+            return
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("engine hook %r failed", hook)
 
     def step(self, outputs: list[tuple[RequestStream, Output]]) -> None:
         """One engine step. Outputs for the event loop are appended to `outputs`."""
@@ -493,18 +508,12 @@ class Engine:
         if update.stop_sequence is not None:
             self._finish(live, StopReason.STOP_SEQUENCE, outputs, stop_sequence=update.stop_sequence)
         elif len(live.generated) >= live.max_tokens:
-            reason = (
-                StopReason.MAX_TOKENS
-                if stopping.max_tokens is not None
-                else StopReason.CONTEXT_LENGTH
-            )
+            reason = StopReason.MAX_TOKENS if stopping.max_tokens is not None else StopReason.CONTEXT_LENGTH
             self._finish(live, reason, outputs)
 
     def _logprob(self, sample: TokenSample) -> TokenLogprob:
         texts = self.runner.token_texts([sample.token_id, *(t for t, _ in sample.top)])
-        top = tuple(
-            TopLogprob(t, text, lp) for (t, lp), text in zip(sample.top, texts[1:], strict=True)
-        )
+        top = tuple(TopLogprob(t, text, lp) for (t, lp), text in zip(sample.top, texts[1:], strict=True))
         return TokenLogprob(sample.token_id, texts[0], sample.logprob or 0.0, top)
 
     def _emit(
@@ -576,8 +585,7 @@ class Engine:
             tail_text=tail,
         )
         outputs.append((live.stream, finished))
-        if self.on_finish is not None:
-            self.on_finish(live.request, finished)
+        self._call_hook(self.on_finish, live.request, finished)
 
     def _release(self, live: _Live, *, keep_session: bool) -> None:
         """Free everything the request holds: scheduler entry, KV row, registry entry."""
@@ -628,10 +636,8 @@ class Engine:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
             loop.call_soon_threadsafe(_push_all, outputs)
-        except RuntimeError:  # the loop closed between the check and the call
-            pass
 
 
 def _push_all(outputs: list[tuple[RequestStream, Output]]) -> None:

@@ -75,7 +75,7 @@ class _SlotAttention:
         scaling: float | None = None,
         **_: Any,
     ) -> tuple[torch.Tensor, None]:
-        layer = module.layer_idx  # type: ignore[attr-defined]
+        layer: int = module.layer_idx  # type: ignore[assignment]
         cache_k, cache_v = self.keys[layer], self.values[layer]
         ctx = self.ctx
         if ctx.decode:
@@ -277,7 +277,9 @@ class ModelRunner:
 
     def _seen_mask(self) -> torch.Tensor:
         if self._seen is None:
-            self._seen = torch.zeros(self.max_batch_size, self.vocab_size, dtype=torch.bool, device=self.device)
+            self._seen = torch.zeros(
+                self.max_batch_size, self.vocab_size, dtype=torch.bool, device=self.device
+            )
         return self._seen
 
     # ---- prefix caches (sessions) ----

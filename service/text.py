@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
+
 from tokenwire.service.requests import Chunking
 from tokenwire.service.segmenter import Segmenter
 

@@ -10,7 +10,6 @@ import pytest
 
 from tests.fake_runner import EOS, FakeRunner, token_id
 from tokenwire.service.engine import Engine, EngineConfig
-from tokenwire.service.scheduler import Phase
 from tokenwire.service.requests import (
     Chunking,
     Delta,
@@ -25,6 +24,7 @@ from tokenwire.service.requests import (
     StoppingParams,
     StopReason,
 )
+from tokenwire.service.scheduler import Phase
 
 HELLO, WORLD, CAT, DOT = token_id("Ġhello"), token_id("Ġworld"), token_id("Ġcat"), token_id(".")
 
@@ -62,7 +62,9 @@ def test_engine_does_not_import_torch() -> None:
     # Loaded by this module without the model runner: the engine and scheduler stay torch-free.
     import subprocess
 
-    code = "import tokenwire.service.engine, tokenwire.service.scheduler, sys; assert 'torch' not in sys.modules"
+    code = (
+        "import tokenwire.service.engine, tokenwire.service.scheduler, sys; assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -153,7 +155,9 @@ async def test_duplicate_live_id_and_limit(engine: Engine) -> None:
     await asyncio.gather(*(collect(s) for s in [first, *streams]))
     await wait_idle(engine)
     # The id is free again once its request ended.
-    assert (await collect(engine.add_request(request("dup", max_tokens=2))))[-1].reason is StopReason.MAX_TOKENS  # type: ignore[attr-defined]
+    assert (await collect(engine.add_request(request("dup", max_tokens=2))))[
+        -1
+    ].reason is StopReason.MAX_TOKENS  # type: ignore[attr-defined]
 
 
 async def test_abort_while_waiting_in_prefill_and_decoding(engine: Engine) -> None:
@@ -236,7 +240,9 @@ async def test_step_failure_ends_every_request(engine: Engine) -> None:
         assert isinstance(items[-1], Finished) and items[-1].reason is StopReason.ERROR
     await wait_idle(engine)
     # The engine keeps serving afterwards.
-    assert (await collect(engine.add_request(request("after", max_tokens=2))))[-1].reason is StopReason.MAX_TOKENS  # type: ignore[attr-defined]
+    assert (await collect(engine.add_request(request("after", max_tokens=2))))[
+        -1
+    ].reason is StopReason.MAX_TOKENS  # type: ignore[attr-defined]
 
 
 async def test_slow_reader_gets_merged_chunks(engine: Engine) -> None:
@@ -270,7 +276,10 @@ async def test_session_reuses_prefix_and_truncates(engine: Engine) -> None:
     from tokenwire.service.requests import SessionTruncation
 
     turn1 = GenerationRequest(
-        "s1", PromptInput(chat=(("user", " hello world"),)), stopping=StoppingParams(max_tokens=4), session_id="conv"
+        "s1",
+        PromptInput(chat=(("user", " hello world"),)),
+        stopping=StoppingParams(max_tokens=4),
+        session_id="conv",
     )
     items = await collect(engine.add_request(turn1))
     assert items[0].cached_prompt_tokens == 0  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""The real model runner behind the engine: greedy equals `generate`, seeds hold in a batch, aborts free rows."""
+"""The real model runner behind the engine: greedy equals `generate`, seeds hold in a batch, rows free."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.models import default_model, runner_and_reference, reference_greedy, tiny_model, tokenizer
+from tests.models import default_model, reference_greedy, runner_and_reference, tiny_model, tokenizer
 from tokenwire.service.engine import Engine, EngineConfig
 from tokenwire.service.requests import (
     Delta,
@@ -75,7 +75,7 @@ async def tiny():
 async def test_tiny_greedy_matches_generate_alone_and_batched(tiny) -> None:
     engine, reference = tiny
     expected = [reference_greedy(reference, ids(p), 24) for p in PROMPTS]
-    (alone, _), = await run(engine, [greedy("alone", PROMPTS[0], 24)])
+    ((alone, _),) = await run(engine, [greedy("alone", PROMPTS[0], 24)])
     assert alone == expected[0]
     # Prompts longer than the 16-token prefill budget are prefilled in chunks across steps.
     batched = await run(engine, [greedy(f"b{i}", p, 24) for i, p in enumerate(PROMPTS)])
@@ -95,7 +95,7 @@ async def test_tiny_seeded_sampling_same_alone_and_in_a_batch(tiny) -> None:
             stopping=StoppingParams(max_tokens=20, ignore_eos=True),
         )
 
-    (alone, _), = await run(engine, [seeded("alone")])
+    ((alone, _),) = await run(engine, [seeded("alone")])
     others = [
         GenerationRequest(
             f"o{i}",
@@ -115,8 +115,11 @@ async def test_tiny_abort_in_every_phase_frees_rows(tiny) -> None:
     long_prompt = tuple(ids(" ".join(PROMPTS * 6)))
     streams = [
         engine.add_request(
-            GenerationRequest(f"a{i}", PromptInput(token_ids=long_prompt if i == 0 else tuple(ids(PROMPTS[i % 8]))),
-                              stopping=StoppingParams(max_tokens=150, ignore_eos=True))
+            GenerationRequest(
+                f"a{i}",
+                PromptInput(token_ids=long_prompt if i == 0 else tuple(ids(PROMPTS[i % 8]))),
+                stopping=StoppingParams(max_tokens=150, ignore_eos=True),
+            )
         )
         for i in range(12)  # 8 rows: 4 wait
     ]
@@ -138,7 +141,7 @@ async def test_default_model_greedy_matches_generate_with_seven_others() -> None
     engine.start()
     try:
         expected = reference_greedy(reference, ids(PROMPTS[2]), 32)
-        (alone, _), = await run(engine, [greedy("alone", PROMPTS[2], 32)])
+        ((alone, _),) = await run(engine, [greedy("alone", PROMPTS[2], 32)])
         assert alone == expected
         batched = await run(engine, [greedy(f"b{i}", p, 32) for i, p in enumerate(PROMPTS)])
         assert batched[2][0] == expected

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tokenwire.service.segmenter import FAST_FIRST_MIN_CHARS, Segmenter
 
 

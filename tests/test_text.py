@@ -9,8 +9,6 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
-from tokenwire.service.requests import Chunking
-from tokenwire.service.text import TextPiece, TextStream, TextUpdate
 
 from tests.text_fixtures import (
     bytelevel_tokenizer,
@@ -19,6 +17,8 @@ from tests.text_fixtures import (
     piece_tokenizer,
     smollm2_tokenizer,
 )
+from tokenwire.service.requests import Chunking
+from tokenwire.service.text import TextPiece, TextStream, TextUpdate
 
 SENTENCE_LIKE = (Chunking.SENTENCE, Chunking.CLAUSE)
 

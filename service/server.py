@@ -1,0 +1,601 @@
+"""The tokenwire gRPC server: servicer, health, reflection, auth, TLS, metrics, signals and graceful drain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+import tokenwire
+from tokenwire.service.auth import BearerTokenInterceptor
+from tokenwire.service.engine import Engine, EngineConfig
+from tokenwire.service.metrics import ServerMetrics
+from tokenwire.service.requests import Failure, Finished, GenerationRequest
+from tokenwire.service.runner_types import Runner
+from tokenwire.service.servicer import TokenWireServicer
+from tokenwire.v1 import tokenwire_pb2, tokenwire_pb2_grpc
+
+log = logging.getLogger("tokenwire.server")
+request_log = logging.getLogger("tokenwire.requests")
+
+SERVICE_NAME = tokenwire_pb2.DESCRIPTOR.services_by_name["TokenWire"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the gRPC server listens and behaves (the model is configured by ModelConfig)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port (see RunningServer.port)
+    reflection: bool = True
+    tls_cert: str | None = None  # PEM files; with tls_client_ca the server requires client certificates
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_token: str | None = None  # bearer token required on every RPC but health
+    max_message_bytes: int = 4 * 1024 * 1024
+    metrics_port: int = 0  # 0: no metrics endpoint
+    metrics_host: str | None = None  # default: host
+    grace_period_s: float = 30.0
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    min_client_ping_interval_s: float = 10.0
+    max_connection_idle_s: float = 0.0  # 0: never close idle connections
+    health_interval_s: float = 1.0  # how often the step loop's health is checked
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and how the engine runs it."""
+
+    model: str = "default"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_size: int = 16
+    max_context: int | None = None
+    max_live_requests: int = 256
+    prefill_tokens_per_step: int = 512
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_batch_size=self.max_batch_size,
+            prefill_tokens_per_step=self.prefill_tokens_per_step,
+            max_live_requests=self.max_live_requests,
+        )
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """grpc channel arguments: message limits and keepalive tuned for long streams with idle gaps."""
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # Without this a second server could bind the same port and steal half the connections.
+        ("grpc.so_reuseport", 0),
+        # Ping idle connections: finds dead clients (their requests are then aborted) and keeps NAT
+        # and load-balancer idle timers from cutting a stream that is silent during a long prefill.
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        # Keep pinging while a stream sends no data (the default stops after two pings).
+        ("grpc.http2.max_pings_without_data", 0),
+        # Pings with no call in flight are fine both ways (the server's own, and clients'), and clients
+        # may ping as often as every min_client_ping_interval_s without a GOAWAY (ENHANCE_YOUR_CALM,
+        # "too_many_pings"; the default allows one ping per 5 minutes without data).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(config.min_client_ping_interval_s * 1000)),
+    ]
+    if config.max_connection_idle_s > 0:
+        options.append(("grpc.max_connection_idle_ms", int(config.max_connection_idle_s * 1000)))
+    return options
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert and not config.tls_key:
+        if config.tls_client_ca:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class RunningServer:
+    """A started server. `engine` is None until `attach` (main loads the model while health answers)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = ServerMetrics(lambda: self.engine)
+        self.servicer = TokenWireServicer(on_refused=self.metrics.on_refused)
+        self.health = HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._serving: bool | None = None
+        self._draining = False
+        self._stopped = False
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.servicer.engine
+
+    @property
+    def address(self) -> str:
+        """Where a client on this machine connects: a wildcard host becomes the loopback address."""
+        host = self.config.host
+        if host in ("", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host in ("::", "[::]"):
+            host = "::1"
+        return _host_port(host, self.port)
+
+    async def _start(self, engine: Engine | None) -> None:
+        config = self.config
+        await self._set_health(False)  # HealthServicer starts out SERVING for ""
+        interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+        server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
+        tokenwire_pb2_grpc.add_TokenWireServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if config.reflection:
+            reflection.enable_server_reflection(
+                [SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
+            )
+        bind = _host_port(config.host, config.port)
+        credentials = _server_credentials(config)
+        if credentials is not None:
+            self.port = server.add_secure_port(bind, credentials)
+        else:
+            self.port = server.add_insecure_port(bind)
+        await server.start()
+        self._server = server
+        if config.metrics_port:
+            self.metrics_port = self.metrics.serve(config.metrics_port, config.metrics_host or config.host)
+        self._watcher = asyncio.create_task(self._watch_health(), name="tokenwire-health")
+        if engine is not None:
+            await self.attach(engine)
+
+    async def attach(self, engine: Engine) -> None:
+        """Start serving `engine` (already started): hooks for logs and metrics, then health SERVING."""
+        # The engine guards its hooks: a failing log line or metric cannot end generations.
+        engine.on_finish = _chain(engine.on_finish, _log_finished, self.metrics.on_finish)
+        engine.on_step = _chain(engine.on_step, self.metrics.on_step)
+        self.servicer.engine = engine
+        await self._update_health()
+
+    # ---- health ----
+
+    async def _set_health(self, serving: bool) -> None:
+        status = _SERVING if serving else _NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _update_health(self) -> None:
+        engine = self.engine
+        serving = engine is not None and not self._draining and engine.accepting and engine.healthy()
+        if serving != self._serving:
+            if self._serving is not None or serving:
+                log.log(
+                    logging.INFO if serving else logging.WARNING,
+                    "health: %s",
+                    "SERVING" if serving else "NOT_SERVING",
+                )
+            self._serving = serving
+            await self._set_health(serving)
+
+    async def _watch_health(self) -> None:
+        # A stuck step (or a dead step thread) turns health NOT_SERVING, and back when it recovers.
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            try:
+                await self._update_health()
+            except Exception:
+                log.exception("health check failed")
+
+    # ---- shutdown ----
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain and stop: health NOT_SERVING and new Starts refused (UNAVAILABLE); running generations
+        get up to grace_s to finish, then end with DEADLINE; open streams are flushed and closed."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_period_s if grace_s is None else grace_s
+        self._draining = True
+        await self.health.enter_graceful_shutdown()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        engine = self.engine
+        if engine is not None:
+            live = engine.num_live()
+            if live:
+                log.info("draining: %d live requests, grace period %.1f s", live, grace)
+            started = time.monotonic()
+            await engine.stop(grace)
+            if live:
+                log.info("drained in %.2f s", time.monotonic() - started)
+        # Let every stream send the last messages of its requests, then end it.
+        await self.servicer.close_streams(timeout=2.0)
+        if self._server is not None:
+            await self._server.stop(1.0)
+        await asyncio.to_thread(self.metrics.stop)  # waits out the HTTP server's poll interval
+
+
+async def serve(engine: Engine | None, config: ServerConfig) -> RunningServer:
+    """Start a server for `engine` (started by the caller on this loop), or for none yet: then health
+    answers NOT_SERVING and RPCs UNAVAILABLE until `RunningServer.attach(engine)`."""
+    server = RunningServer(config)
+    try:
+        await server._start(engine)
+    except BaseException:  # e.g. the metrics port is taken: do not leave a half-started server behind
+        await server.stop(0)
+        raise
+    return server
+
+
+# ---- engine hooks ----
+
+
+def _chain(*hooks: Callable[..., None] | None) -> Callable[..., None]:
+    present = [hook for hook in hooks if hook is not None]
+
+    def call_all(*args: Any) -> None:
+        for hook in present:
+            hook(*args)
+
+    return call_all
+
+
+def _log_finished(request: GenerationRequest, result: Finished | Failure) -> None:
+    if not isinstance(result, Finished):
+        return
+    timings = result.timings
+    fields = {
+        "request_id": request.request_id,
+        "reason": result.reason.value,
+        "prompt_tokens": result.usage.prompt_tokens,
+        "cached_prompt_tokens": result.usage.cached_prompt_tokens,
+        "completion_tokens": result.usage.completion_tokens,
+        "sent_chars": result.sent_text_chars,
+        "ttft_ms": round(timings.time_to_first_token_s * 1000, 1),
+        "duration_ms": round(timings.total_s * 1000, 1),
+    }
+    request_log.info("finished %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
+
+
+# ---- logging ----
+
+_RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; `extra=` fields (request_id, reason, ...) become keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        data.update((k, v) for k, v in record.__dict__.items() if k not in _RECORD_ATTRS)
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# ---- the tokenwire-server command ----
+
+
+def load_runner(config: ModelConfig) -> Runner:
+    """Load and warm up the model (blocking: run it off the event loop)."""
+    from tokenwire.service.model_runner import ModelRunner  # torch: only when a model is loaded
+
+    started = time.monotonic()
+    runner = ModelRunner.load(
+        config.model,
+        device=config.device,
+        dtype=config.dtype,
+        max_batch_size=config.max_batch_size,
+        max_context=config.max_context,
+    )
+    runner.warm_up()
+    log.info(
+        "model %s loaded from %s in %.1f s (device %s, dtype %s, context %d, batch %d)",
+        runner.name,
+        runner.source,
+        time.monotonic() - started,
+        runner.device,
+        runner.dtype,
+        runner.context_length,
+        runner.max_batch_size,
+    )
+    return runner
+
+
+async def _in_daemon_thread(fn: Callable[[], T]) -> T:
+    """Like asyncio.to_thread, but a signal during a slow model load can end the process at once
+    (asyncio.run waits for the default executor's threads on the way out)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as error:
+            loop.call_soon_threadsafe(settle, None, error)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="tokenwire-load", daemon=True).start()
+    return await future
+
+
+async def run_server(server_config: ServerConfig, model_config: ModelConfig) -> int:
+    """Serve until SIGTERM/SIGINT, then drain. Returns the process exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("received %s: shutting down (send it again to exit at once)", sig.name)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(s)  # the default action ends the process on a second signal
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    server = await serve(None, server_config)
+    log.info("listening on %s (NOT_SERVING while model %r loads)", server.address, model_config.model)
+    if server.metrics_port:
+        log.info(
+            "metrics on http://%s/metrics",
+            _host_port(server_config.metrics_host or server_config.host, server.metrics_port),
+        )
+    loading = asyncio.ensure_future(_in_daemon_thread(lambda: load_runner(model_config)))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():
+        loading.cancel()
+        await server.stop(0)
+        return 0
+    try:
+        runner = loading.result()
+    except Exception:
+        log.exception("could not load model %r", model_config.model)
+        stopping.cancel()
+        await server.stop(0)
+        return 1
+    engine = Engine(runner, model_config.engine_config())
+    engine.start()
+    await server.attach(engine)
+    log.info("SERVING on %s", server.address)
+    await stopping
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+class _Flags:
+    """argparse flags that each also read TOKENWIRE_<NAME> from the environment (shown in --help)."""
+
+    def __init__(self, parser: argparse.ArgumentParser | Any) -> None:
+        self.parser = parser
+
+    def add(self, flag: str, help: str = "", *, secret: bool = False, **kwargs: Any) -> None:
+        env = "TOKENWIRE_" + flag.lstrip("-").replace("-", "_").upper()
+        value = os.environ.get(env)
+        if kwargs.get("action") == "store_true":
+            if value is not None:
+                kwargs["default"] = value.strip().lower() in _TRUE
+            self.parser.add_argument(flag, help=f"{help} [env {env}=1]", **kwargs)
+            return
+        if value is not None:
+            kwargs["default"] = value  # a string default goes through `type`, so it is validated too
+        if "metavar" not in kwargs and "choices" not in kwargs:
+            kwargs["metavar"] = {int: "N", float: "SECONDS"}.get(kwargs.get("type", str), "TEXT")
+        shown = "" if secret else "; default: %(default)s"
+        self.parser.add_argument(flag, help=f"{help} [env {env}{shown}]", **kwargs)
+
+
+_EPILOG = """\
+Keepalive: the server pings a connection after --keepalive-time seconds without traffic and drops it
+when no answer comes within --keepalive-timeout, so requests of vanished clients are aborted and
+NAT/load-balancer idle timers do not cut a stream that is silent during a long prefill. Clients may
+ping as often as every --min-client-ping-interval seconds (also with no call in flight) without being
+told GOAWAY: set the client's grpc.keepalive_time_ms to at least that. Streams are never cut for age.
+Behind a proxy, raise its stream idle timeout above the longest expected silence.
+
+Signals: SIGTERM or SIGINT drains (health NOT_SERVING, new Starts refused with UNAVAILABLE, running
+generations get --grace-period seconds, then end with STOP_REASON_DEADLINE) and exits 0; a second
+signal exits at once.
+
+Auth: with --auth-token every RPC but grpc.health.v1.Health (reflection and Cancel included) needs the
+metadata "authorization: Bearer <token>"; prefer the TOKENWIRE_AUTH_TOKEN variable to the flag, which
+other users can see in the process list.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenwire-server",
+        description="Serve a language model over gRPC (tokenwire.v1.TokenWire), streaming tokens.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"tokenwire {tokenwire.__version__}")
+    listen = _Flags(parser.add_argument_group("listening"))
+    listen.add("--host", metavar="ADDRESS", help="address to listen on", default="127.0.0.1")
+    listen.add("--port", "port to listen on (0: any free port, logged)", type=int, default=50051)
+    listen.add("--no-reflection", "turn off gRPC server reflection", action="store_true")
+    listen.add(
+        "--max-message-bytes", "largest request or response message", type=int, default=4 * 1024 * 1024
+    )
+    listen.add("--metrics-port", "serve Prometheus metrics on this port (0: off)", type=int, default=0)
+    listen.add(
+        "--metrics-host",
+        metavar="ADDRESS",
+        help="address for the metrics endpoint (default: --host)",
+        default=None,
+    )
+    listen.add("--grace-period", "seconds running generations get on shutdown", type=float, default=30.0)
+    listen.add(
+        "--keepalive-time",
+        "seconds of silence before the server pings a connection",
+        type=float,
+        default=30.0,
+    )
+    listen.add("--keepalive-timeout", "seconds to wait for a ping's answer", type=float, default=10.0)
+    listen.add(
+        "--min-client-ping-interval",
+        "shortest interval between client pings allowed",
+        type=float,
+        default=10.0,
+    )
+    listen.add(
+        "--max-connection-idle",
+        "close connections idle this long (seconds; 0: never)",
+        type=float,
+        default=0.0,
+    )
+
+    security = _Flags(parser.add_argument_group("security"))
+    security.add(
+        "--tls-cert", metavar="PEM", help="server certificate chain (PEM); turns TLS on", default=None
+    )
+    security.add("--tls-key", metavar="PEM", help="server private key (PEM)", default=None)
+    security.add(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="CA bundle (PEM) for client certificates: mutual TLS",
+        default=None,
+    )
+    security.add(
+        "--auth-token",
+        metavar="TOKEN",
+        help="bearer token required on every RPC but health",
+        default=None,
+        secret=True,
+    )
+
+    model = _Flags(parser.add_argument_group("model and engine"))
+    model.add(
+        "--model",
+        "'default' (embedded SmolLM2-135M-Instruct), a model folder or a .gguf file",
+        metavar="SPEC",
+        default="default",
+    )
+    model.add("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N", default="auto")
+    model.add("--dtype", "model dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    model.add("--max-batch-size", "sequences decoded at once (KV cache slots)", type=int, default=16)
+    model.add(
+        "--max-context", "cap on prompt plus generated tokens (default: the model's)", type=int, default=None
+    )
+    model.add("--max-live-requests", "live requests before RESOURCE_EXHAUSTED", type=int, default=256)
+    model.add("--prefill-tokens-per-step", "prompt tokens prefilled per engine step", type=int, default=512)
+
+    logs = _Flags(parser.add_argument_group("logging"))
+    logs.add(
+        "--log-level",
+        "log level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+    )
+    logs.add("--log-format", "text or json (one object per line)", default="text", choices=["text", "json"])
+    return parser
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, ModelConfig]:
+    server = ServerConfig(
+        host=args.host,
+        port=args.port,
+        reflection=not args.no_reflection,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token=args.auth_token or None,
+        max_message_bytes=args.max_message_bytes,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        grace_period_s=args.grace_period,
+        keepalive_time_s=args.keepalive_time,
+        keepalive_timeout_s=args.keepalive_timeout,
+        min_client_ping_interval_s=args.min_client_ping_interval,
+        max_connection_idle_s=args.max_connection_idle,
+    )
+    model = ModelConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch_size=args.max_batch_size,
+        max_context=args.max_context,
+        max_live_requests=args.max_live_requests,
+        prefill_tokens_per_step=args.prefill_tokens_per_step,
+    )
+    return server, model
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    server_config, model_config = configs_from_args(args)
+    if bool(server_config.tls_cert) != bool(server_config.tls_key) or (
+        server_config.tls_client_ca and not server_config.tls_cert
+    ):
+        parser.error("TLS needs --tls-cert and --tls-key (and both for --tls-client-ca)")
+    configure_logging(args.log_level, args.log_format)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download a model at run time
+    return asyncio.run(run_server(server_config, model_config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

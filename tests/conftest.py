@@ -1,0 +1,64 @@
+"""Shared fixtures: a real grpc.aio tokenwire server on 127.0.0.1:0 over an engine with the fake runner."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.fake_runner import FakeRunner
+from tokenwire.service.engine import Engine, EngineConfig
+from tokenwire.service.server import RunningServer, ServerConfig, serve
+
+# What `served` runs with; tests that need other limits pass their own to `running_server`.
+FAKE_ENGINE = EngineConfig(max_batch_size=4, prefill_tokens_per_step=64, max_live_requests=32)
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    engine_config: EngineConfig = FAKE_ENGINE,
+    *,
+    step_delay: float = 0.002,
+    context_length: int = 256,
+    **server_options: Any,
+) -> AsyncIterator[RunningServer]:
+    """A started server over a fresh engine with the fake runner; drained and stopped on exit.
+    `server_options` are ServerConfig fields (auth_token, tls_cert, max_message_bytes, ...)."""
+    runner = FakeRunner(max_batch_size=4, context_length=context_length, step_delay=step_delay)
+    engine = Engine(runner, engine_config)
+    engine.start()
+    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, grace_period_s=0.0, health_interval_s=0.1)
+    server = await serve(engine, dataclasses.replace(config, **server_options))
+    try:
+        yield server
+    finally:
+        await server.stop(0)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[RunningServer]:
+    """A tokenwire server on a free port: use `.address` to connect and `.engine` to look inside."""
+    async with running_server() as server:
+        yield server
+
+
+async def wait_until_idle(engine: Engine, timeout: float = 2.0) -> float:
+    """Poll until the engine holds no request and no KV row; returns how long that took."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not engine.is_idle():
+        if loop.time() - started > timeout:
+            raise AssertionError(f"engine still busy after {timeout} s: {engine.num_live()} live")
+        await asyncio.sleep(0.005)
+    return loop.time() - started
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
