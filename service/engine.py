@@ -49,7 +49,7 @@ MAX_REQUEST_ID_CHARS = 128
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_size: int = 16
-    prefill_tokens_per_step: int = 512
+    prefill_tokens_per_step: int = 256  # see SchedulerConfig
     max_live_requests: int = 256  # waiting + running; beyond this add_request is RESOURCE_EXHAUSTED
     output_buffer: int = 16  # deltas queued per request before a slow reader's deltas are merged
     stuck_after_s: float = 30.0  # a step running longer than this makes the engine unhealthy
@@ -123,6 +123,7 @@ class _Live:
     sent_text: list[str] = field(default_factory=list)  # kept only for sessions (truncate-to-heard)
     stop_after_segment: bool = False
     has_row: bool = False
+    announced: bool = False  # Started was sent
     finished: bool = False
 
 
@@ -401,9 +402,9 @@ class Engine:
         self._take_incoming(now)
         self._apply_aborts(now, outputs)
         self._apply_deadlines(now, outputs)
-        plan = self.scheduler.schedule()
-        for seq_id in plan.admitted:
+        for seq_id in self.scheduler.admit():
             self._admit(self._by_seq[seq_id], outputs)
+        plan = self.scheduler.plan()
         if plan.prefill:
             chunks = []
             for piece in plan.prefill:
@@ -452,11 +453,15 @@ class Engine:
                 live.cached_prompt_tokens = reused
                 self.scheduler.restart_prefill_at(live.seq_id, reused)
         self._update_bans(live)
+        self._announce(live, outputs)
+
+    def _announce(self, live: _Live, outputs: list[tuple[RequestStream, Output]]) -> None:
+        live.announced = True
         outputs.append(
             (
                 live.stream,
                 Started(
-                    prompt_tokens=len(request.prompt_token_ids),
+                    prompt_tokens=len(live.request.prompt_token_ids),
                     cached_prompt_tokens=live.cached_prompt_tokens,
                     seed=live.seed,
                     max_tokens=live.max_tokens,
@@ -584,6 +589,8 @@ class Engine:
             sent_tokens=live.sent_tokens,
             tail_text=tail,
         )
+        if not live.announced:  # stopped while still waiting: the contract puts Started before Finished
+            self._announce(live, outputs)
         outputs.append((live.stream, finished))
         self._call_hook(self.on_finish, live.request, finished)
 

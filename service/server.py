@@ -72,8 +72,9 @@ class ModelConfig:
     dtype: str = "auto"
     max_batch_size: int = 16
     max_context: int | None = None
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
     max_live_requests: int = 256
-    prefill_tokens_per_step: int = 512
+    prefill_tokens_per_step: int = EngineConfig.prefill_tokens_per_step
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -329,6 +330,10 @@ def load_runner(config: ModelConfig) -> Runner:
     from tokenwire.service.model_runner import ModelRunner  # torch: only when a model is loaded
 
     started = time.monotonic()
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
     runner = ModelRunner.load(
         config.model,
         device=config.device,
@@ -539,8 +544,20 @@ def build_parser() -> argparse.ArgumentParser:
     model.add(
         "--max-context", "cap on prompt plus generated tokens (default: the model's)", type=int, default=None
     )
+    model.add(
+        "--threads",
+        "torch threads for the model (0: one per core). Idle OpenMP threads sleep rather than spin "
+        "(OMP_WAIT_POLICY=PASSIVE unless set), so a busy neighbour does not stall every step",
+        type=int,
+        default=0,
+    )
     model.add("--max-live-requests", "live requests before RESOURCE_EXHAUSTED", type=int, default=256)
-    model.add("--prefill-tokens-per-step", "prompt tokens prefilled per engine step", type=int, default=512)
+    model.add(
+        "--prefill-tokens-per-step",
+        "prompt tokens prefilled per engine step (bounds how long a long prompt stalls running streams)",
+        type=int,
+        default=EngineConfig.prefill_tokens_per_step,
+    )
 
     logs = _Flags(parser.add_argument_group("logging"))
     logs.add(
@@ -578,6 +595,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, ModelConf
         dtype=args.dtype,
         max_batch_size=args.max_batch_size,
         max_context=args.max_context,
+        threads=args.threads,
         max_live_requests=args.max_live_requests,
         prefill_tokens_per_step=args.prefill_tokens_per_step,
     )
