@@ -36,7 +36,7 @@ test-slow: $(STAMP)
 check: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy service client scripts
+	$(VENV)/bin/mypy service client scripts examples
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

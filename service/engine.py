@@ -44,6 +44,9 @@ from tokenwire.service.text import TextStream
 log = logging.getLogger("tokenwire.engine")
 
 MAX_REQUEST_ID_CHARS = 128
+# An AFTER_SEGMENT interrupt waits at most this many more tokens for the segment to end: a model
+# that never closes its sentence must still stop.
+AFTER_SEGMENT_MAX_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ class _Live:
     sent_chars: int = 0
     sent_tokens: int = 0
     sent_text: list[str] = field(default_factory=list)  # kept only for sessions (truncate-to-heard)
-    stop_after_segment: bool = False
+    stop_after_segment_at: int | None = None  # token count by which an AFTER_SEGMENT interrupt stops
     has_row: bool = False
     announced: bool = False  # Started was sent
     finished: bool = False
@@ -507,11 +510,13 @@ class Engine:
         update = live.text.push(token)
         for piece in update.pieces:
             self._emit(live, piece.text, piece.segment_end, outputs)
-            if live.stop_after_segment and piece.segment_end:
+            if live.stop_after_segment_at is not None and piece.segment_end:
                 self._finish(live, StopReason.INTERRUPTED, outputs, flush=False)
                 return
         if update.stop_sequence is not None:
             self._finish(live, StopReason.STOP_SEQUENCE, outputs, stop_sequence=update.stop_sequence)
+        elif live.stop_after_segment_at is not None and len(live.generated) >= live.stop_after_segment_at:
+            self._finish(live, StopReason.INTERRUPTED, outputs, flush=False)
         elif len(live.generated) >= live.max_tokens:
             reason = StopReason.MAX_TOKENS if stopping.max_tokens is not None else StopReason.CONTEXT_LENGTH
             self._finish(live, reason, outputs)
@@ -563,7 +568,8 @@ class Engine:
         )
         tail = ""
         if flush if flush is not None else natural:
-            for piece in live.text.finish():
+            whole = reason in (StopReason.EOS, StopReason.STOP_SEQUENCE)
+            for piece in live.text.finish(complete=whole):
                 self._emit(live, piece.text, piece.segment_end, outputs)
         else:
             tail = live.text.held_text()
@@ -618,7 +624,7 @@ class Engine:
             if live is None or live.finished or live.seq_id not in self._by_seq:
                 continue
             if abort.after_segment and live.text.in_segment:
-                live.stop_after_segment = True
+                live.stop_after_segment_at = len(live.generated) + AFTER_SEGMENT_MAX_TOKENS
             else:
                 self._finish(live, abort.reason, outputs)
 

@@ -116,16 +116,18 @@ class TextStream:
                 return TextUpdate()
         return TextUpdate(self._chunk(text))
 
-    def finish(self) -> list[TextPiece]:
+    def finish(self, *, complete: bool = True) -> list[TextPiece]:
         """Normal end (EOS, max tokens...): release everything held back.
 
+        `complete` says the text ended on its own (EOS, a stop): its last segment is whole. Cut off by a
+        length limit, the flushed tail does not claim segment_end.
         Bytes of an unfinished character are dropped: they cannot be sent as valid text.
         """
         if self._closed:
             return []
         text, self._stop_held = self._stop_held, ""
         pieces = self._chunk(text) if text else []
-        pieces.extend(self._flush())
+        pieces.extend(self._flush(complete))
         self._close()
         return pieces
 
@@ -194,10 +196,10 @@ class TextStream:
             text, self._word_held = text[:cut], text[cut:]
         return [TextPiece(text)] if text else []
 
-    def _flush(self) -> list[TextPiece]:
+    def _flush(self, complete: bool = True) -> list[TextPiece]:
         if self._segmenter is not None:
             rest = self._segmenter.flush()
-            return [TextPiece(rest, True)] if rest else []
+            return [TextPiece(rest, complete)] if rest else []
         rest, self._word_held = self._word_held, ""
         return [TextPiece(rest)] if rest else []
 

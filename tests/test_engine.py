@@ -50,7 +50,7 @@ async def wait_idle(engine: Engine, timeout: float = 5.0) -> None:
 
 @pytest.fixture
 async def engine():
-    runner = FakeRunner(max_batch_size=4, context_length=64)
+    runner = FakeRunner(max_batch_size=4, context_length=256)
     eng = Engine(runner, EngineConfig(max_batch_size=4, prefill_tokens_per_step=4, max_live_requests=8))
     eng.start()
     yield eng
@@ -115,7 +115,7 @@ async def test_min_tokens_bans_eos(engine: Engine) -> None:
 
 
 async def test_context_length_limit(engine: Engine) -> None:
-    items = await collect(engine.add_request(request("ctx", (HELLO,) * 60, max_tokens=None)))
+    items = await collect(engine.add_request(request("ctx", (HELLO,) * 252, max_tokens=None)))
     finished = items[-1]
     assert isinstance(finished, Finished) and finished.reason is StopReason.CONTEXT_LENGTH
     assert finished.usage.completion_tokens == 4
@@ -126,8 +126,12 @@ async def test_context_length_limit(engine: Engine) -> None:
     [
         (request("e", ()), ErrorCode.INVALID_ARGUMENT, "start.input"),
         (request("e", (999,)), ErrorCode.INVALID_ARGUMENT, "start.token_ids.ids"),
-        (request("e", (HELLO,) * 64), ErrorCode.INVALID_ARGUMENT, "start.input"),
-        (request("e", (HELLO,) * 10, max_tokens=60), ErrorCode.INVALID_ARGUMENT, "start.stopping.max_tokens"),
+        (request("e", (HELLO,) * 256), ErrorCode.INVALID_ARGUMENT, "start.input"),
+        (
+            request("e", (HELLO,) * 10, max_tokens=250),
+            ErrorCode.INVALID_ARGUMENT,
+            "start.stopping.max_tokens",
+        ),
         (request("x" * 129), ErrorCode.INVALID_ARGUMENT, "start.request_id"),
     ],
 )
@@ -307,3 +311,35 @@ async def test_session_reuses_prefix_and_truncates(engine: Engine) -> None:
     await collect(engine.add_request(turn3))
     assert len(turn3.prompt_token_ids) < len(turn2.prompt_token_ids) + 3 + len(reply.split())
     await wait_idle(engine)
+
+
+async def test_after_segment_gives_up_when_the_segment_never_ends(engine: Engine) -> None:
+    from tokenwire.service.engine import AFTER_SEGMENT_MAX_TOKENS
+
+    runner = engine.runner
+    assert isinstance(runner, FakeRunner)
+    runner.step_delay = 0.002
+    runner.script[WORLD] = [CAT] * 200  # " cat cat cat ..." never closes a sentence
+    options = OutputOptions(chunking=Chunking.SENTENCE)
+    stream = engine.add_request(request("endless", (WORLD,), max_tokens=200, output=options))
+    await asyncio.sleep(0.03)
+    engine.abort("endless", StopReason.INTERRUPTED, after_segment=True)
+    items = await collect(stream)
+    finished = items[-1]
+    assert isinstance(finished, Finished) and finished.reason is StopReason.INTERRUPTED
+    assert finished.usage.completion_tokens < 200 - AFTER_SEGMENT_MAX_TOKENS + 20
+    assert finished.tail_text.strip().startswith("cat")  # the unfinished sentence was never sent
+
+
+async def test_a_length_cut_does_not_claim_a_segment_end(engine: Engine) -> None:
+    runner = engine.runner
+    assert isinstance(runner, FakeRunner)
+    smith, sat = token_id("ĠSmith"), token_id("Ġsat")
+    runner.script[WORLD] = [smith, sat, DOT, smith, CAT, sat]
+    options = OutputOptions(chunking=Chunking.SENTENCE)
+    items = await collect(engine.add_request(request("cut", (WORLD,), max_tokens=6, output=options)))
+    deltas = [i for i in items if isinstance(i, Delta)]
+    assert [(d.text, d.segment_end) for d in deltas] == [(" Smith sat.", True), (" Smith cat sat", False)]
+    runner.script[WORLD] = [smith, sat, DOT, smith, CAT]  # then EOS: the text ended on its own
+    items = await collect(engine.add_request(request("eos", (WORLD,), max_tokens=20, output=options)))
+    assert [d.segment_end for d in items if isinstance(d, Delta)] == [True, True]
