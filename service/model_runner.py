@@ -25,7 +25,7 @@ from transformers import AttentionInterface
 from tokenwire.service.model_loading import ModelSource, load_model, pick_device, pick_dtype, resolve_model
 from tokenwire.service.requests import SamplingParams
 from tokenwire.service.runner_types import PrefillChunk, PrefixCache, TokenSample
-from tokenwire.service.sampling import SamplingRow, make_generator, sample
+from tokenwire.service.sampling import SamplingRow, make_generator, mark_seen, sample
 
 log = logging.getLogger("tokenwire.model")
 
@@ -245,8 +245,7 @@ class ModelRunner:
         if sampling.repetition_penalty != 1.0:
             seen = self._seen_mask()
             seen[row].zero_()
-            if prompt_token_ids:
-                seen[row, torch.tensor(list(prompt_token_ids), device=self.device)] = True
+            mark_seen(seen[row], list(prompt_token_ids))
 
     def ban_tokens(self, seq_id: int, token_ids: Sequence[int]) -> None:
         """Forbid sampling these tokens for a sequence (empty: lift the ban)."""
@@ -426,8 +425,7 @@ class ModelRunner:
             top_n=top_n,
         )
         if penalised and self._seen is not None:
-            for s, token in zip(seqs, out.token_ids, strict=True):
-                self._seen[s.row, token] = True
+            mark_seen(self._seen, out.token_ids, rows=[s.row for s in seqs])
         result = []
         for i, (s, token) in enumerate(zip(seqs, out.token_ids, strict=True)):
             logprob = out.logprobs[i] if (out.logprobs is not None and (s.logprobs or s.top_n)) else None

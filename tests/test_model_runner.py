@@ -83,6 +83,28 @@ async def test_tiny_greedy_matches_generate_alone_and_batched(tiny) -> None:
     assert await idle(engine)
 
 
+async def test_tiny_repetition_penalty_matches_generate_in_a_batch(tiny) -> None:
+    import torch
+
+    engine, reference = tiny
+    prompt = ids(PROMPTS[3])
+    with torch.inference_mode():
+        out = reference.generate(
+            torch.tensor([prompt]), max_new_tokens=16, do_sample=False, repetition_penalty=1.5, pad_token_id=2
+        )
+    expected = [t for t in out[0, len(prompt) :].tolist() if t != 2]
+    penalised = GenerationRequest(
+        "pen",
+        PromptInput(token_ids=tuple(prompt)),
+        sampling=SamplingParams(repetition_penalty=1.5),
+        stopping=StoppingParams(max_tokens=16),
+    )
+    # Others finish at different times, so rows move while the penalised request decodes.
+    others = [greedy(f"o{i}", p, 4 + 3 * i) for i, p in enumerate(PROMPTS[:5])]
+    results = await run(engine, [*others, penalised])
+    assert results[-1][0] == expected
+
+
 async def test_tiny_seeded_sampling_same_alone_and_in_a_batch(tiny) -> None:
     engine, _ = tiny
     sampling = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=1234)
