@@ -369,7 +369,7 @@ def render_markdown(report: Report, chart: str) -> str:
     lines += [
         f"- {k}: {v:.1f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in report.baseline.items()
     ]
-    sections = [
+    sections: list[tuple[str, dict[str, Any]]] = [
         ("Barge-in (Interrupt after 16 chunks)", report.barge_in),
         ("Sessions (a turn after a long history)", report.session),
         ("Segments", report.segments),

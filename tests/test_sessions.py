@@ -1,4 +1,4 @@
-"""Sessions over the real runner (tiny model): prefix reuse is exact, truncation edits history, isolation, expiry."""
+"""Sessions over the real runner (tiny model): exact prefix reuse, truncation, isolation, expiry."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ from tokenwire.service.requests import (
     StoppingParams,
 )
 
-HISTORY = (("system", "You are terse."), ("user", "Name three rivers in Europe and say one thing about each."))
+HISTORY = (
+    ("system", "You are terse."),
+    ("user", "Name three rivers in Europe and say one thing about each."),
+)
 QUESTION = (("user", "Which one is the longest?"),)
 
 
