@@ -11,6 +11,9 @@ from tokenwire.service.requests import SamplingParams
 from tokenwire.service.sampling import (
     SamplingRow,
     _argmax,
+    _draw_among,
+    _inverse_cdf,
+    _keep_from,
     _rank,
     _topk,
     make_generator,
@@ -317,11 +320,30 @@ def test_ranking_matches_torch_sort() -> None:
             if ids is not None:  # ids, where given, are distinct and name those weights
                 assert torch.equal(x.gather(1, ids), ranked)
                 assert all(len(set(r)) == len(r) for r in ids.tolist())
-            else:
-                assert width * 4 > vocab > 1024  # only a full sort of a large vocabulary skips ids
+            else:  # ids come from the blocked top-k, or from ranking a small vocabulary in full
+                assert vocab > 1024 and width * 128 * 4 > vocab
             if width <= vocab:
                 values, indices = _topk(x, width)
                 assert torch.equal(values, want) and torch.equal(x.gather(1, indices), values)
+
+
+def test_drawing_among_candidates_equals_the_full_draw() -> None:
+    # A row may take either route depending on its batch, so both must give the same token.
+    g = gen(14)
+    for trial in range(100):
+        vocab = 32768
+        weights = (torch.randn(4, vocab, generator=g) * (0.5 + trial % 5)).exp()
+        weights /= weights.amax(dim=1, keepdim=True)
+        weights[0, :50] = weights[0, 100]  # ties
+        ranked, ids = _rank(weights, 64)
+        assert ids is not None
+        kept = torch.randint(1, 60, (4, 1), generator=g)
+        cutoff = ranked.gather(1, kept - 1)
+        covered = (ranked[:, -1:] < cutoff).squeeze(1)
+        uniform = torch.rand(4, 1, generator=g)
+        full = _inverse_cdf(_keep_from(weights, cutoff), uniform)
+        few = _draw_among(ranked, ids, cutoff, uniform)
+        assert torch.equal(full[covered], few[covered])
 
 
 # ---- degenerate input ----
