@@ -95,6 +95,9 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         # and load-balancer idle timers from cutting a stream that is silent during a long prefill.
         ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        # grpc 1.85's transport times the answer to its keepalive ping with this one (default 60 s),
+        # not keepalive_timeout_ms: without it a frozen or cut-off client holds its requests for a minute.
+        ("grpc.http2.ping_timeout_ms", int(config.keepalive_timeout_s * 1000)),
         # Keep pinging while a stream sends no data (the default stops after two pings).
         ("grpc.http2.max_pings_without_data", 0),
         # Pings with no call in flight are fine both ways (the server's own, and clients'), and clients

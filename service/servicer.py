@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 import tokenwire
 from tokenwire.service import convert
@@ -38,6 +39,7 @@ class _GenerateCall:
         self.producers = 0  # the reader, plus one per forwarder
         self.reader: asyncio.Task[None] | None = None
         self.cut_by_server = False
+        self.unreadable: DecodeError | None = None  # a request that could not be parsed ends the RPC
 
     # ---- lifecycle ----
 
@@ -94,6 +96,8 @@ class _GenerateCall:
             raise
         except Exception as error:  # the request side broke (e.g. a message over the size limit)
             log.info("Generate request stream failed: %r", error)
+            if isinstance(error, DecodeError):
+                self.unreadable = error
             self.abandon()
         finally:
             self._producer_done()
@@ -188,6 +192,9 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
         try:
             async for response in call.responses():
                 yield response
+            if call.unreadable is not None:
+                # Its requests were abandoned: ending with OK would tell the client they were all answered.
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"GenerateRequest: {call.unreadable}")
             if call.cut_by_server:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         finally:

@@ -1,0 +1,1 @@
+"""Reliability suite: hostile input, vanishing clients, slow readers, load, leaks and deadlines."""

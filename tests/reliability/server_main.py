@@ -1,0 +1,37 @@
+"""A tokenwire server over the fake runner in its own process (so its RSS is its own); prints "PORT <n>"."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import signal
+
+from tests.fake_runner import FakeRunner
+from tokenwire.service.engine import Engine, EngineConfig
+from tokenwire.service.server import ServerConfig, serve
+
+
+async def main(args: argparse.Namespace) -> None:
+    runner = FakeRunner(max_batch_size=args.batch, context_length=args.context, step_delay=args.step_delay)
+    # FakeRunner records every forward for assertions; over thousands of steps that list alone would
+    # look like a leak, so keep only the last few.
+    runner.calls = collections.deque(maxlen=16)  # type: ignore[assignment]
+    engine = Engine(runner, EngineConfig(max_batch_size=args.batch, max_live_requests=256))
+    engine.start()
+    server = await serve(engine, ServerConfig(host="127.0.0.1", port=0, grace_period_s=0.0))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"PORT {server.port}", flush=True)
+    await stop.wait()
+    await server.stop(0)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--step-delay", type=float, default=0.001)
+    asyncio.run(main(parser.parse_args()))
