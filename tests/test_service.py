@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.conftest import FAKE_ENGINE, free_port, running_server, wait_until_idle
 from tests.fake_runner import FakeRunner
+from tests.reliability.contract import read_rest, read_until_done
 from tokenwire.service.engine import Engine, EngineConfig
 from tokenwire.service.server import (
     RunningServer,
@@ -43,40 +44,6 @@ def start(
 
 def interrupt(request_id: str, mode: int = pb.INTERRUPT_MODE_IMMEDIATE) -> pb.GenerateRequest:
     return pb.GenerateRequest(interrupt=pb.Interrupt(request_id=request_id, mode=mode))  # type: ignore[arg-type]
-
-
-def terminal(response: pb.GenerateResponse) -> bool:
-    return response.WhichOneof("kind") in ("finished", "error")
-
-
-async def read_until_done(
-    call: grpc.aio.StreamStreamCall, ids: Sequence[str], timeout: float = 5.0
-) -> list[pb.GenerateResponse]:
-    """Read until each of `ids` had its terminal message; returns everything read."""
-    pending, seen = set(ids), list[pb.GenerateResponse]()
-
-    async def run() -> None:
-        while pending:
-            response = await call.read()
-            assert response is not grpc.aio.EOF, f"stream ended with {sorted(pending)} unfinished"
-            seen.append(response)
-            if terminal(response):
-                pending.discard(response.request_id)
-
-    await asyncio.wait_for(run(), timeout)
-    return seen
-
-
-async def read_rest(call: grpc.aio.StreamStreamCall, timeout: float = 5.0) -> list[pb.GenerateResponse]:
-    """Read to the end of the stream with read() (grpc forbids mixing it with `async for` on a call)."""
-
-    async def run() -> list[pb.GenerateResponse]:
-        seen: list[pb.GenerateResponse] = []
-        while (response := await call.read()) is not grpc.aio.EOF:
-            seen.append(response)
-        return seen
-
-    return await asyncio.wait_for(run(), timeout)
 
 
 def of(responses: Sequence[pb.GenerateResponse], request_id: str) -> list[pb.GenerateResponse]:
