@@ -657,6 +657,3 @@ def _push_all(outputs: list[tuple[RequestStream, Output]]) -> None:
     for stream, item in outputs:
         stream.push(item)
 
-
-def failure_from(error: RequestError) -> Failure:
-    return Failure(error.code, error.message, error.field)
