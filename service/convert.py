@@ -226,6 +226,7 @@ def started_to_pb(started: Started) -> pb.Started:
         cached_prompt_tokens=started.cached_prompt_tokens,
         seed=started.seed,
         max_tokens=started.max_tokens,
+        queue_ms=started.queue_s * 1000,
     )
 
 

@@ -468,6 +468,7 @@ class Engine:
                     cached_prompt_tokens=live.cached_prompt_tokens,
                     seed=live.seed,
                     max_tokens=live.max_tokens,
+                    queue_s=time.monotonic() - live.arrival,
                 ),
             )
         )
@@ -656,4 +657,3 @@ class Engine:
 def _push_all(outputs: list[tuple[RequestStream, Output]]) -> None:
     for stream, item in outputs:
         stream.push(item)
-

@@ -136,6 +136,7 @@ class Started:
     cached_prompt_tokens: int
     seed: int
     max_tokens: int
+    queue_s: float = 0.0  # from the request's arrival to its admission (or its end, if never admitted)
 
 
 @dataclass(frozen=True)

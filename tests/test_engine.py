@@ -343,3 +343,13 @@ async def test_a_length_cut_does_not_claim_a_segment_end(engine: Engine) -> None
     runner.script[WORLD] = [smith, sat, DOT, smith, CAT]  # then EOS: the text ended on its own
     items = await collect(engine.add_request(request("eos", (WORLD,), max_tokens=20, output=options)))
     assert [d.segment_end for d in items if isinstance(d, Delta)] == [True, True]
+
+
+async def test_started_reports_the_time_spent_waiting_for_a_row(engine: Engine) -> None:
+    engine.runner.step_delay = 0.01  # type: ignore[attr-defined]
+    streams = [engine.add_request(request(f"q{i}", max_tokens=10)) for i in range(5)]  # 4 rows
+    results = await asyncio.gather(*(collect(s) for s in streams))
+    queued = [items[0].queue_s for items in results]  # type: ignore[attr-defined]
+    assert max(queued) >= 0.05 and min(queued) < max(queued)  # the fifth waited for a row to free
+    for items in results:
+        assert items[0].queue_s <= items[-1].timings.total_s  # type: ignore[attr-defined]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenwire/v1/tokenwire.proto\x12\x0ctokenwire.v1\"m\n\x0fGenerateRequest\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.tokenwire.v1.StartH\x00\x12,\n\tinterrupt\x18\x02 \x01(\x0b\x32\x17.tokenwire.v1.InterruptH\x00\x42\x06\n\x04kind\"\xe3\x02\n\x05Start\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x12.tokenwire.v1.ChatH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.tokenwire.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12.\n\x08stopping\x18\x06 \x01(\x0b\x32\x1c.tokenwire.v1.StoppingParams\x12+\n\x06output\x18\x07 \x01(\x0b\x32\x1b.tokenwire.v1.OutputOptions\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x39\n\x10truncate_session\x18\t \x01(\x0b\x32\x1f.tokenwire.v1.SessionTruncationB\x07\n\x05input\"3\n\x04\x43hat\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"J\n\x11SessionTruncation\x12\x15\n\x0breply_chars\x18\x01 \x01(\rH\x00\x12\x16\n\x0creply_tokens\x18\x02 \x01(\rH\x00\x42\x06\n\x04keep\"J\n\tInterrupt\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x04mode\x18\x02 \x01(\x0e\x32\x1b.tokenwire.v1.InterruptMode\"\xe8\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xc8\x01\n\x0eStoppingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\r\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x1a\n\rtime_limit_ms\x18\x06 \x01(\rH\x02\x88\x01\x01\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x10\n\x0e_time_limit_ms\"\xbf\x01\n\rOutputOptions\x12(\n\x08\x63hunking\x18\x01 \x01(\x0e\x32\x16.tokenwire.v1.Chunking\x12\x10\n\x08logprobs\x18\x02 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x03 \x01(\r\x12\x11\n\ttoken_ids\x18\x04 \x01(\x08\x12\x12\n\ntimestamps\x18\x05 \x01(\x08\x12\x19\n\x11min_segment_chars\x18\x06 \x01(\r\x12\x1a\n\x12\x66\x61st_first_segment\x18\x07 \x01(\x08\"\xd0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x07started\x18\x02 \x01(\x0b\x32\x15.tokenwire.v1.StartedH\x00\x12$\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x13.tokenwire.v1.ChunkH\x00\x12*\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x16.tokenwire.v1.FinishedH\x00\x12$\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.tokenwire.v1.ErrorH\x00\x42\x06\n\x04kind\"`\n\x07Started\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\"\x92\x01\n\x05\x43hunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\r\n\x05index\x18\x03 \x01(\r\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.tokenwire.v1.TokenLogprob\x12\x13\n\x0bsegment_end\x18\x05 \x01(\x08\x12\x16\n\x0eserver_time_ms\x18\x06 \x01(\x04\"g\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12%\n\x03top\x18\x04 \x03(\x0b\x32\x18.tokenwire.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xd8\x01\n\x08\x46inished\x12(\n\x06reason\x18\x01 \x01(\x0e\x32\x18.tokenwire.v1.StopReason\x12\x15\n\rstop_sequence\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.tokenwire.v1.Usage\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.tokenwire.v1.Timings\x12\x17\n\x0fsent_text_chars\x18\x05 \x01(\r\x12\x13\n\x0bsent_tokens\x18\x06 \x01(\r\x12\x11\n\ttail_text\x18\x07 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"o\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x04 \x01(\x01\"5\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"H\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\'\n\x07summary\x18\x02 \x01(\x0b\x32\x16.tokenwire.v1.Finished\"\x15\n\x13GetModelInfoRequest\"\xf2\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x19\n\x11max_live_requests\x18\t \x01(\r\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12\x16\n\x0eserver_version\x18\x0b \x01(\t\"N\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x12.tokenwire.v1.ChatH\x00\x42\x07\n\x05input\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t*o\n\rInterruptMode\x12\x1e\n\x1aINTERRUPT_MODE_UNSPECIFIED\x10\x00\x12\x1c\n\x18INTERRUPT_MODE_IMMEDIATE\x10\x01\x12 \n\x1cINTERRUPT_MODE_AFTER_SEGMENT\x10\x02*w\n\x08\x43hunking\x12\x18\n\x14\x43HUNKING_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43HUNKING_TOKEN\x10\x01\x12\x11\n\rCHUNKING_WORD\x10\x02\x12\x15\n\x11\x43HUNKING_SENTENCE\x10\x03\x12\x13\n\x0f\x43HUNKING_CLAUSE\x10\x04*\x82\x02\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16STOP_REASON_MAX_TOKENS\x10\x01\x12\x13\n\x0fSTOP_REASON_EOS\x10\x02\x12\x1d\n\x19STOP_REASON_STOP_SEQUENCE\x10\x03\x12\x19\n\x15STOP_REASON_CANCELLED\x10\x04\x12\x1b\n\x17STOP_REASON_INTERRUPTED\x10\x05\x12\x18\n\x14STOP_REASON_DEADLINE\x10\x06\x12\x1e\n\x1aSTOP_REASON_CONTEXT_LENGTH\x10\x07\x12\x15\n\x11STOP_REASON_ERROR\x10\x08\x32\xb6\x02\n\tTokenWire\x12M\n\x08Generate\x12\x1d.tokenwire.v1.GenerateRequest\x1a\x1e.tokenwire.v1.GenerateResponse(\x01\x30\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.tokenwire.v1.CancelRequest\x1a\x1c.tokenwire.v1.CancelResponse\x12J\n\x0cGetModelInfo\x12!.tokenwire.v1.GetModelInfoRequest\x1a\x17.tokenwire.v1.ModelInfo\x12I\n\x08Tokenize\x12\x1d.tokenwire.v1.TokenizeRequest\x1a\x1e.tokenwire.v1.TokenizeResponseB.\n\x10\x64\x65v.tokenwire.v1P\x01Z\x18tokenwire/v1;tokenwirev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctokenwire/v1/tokenwire.proto\x12\x0ctokenwire.v1\"m\n\x0fGenerateRequest\x12$\n\x05start\x18\x01 \x01(\x0b\x32\x13.tokenwire.v1.StartH\x00\x12,\n\tinterrupt\x18\x02 \x01(\x0b\x32\x17.tokenwire.v1.InterruptH\x00\x42\x06\n\x04kind\"\xe3\x02\n\x05Start\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x12.tokenwire.v1.ChatH\x00\x12+\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x16.tokenwire.v1.TokenIdsH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.tokenwire.v1.SamplingParams\x12.\n\x08stopping\x18\x06 \x01(\x0b\x32\x1c.tokenwire.v1.StoppingParams\x12+\n\x06output\x18\x07 \x01(\x0b\x32\x1b.tokenwire.v1.OutputOptions\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12\x39\n\x10truncate_session\x18\t \x01(\x0b\x32\x1f.tokenwire.v1.SessionTruncationB\x07\n\x05input\"3\n\x04\x43hat\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.tokenwire.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"J\n\x11SessionTruncation\x12\x15\n\x0breply_chars\x18\x01 \x01(\rH\x00\x12\x16\n\x0creply_tokens\x18\x02 \x01(\rH\x00\x42\x06\n\x04keep\"J\n\tInterrupt\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x04mode\x18\x02 \x01(\x0e\x32\x1b.tokenwire.v1.InterruptMode\"\xe8\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_k\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xc8\x01\n\x0eStoppingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x03 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x04 \x03(\r\x12\x12\n\nignore_eos\x18\x05 \x01(\x08\x12\x1a\n\rtime_limit_ms\x18\x06 \x01(\rH\x02\x88\x01\x01\x42\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\x10\n\x0e_time_limit_ms\"\xbf\x01\n\rOutputOptions\x12(\n\x08\x63hunking\x18\x01 \x01(\x0e\x32\x16.tokenwire.v1.Chunking\x12\x10\n\x08logprobs\x18\x02 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x03 \x01(\r\x12\x11\n\ttoken_ids\x18\x04 \x01(\x08\x12\x12\n\ntimestamps\x18\x05 \x01(\x08\x12\x19\n\x11min_segment_chars\x18\x06 \x01(\r\x12\x1a\n\x12\x66\x61st_first_segment\x18\x07 \x01(\x08\"\xd0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x07started\x18\x02 \x01(\x0b\x32\x15.tokenwire.v1.StartedH\x00\x12$\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x13.tokenwire.v1.ChunkH\x00\x12*\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x16.tokenwire.v1.FinishedH\x00\x12$\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x13.tokenwire.v1.ErrorH\x00\x42\x06\n\x04kind\"r\n\x07Started\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\"\x92\x01\n\x05\x43hunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\r\n\x05index\x18\x03 \x01(\r\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.tokenwire.v1.TokenLogprob\x12\x13\n\x0bsegment_end\x18\x05 \x01(\x08\x12\x16\n\x0eserver_time_ms\x18\x06 \x01(\x04\"g\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12%\n\x03top\x18\x04 \x03(\x0b\x32\x18.tokenwire.v1.TopLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\xd8\x01\n\x08\x46inished\x12(\n\x06reason\x18\x01 \x01(\x0e\x32\x18.tokenwire.v1.StopReason\x12\x15\n\rstop_sequence\x18\x02 \x01(\t\x12\"\n\x05usage\x18\x03 \x01(\x0b\x32\x13.tokenwire.v1.Usage\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.tokenwire.v1.Timings\x12\x17\n\x0fsent_text_chars\x18\x05 \x01(\r\x12\x13\n\x0bsent_tokens\x18\x06 \x01(\r\x12\x11\n\ttail_text\x18\x07 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"o\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x04 \x01(\x01\"5\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"H\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\'\n\x07summary\x18\x02 \x01(\x0b\x32\x16.tokenwire.v1.Finished\"\x15\n\x13GetModelInfoRequest\"\xf2\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x19\n\x11max_live_requests\x18\t \x01(\r\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12\x16\n\x0eserver_version\x18\x0b \x01(\t\"N\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\"\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x12.tokenwire.v1.ChatH\x00\x42\x07\n\x05input\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t*o\n\rInterruptMode\x12\x1e\n\x1aINTERRUPT_MODE_UNSPECIFIED\x10\x00\x12\x1c\n\x18INTERRUPT_MODE_IMMEDIATE\x10\x01\x12 \n\x1cINTERRUPT_MODE_AFTER_SEGMENT\x10\x02*w\n\x08\x43hunking\x12\x18\n\x14\x43HUNKING_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43HUNKING_TOKEN\x10\x01\x12\x11\n\rCHUNKING_WORD\x10\x02\x12\x15\n\x11\x43HUNKING_SENTENCE\x10\x03\x12\x13\n\x0f\x43HUNKING_CLAUSE\x10\x04*\x82\x02\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x1a\n\x16STOP_REASON_MAX_TOKENS\x10\x01\x12\x13\n\x0fSTOP_REASON_EOS\x10\x02\x12\x1d\n\x19STOP_REASON_STOP_SEQUENCE\x10\x03\x12\x19\n\x15STOP_REASON_CANCELLED\x10\x04\x12\x1b\n\x17STOP_REASON_INTERRUPTED\x10\x05\x12\x18\n\x14STOP_REASON_DEADLINE\x10\x06\x12\x1e\n\x1aSTOP_REASON_CONTEXT_LENGTH\x10\x07\x12\x15\n\x11STOP_REASON_ERROR\x10\x08\x32\xb6\x02\n\tTokenWire\x12M\n\x08Generate\x12\x1d.tokenwire.v1.GenerateRequest\x1a\x1e.tokenwire.v1.GenerateResponse(\x01\x30\x01\x12\x43\n\x06\x43\x61ncel\x12\x1b.tokenwire.v1.CancelRequest\x1a\x1c.tokenwire.v1.CancelResponse\x12J\n\x0cGetModelInfo\x12!.tokenwire.v1.GetModelInfoRequest\x1a\x17.tokenwire.v1.ModelInfo\x12I\n\x08Tokenize\x12\x1d.tokenwire.v1.TokenizeRequest\x1a\x1e.tokenwire.v1.TokenizeResponseB.\n\x10\x64\x65v.tokenwire.v1P\x01Z\x18tokenwire/v1;tokenwirev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,12 +32,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tokenwire.v1.tokenwire_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.tokenwire.v1P\001Z\030tokenwire/v1;tokenwirev1'
-  _globals['_INTERRUPTMODE']._serialized_start=3040
-  _globals['_INTERRUPTMODE']._serialized_end=3151
-  _globals['_CHUNKING']._serialized_start=3153
-  _globals['_CHUNKING']._serialized_end=3272
-  _globals['_STOPREASON']._serialized_start=3275
-  _globals['_STOPREASON']._serialized_end=3533
+  _globals['_INTERRUPTMODE']._serialized_start=3058
+  _globals['_INTERRUPTMODE']._serialized_end=3169
+  _globals['_CHUNKING']._serialized_start=3171
+  _globals['_CHUNKING']._serialized_end=3290
+  _globals['_STOPREASON']._serialized_start=3293
+  _globals['_STOPREASON']._serialized_end=3551
   _globals['_GENERATEREQUEST']._serialized_start=46
   _globals['_GENERATEREQUEST']._serialized_end=155
   _globals['_START']._serialized_start=158
@@ -61,33 +61,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE']._serialized_start=1424
   _globals['_GENERATERESPONSE']._serialized_end=1632
   _globals['_STARTED']._serialized_start=1634
-  _globals['_STARTED']._serialized_end=1730
-  _globals['_CHUNK']._serialized_start=1733
-  _globals['_CHUNK']._serialized_end=1879
-  _globals['_TOKENLOGPROB']._serialized_start=1881
-  _globals['_TOKENLOGPROB']._serialized_end=1984
-  _globals['_TOPLOGPROB']._serialized_start=1986
-  _globals['_TOPLOGPROB']._serialized_end=2048
-  _globals['_FINISHED']._serialized_start=2051
-  _globals['_FINISHED']._serialized_end=2267
-  _globals['_USAGE']._serialized_start=2269
-  _globals['_USAGE']._serialized_end=2356
-  _globals['_TIMINGS']._serialized_start=2358
-  _globals['_TIMINGS']._serialized_end=2469
-  _globals['_ERROR']._serialized_start=2471
-  _globals['_ERROR']._serialized_end=2524
-  _globals['_CANCELREQUEST']._serialized_start=2526
-  _globals['_CANCELREQUEST']._serialized_end=2561
-  _globals['_CANCELRESPONSE']._serialized_start=2563
-  _globals['_CANCELRESPONSE']._serialized_end=2635
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2637
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2658
-  _globals['_MODELINFO']._serialized_start=2661
-  _globals['_MODELINFO']._serialized_end=2903
-  _globals['_TOKENIZEREQUEST']._serialized_start=2905
-  _globals['_TOKENIZEREQUEST']._serialized_end=2983
-  _globals['_TOKENIZERESPONSE']._serialized_start=2985
-  _globals['_TOKENIZERESPONSE']._serialized_end=3038
-  _globals['_TOKENWIRE']._serialized_start=3536
-  _globals['_TOKENWIRE']._serialized_end=3846
+  _globals['_STARTED']._serialized_end=1748
+  _globals['_CHUNK']._serialized_start=1751
+  _globals['_CHUNK']._serialized_end=1897
+  _globals['_TOKENLOGPROB']._serialized_start=1899
+  _globals['_TOKENLOGPROB']._serialized_end=2002
+  _globals['_TOPLOGPROB']._serialized_start=2004
+  _globals['_TOPLOGPROB']._serialized_end=2066
+  _globals['_FINISHED']._serialized_start=2069
+  _globals['_FINISHED']._serialized_end=2285
+  _globals['_USAGE']._serialized_start=2287
+  _globals['_USAGE']._serialized_end=2374
+  _globals['_TIMINGS']._serialized_start=2376
+  _globals['_TIMINGS']._serialized_end=2487
+  _globals['_ERROR']._serialized_start=2489
+  _globals['_ERROR']._serialized_end=2542
+  _globals['_CANCELREQUEST']._serialized_start=2544
+  _globals['_CANCELREQUEST']._serialized_end=2579
+  _globals['_CANCELRESPONSE']._serialized_start=2581
+  _globals['_CANCELRESPONSE']._serialized_end=2653
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2655
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2676
+  _globals['_MODELINFO']._serialized_start=2679
+  _globals['_MODELINFO']._serialized_end=2921
+  _globals['_TOKENIZEREQUEST']._serialized_start=2923
+  _globals['_TOKENIZEREQUEST']._serialized_end=3001
+  _globals['_TOKENIZERESPONSE']._serialized_start=3003
+  _globals['_TOKENIZERESPONSE']._serialized_end=3056
+  _globals['_TOKENWIRE']._serialized_start=3554
+  _globals['_TOKENWIRE']._serialized_end=3864
 # @@protoc_insertion_point(module_scope)
