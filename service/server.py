@@ -61,6 +61,7 @@ class ServerConfig:
     min_client_ping_interval_s: float = 10.0
     max_connection_idle_s: float = 0.0  # 0: never close idle connections
     health_interval_s: float = 1.0  # how often the step loop's health is checked
+    replica_id: str = ""  # sent as x-tokenwire-replica on Generate; prefixes server-assigned request ids
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class RunningServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = ServerMetrics(lambda: self.engine)
-        self.servicer = TokenWireServicer(on_refused=self.metrics.on_refused)
+        self.servicer = TokenWireServicer(on_refused=self.metrics.on_refused, replica_id=config.replica_id)
         self.health = HealthServicer()
         self.port = 0
         self.metrics_port = 0
@@ -527,6 +528,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
     )
     security.add(
+        "--replica-id",
+        metavar="ID",
+        help="this replica's name behind a load balancer: sent as the x-tokenwire-replica header on "
+        "Generate and put in front of server-assigned request ids, so a proxy can route Cancel to "
+        "the replica that holds the request (see the README)",
+        default="",
+    )
+    security.add(
         "--auth-token",
         metavar="TOKEN",
         help="bearer token required on every RPC but health",
@@ -583,6 +592,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, ModelConf
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_token=args.auth_token or None,
+        replica_id=args.replica_id,
         max_message_bytes=args.max_message_bytes,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import grpc
@@ -30,9 +31,12 @@ class _GenerateCall:
     The RPC ends when nothing can produce more: the reader has stopped (half-close, or the server
     draining) and every request has delivered its last message."""
 
-    def __init__(self, engine: Engine, on_refused: Callable[[ErrorCode], None] | None) -> None:
+    def __init__(
+        self, engine: Engine, on_refused: Callable[[ErrorCode], None] | None, replica_id: str = ""
+    ) -> None:
         self.engine = engine
         self.on_refused = on_refused
+        self.replica_id = replica_id
         self.out: asyncio.Queue[pb.GenerateResponse | None] = asyncio.Queue(OUTGOING_BOUND)
         # request id -> (forwarder, engine stream): the requests this stream may interrupt or abandon.
         self.owned: dict[str, tuple[asyncio.Task[None], RequestStream]] = {}
@@ -118,6 +122,9 @@ class _GenerateCall:
     async def _start(self, start: pb.Start) -> None:
         try:
             request = convert.start_to_request(start)
+            if not request.request_id and self.replica_id:
+                # The id names its replica, so a proxy can route a later Cancel to it.
+                request.request_id = f"{self.replica_id}.{uuid.uuid4().hex}"
             stream = self.engine.add_request(request)
         except RequestError as error:
             await self._refuse(start.request_id, error)
@@ -164,14 +171,22 @@ class _GenerateCall:
             self._producer_done()
 
 
+REPLICA_HEADER = "x-tokenwire-replica"
+
+
 class TokenWireServicer(pb_grpc.TokenWireServicer):
     """Adapts the engine to the contract. `engine` is None while the model loads (UNAVAILABLE)."""
 
     def __init__(
-        self, engine: Engine | None = None, *, on_refused: Callable[[ErrorCode], None] | None = None
+        self,
+        engine: Engine | None = None,
+        *,
+        on_refused: Callable[[ErrorCode], None] | None = None,
+        replica_id: str = "",
     ) -> None:
         self.engine = engine
         self.on_refused = on_refused
+        self.replica_id = replica_id
         self._calls: set[_GenerateCall] = set()
 
     async def _engine(self, context: grpc.aio.ServicerContext) -> Engine:
@@ -183,7 +198,10 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
     async def Generate(
         self, request_iterator: AsyncIterable[pb.GenerateRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        call = _GenerateCall(await self._engine(context), self.on_refused)
+        call = _GenerateCall(await self._engine(context), self.on_refused, self.replica_id)
+        if self.replica_id:
+            # Which replica serves this stream: a client sends it back as a header on Cancel.
+            await context.send_initial_metadata(((REPLICA_HEADER, self.replica_id),))
         self._calls.add(call)
         # The generator's `finally` may run late (or not at all) when the RPC is cancelled while the
         # response is being sent; the done callback always runs, so compute is freed at once.

@@ -639,3 +639,21 @@ def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert options["grpc.keepalive_permit_without_calls"] == 1
     assert options["grpc.http2.min_ping_interval_without_data_ms"] == 10_000
     assert "grpc.max_connection_idle_ms" not in options  # long idle streams are not cut by default
+
+
+async def test_replica_id_names_the_stream_and_prefixes_assigned_ids() -> None:
+    """Behind a load balancer, a client learns the replica from the Generate headers (or from an
+    id it let the server assign) and sends it on Cancel, which the proxy routes by that header."""
+    async with (
+        running_server(replica_id="replica-7") as server,
+        grpc.aio.insecure_channel(server.address) as ch,
+    ):
+        call = pb_grpc.TokenWireStub(ch).Generate()
+        await call.write(
+            pb.GenerateRequest(start=pb.Start(prompt=" hello", stopping=pb.StoppingParams(max_tokens=3)))
+        )
+        await call.done_writing()
+        assert ("x-tokenwire-replica", "replica-7") in tuple(await call.initial_metadata())
+        responses = await read_rest(call)
+        assert responses and all(r.request_id.startswith("replica-7.") for r in responses)
+        assert responses[-1].WhichOneof("kind") == "finished"
