@@ -24,6 +24,7 @@ from ._channel import (
     RETRY_BACKOFF_S,
     ChannelConfig,
     open_async,
+    replica_metadata,
     wait_ready_async,
 )
 from ._errors import (
@@ -500,9 +501,14 @@ class AsyncClient:
 
     # ---- unary calls ----
 
-    async def cancel(self, request_id: str) -> CancelResult:
-        """Stop a live generation by id, from any connection. Idempotent: unknown ids give found=False."""
-        response = await self._unary(lambda: self._stub_().Cancel, pb.CancelRequest(request_id=request_id))
+    async def cancel(self, request_id: str, *, replica: str | None = None) -> CancelResult:
+        """Stop a live generation by id, from any connection. Idempotent: unknown ids give found=False.
+
+        Behind a load balancer, pass `replica` (the x-tokenwire-replica header its Generate answered
+        with) so the proxy can route the Cancel to the replica that holds the generation."""
+        response = await self._unary(
+            lambda: self._stub_().Cancel, pb.CancelRequest(request_id=request_id), replica_metadata(replica)
+        )
         return _convert.cancel_result_from_pb(response)
 
     async def model_info(self) -> ModelInfo:
@@ -554,7 +560,9 @@ class AsyncClient:
         await wait_ready_async(self._channel, self._config, timeout)
         return stub
 
-    async def _unary(self, method: Callable[[], Any], request: Any) -> Any:
+    async def _unary(
+        self, method: Callable[[], Any], request: Any, extra: tuple[tuple[str, str], ...] = ()
+    ) -> Any:
         config = self._config
         loop = asyncio.get_running_loop()
         deadline = None if config.connect_timeout is None else loop.time() + config.connect_timeout
@@ -562,7 +570,8 @@ class AsyncClient:
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
             await self._connected_stub(remaining)
             try:
-                return await method()(request, timeout=config.timeout, metadata=config.metadata)
+                metadata = config.metadata + extra
+                return await method()(request, timeout=config.timeout, metadata=metadata)
             except grpc.aio.AioRpcError as error:
                 # The connection dropped, or the server is still loading, before the call got through.
                 # Every unary call here is idempotent, so try again while still within connect_timeout.

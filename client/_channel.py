@@ -88,6 +88,14 @@ class ChannelConfig:
         return Unavailable(f"could not connect to {self.address}{waited}")
 
 
+REPLICA_HEADER = "x-tokenwire-replica"
+
+
+def replica_metadata(replica: str | None) -> tuple[tuple[str, str], ...]:
+    """The header a proxy routes a Cancel on, to the replica that serves the generation."""
+    return ((REPLICA_HEADER, replica),) if replica else ()
+
+
 def open_sync(config: ChannelConfig) -> grpc.Channel:
     if config.secure:
         return grpc.secure_channel(config.address, config.credentials(), options=config.options())

@@ -32,6 +32,7 @@ from ._channel import (
     RETRY_BACKOFF_S,
     ChannelConfig,
     open_sync,
+    replica_metadata,
     wait_ready_sync,
 )
 from ._errors import AlreadyExists, Cancelled, ServerError, TokenWireError, from_rpc_error
@@ -501,9 +502,12 @@ class Client:
 
     # ---- unary calls ----
 
-    def cancel(self, request_id: str) -> CancelResult:
-        """Stop a live generation by id, from any connection. Idempotent: unknown ids give found=False."""
-        response = self._unary(self._stub.Cancel, pb.CancelRequest(request_id=request_id))
+    def cancel(self, request_id: str, *, replica: str | None = None) -> CancelResult:
+        """Stop a live generation by id, from any connection. Idempotent: unknown ids give found=False.
+        `replica`: see AsyncClient.cancel."""
+        response = self._unary(
+            self._stub.Cancel, pb.CancelRequest(request_id=request_id), replica_metadata(replica)
+        )
         return _convert.cancel_result_from_pb(response)
 
     def model_info(self) -> ModelInfo:
@@ -538,14 +542,16 @@ class Client:
         wait_ready_sync(self._channel, self._config, timeout)
         return self._stub
 
-    def _unary(self, method: Callable[..., Any], request: Any) -> Any:
+    def _unary(
+        self, method: Callable[..., Any], request: Any, extra: tuple[tuple[str, str], ...] = ()
+    ) -> Any:
         config = self._config
         deadline = None if config.connect_timeout is None else time.monotonic() + config.connect_timeout
         for attempt in itertools.count():
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             self._connected_stub(remaining)
             try:
-                return method(request, timeout=config.timeout, metadata=config.metadata)
+                return method(request, timeout=config.timeout, metadata=config.metadata + extra)
             except grpc.RpcError as error:
                 # The connection dropped, or the server is still loading, before the call got through.
                 # Every unary call here is idempotent, so try again while still within connect_timeout.

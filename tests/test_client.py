@@ -252,6 +252,19 @@ async def test_cancel_from_another_connection(served: RunningServer, client: Asy
     assert result.sent_text_chars == answer.summary.sent_text_chars
 
 
+async def test_cancel_with_the_replica_header_for_the_proxy() -> None:
+    """A server behind a proxy names its replica on Generate; cancel(replica=...) sends it back as the
+    header the proxy routes on (the server itself ignores it)."""
+    from tokenwire.client._channel import replica_metadata
+
+    assert replica_metadata("r1") == (("x-tokenwire-replica", "r1"),) and replica_metadata(None) == ()
+    async with running_server(replica_id="r1") as server, AsyncClient(server.address) as client:
+        generation = client.generate(" hello", max_tokens=LONG)
+        await anext(generation)
+        answer = await client.cancel(generation.request_id, replica="r1")
+        assert answer.found and (await generation.final_result()).reason is StopReason.CANCELLED
+
+
 async def test_model_info_tokenize_health(client: AsyncClient) -> None:
     info = await client.model_info()
     assert info.model == "fake" and info.vocab_size == 14 and info.eos_token_ids == (1,)
