@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +31,9 @@ async def running_server(
 ) -> AsyncIterator[RunningServer]:
     """A started server over a fresh engine with the fake runner; drained and stopped on exit.
     `server_options` are ServerConfig fields (auth_token, tls_cert, max_message_bytes, ...)."""
-    runner = FakeRunner(max_batch_size=4, context_length=context_length, step_delay=step_delay)
+    runner = FakeRunner(
+        max_batch_size=engine_config.max_batch_size, context_length=context_length, step_delay=step_delay
+    )
     engine = Engine(runner, engine_config)
     engine.start()
     config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, grace_period_s=0.0, health_interval_s=0.1)
@@ -62,3 +66,40 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# ---- TLS material for the TLS tests ----
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
+    d = tmp_path_factory.mktemp("certs")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=tokenwire test CA",
+        cwd=d,
+    )
+    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name in ("server", "client"):
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        _openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d,
+        )  # fmt: skip
+    return d

@@ -4,7 +4,6 @@ reflection, auth, TLS, metrics and drain — a real grpc.aio server with the fak
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import threading
 import time
 import urllib.request
@@ -516,40 +515,6 @@ async def test_bearer_token_guards_every_rpc_but_health() -> None:
         await call.done_writing()
         check_lifecycle(await read_rest(call))
         assert not (await stub.Cancel(pb.CancelRequest(request_id="a"), metadata=good)).found
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
-    d = tmp_path_factory.mktemp("certs")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl(
-        "req",
-        "-x509",
-        *ec,
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=tokenwire test CA",
-        cwd=d,
-    )
-    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name in ("server", "client"):
-        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-        _openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d,
-        )  # fmt: skip
-    return d
 
 
 async def _model_name(address: str, credentials: grpc.ChannelCredentials) -> str:

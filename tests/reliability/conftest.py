@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from tests.conftest import running_server
 from tests.fake_runner import FakeRunner
 from tokenwire.service.engine import Engine, EngineConfig
-from tokenwire.service.server import RunningServer, ServerConfig, serve
+from tokenwire.service.server import RunningServer
 
 T = TypeVar("T")
 
@@ -27,27 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]
 LOAD_ENGINE = EngineConfig(max_batch_size=16, prefill_tokens_per_step=256, max_live_requests=1024)
 
 
-@contextlib.asynccontextmanager
-async def fake_server(
-    engine_config: EngineConfig = LOAD_ENGINE,
-    *,
-    step_delay: float = 0.002,
-    context_length: int = 1024,
-    **server_options: Any,
-) -> AsyncIterator[RunningServer]:
-    """Like tests.conftest.running_server, but the fake runner has as many KV rows as the engine's
-    batch (running_server's runner has 4, which would cap every load test at 4 decoding at once)."""
-    runner = FakeRunner(
-        max_batch_size=engine_config.max_batch_size, context_length=context_length, step_delay=step_delay
-    )
-    engine = Engine(runner, engine_config)
-    engine.start()
-    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, grace_period_s=0.0, health_interval_s=0.1)
-    server = await serve(engine, dataclasses.replace(config, **server_options))
-    try:
-        yield server
-    finally:
-        await server.stop(0)
+def fake_server(
+    engine_config: EngineConfig = LOAD_ENGINE, *, context_length: int = 1024, **options: Any
+) -> contextlib.AbstractAsyncContextManager[RunningServer]:
+    """tests.conftest.running_server with production-sized batches and a longer context."""
+    return running_server(engine_config, context_length=context_length, **options)
 
 
 def engine_of(server: RunningServer) -> Engine:
