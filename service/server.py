@@ -71,10 +71,10 @@ class ModelConfig:
     model: str = "default"
     device: str = "auto"
     dtype: str = "auto"
-    max_batch_size: int = 16
+    max_batch_size: int = EngineConfig.max_batch_size
     max_context: int | None = None
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
-    max_live_requests: int = 256
+    max_live_requests: int = EngineConfig.max_live_requests
     prefill_tokens_per_step: int = EngineConfig.prefill_tokens_per_step
 
     def engine_config(self) -> EngineConfig:
@@ -552,7 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N", default="auto")
     model.add("--dtype", "model dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    model.add("--max-batch-size", "sequences decoded at once (KV cache slots)", type=int, default=16)
+    model.add(
+        "--max-batch-size",
+        "sequences decoded at once (KV cache slots)",
+        type=int,
+        default=EngineConfig.max_batch_size,
+    )
     model.add(
         "--max-context", "cap on prompt plus generated tokens (default: the model's)", type=int, default=None
     )
@@ -563,7 +568,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
     )
-    model.add("--max-live-requests", "live requests before RESOURCE_EXHAUSTED", type=int, default=256)
+    model.add(
+        "--max-live-requests",
+        "live requests before RESOURCE_EXHAUSTED",
+        type=int,
+        default=EngineConfig.max_live_requests,
+    )
     model.add(
         "--prefill-tokens-per-step",
         "prompt tokens prefilled per engine step (bounds how long a long prompt stalls running streams)",
