@@ -17,9 +17,9 @@ __all__ = ["TextPiece", "TextStream", "TextUpdate"]
 # decoder to see that the first generated token is not at the start of the text, and so keep
 # its leading space; few enough to cost nothing.
 _CONTEXT_TOKENS = 4
-# Tokens in a row that decode to nothing before the decoder is reset, dropping them. A character
-# is at most 4 bytes, so a longer run is invalid UTF-8 (or only special tokens), and DecodeStream
-# would otherwise re-decode the whole growing run on every step.
+# Tokens in a row that decode to nothing before the decoder is reset and they are sent as
+# replacement characters. A character is at most 4 bytes, so a longer run is invalid UTF-8 (or only
+# special tokens), and DecodeStream would otherwise re-decode the whole growing run on every step.
 _MAX_SILENT_TOKENS = 16
 # How tokenizers' error starts when a decoder's output is not monotonic (vllm#17448); newer
 # versions append the token and the texts.
@@ -81,7 +81,7 @@ class TextStream:
         self._tokenizer = tokenizer
         self._context = _decoder_context(tokenizer, prompt_token_ids)
         self._decoder = DecodeStream(ids=self._context, skip_special_tokens=True)
-        self._silent = 0
+        self._unfinished: list[int] = []  # ids since the last decoded text: bytes of an unfinished character
         self._stops = tuple(dict.fromkeys(s for s in stop if s))
         self._stop_held = ""
         self._chunking = chunking
@@ -121,11 +121,12 @@ class TextStream:
 
         `complete` says the text ended on its own (EOS, a stop): its last segment is whole. Cut off by a
         length limit, the flushed tail does not claim segment_end.
-        Bytes of an unfinished character are dropped: they cannot be sent as valid text.
+        Bytes that never formed a character are sent as replacement characters (U+FFFD), as a
+        plain decode of the ids renders them: the chunk then carries those tokens to the client.
         """
         if self._closed:
             return []
-        text, self._stop_held = self._stop_held, ""
+        text, self._stop_held = self._stop_held + self._render_unfinished(), ""
         pieces = self._chunk(text) if text else []
         pieces.extend(self._flush(complete))
         self._close()
@@ -155,13 +156,18 @@ class TextStream:
             self._decoder = DecodeStream(ids=self._context, skip_special_tokens=True)
             text = self._decoder.step(self._tokenizer, token_id)
         if text is None:
-            self._silent += 1
-            if self._silent > _MAX_SILENT_TOKENS:
+            self._unfinished.append(token_id)
+            if len(self._unfinished) > _MAX_SILENT_TOKENS:
                 self._decoder = DecodeStream(ids=self._context, skip_special_tokens=True)
-                self._silent = 0
+                return self._render_unfinished()
             return ""
-        self._silent = 0
+        self._unfinished.clear()
         return text
+
+    def _render_unfinished(self) -> str:
+        """The ids that decoded to nothing yet, as a plain decode shows them ("\ufffd" per bad byte)."""
+        ids, self._unfinished = self._unfinished, []
+        return self._tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
 
     def _find_stop(self, text: str) -> tuple[str | None, int]:
         """The earliest stop string in `text` (held text plus new), and where it starts."""

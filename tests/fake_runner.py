@@ -13,12 +13,15 @@ from tokenwire.service.requests import SamplingParams
 from tokenwire.service.runner_types import PrefillChunk, PrefixCache, TokenSample
 
 WORDS = ["Ġhello", "Ġworld", "Ġthe", "Ġcat", "Ġsat", ".", "Ġon", "Ġmat", ",", "ĠDr", "ĠSmith"]
+# Only produced when scripted. "µ" is byte 0xB5 in byte-level BPE: a UTF-8 continuation byte that
+# never completes a character.
+SCRIPT_ONLY = ["µ"]
 SPECIAL = ["<unk>", "<eos>", "<bos>"]
 EOS = 1
 
 
 def make_tokenizer() -> Tokenizer:
-    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS)}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + WORDS + SCRIPT_ONLY)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -27,7 +30,7 @@ def make_tokenizer() -> Tokenizer:
 
 
 def token_id(word: str) -> int:
-    return (SPECIAL + WORDS).index(word)
+    return (SPECIAL + WORDS + SCRIPT_ONLY).index(word)
 
 
 @dataclass
@@ -57,7 +60,7 @@ class FakeRunner:
         self.max_batch_size = max_batch_size
         self.context_length = context_length
         self.step_delay = step_delay
-        self.vocab_size = len(SPECIAL) + len(WORDS)
+        self.vocab_size = len(SPECIAL) + len(WORDS) + len(SCRIPT_ONLY)
         self.eos_token_ids = (EOS,)
         self.tokenizer = make_tokenizer()
         self.script: dict[int, list[int]] = {}

@@ -173,7 +173,7 @@ def test_info_health_tokenize(server: RunningServer) -> None:
     info = run("info", "--address", server.address, check=True).stdout
     assert "model              fake" in info and "context_length     1024" in info
     assert (
-        json.loads(run("--address", server.address, "info", "--json", check=True).stdout)["vocab_size"] == 14
+        json.loads(run("--address", server.address, "info", "--json", check=True).stdout)["vocab_size"] == 15
     )
     assert run("health", "--address", server.address, check=True).stdout == "SERVING\n"
     tokens = run("tokenize", " hello world", check=True, TOKENWIRE_ADDRESS=server.address).stdout

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from tests.fake_runner import EOS, FakeRunner, token_id
+from tests.fake_runner import EOS, FakeRunner, make_tokenizer, token_id
 from tokenwire.service.engine import Engine, EngineConfig
 from tokenwire.service.requests import (
     Chunking,
@@ -78,6 +78,22 @@ async def test_outputs_in_order_and_one_finish(engine: Engine) -> None:
     text = "".join(i.text for i in items if isinstance(i, Delta))
     assert finished.sent_text_chars == len(text) and finished.sent_tokens == 5
     await wait_idle(engine)
+
+
+async def test_a_length_cut_inside_a_character_still_sends_its_token_ids(engine: Engine) -> None:
+    runner = engine.runner
+    assert isinstance(runner, FakeRunner)
+    stray_byte = token_id("µ")
+    runner.script[WORLD] = [CAT, stray_byte, stray_byte]
+    items = await collect(engine.add_request(request("a", (WORLD,), max_tokens=3)))
+    deltas = [i for i in items if isinstance(i, Delta)]
+    assert [t for d in deltas for t in d.token_ids] == [CAT, stray_byte, stray_byte]
+    # As a plain decode renders the ids: the bytes that never formed a character become U+FFFD.
+    assert "".join(d.text for d in deltas) == make_tokenizer().decode([CAT, stray_byte, stray_byte])
+    assert all(d.text for d in deltas)
+    finished = items[-1]
+    assert isinstance(finished, Finished) and finished.reason is StopReason.MAX_TOKENS
+    assert finished.sent_tokens == finished.usage.completion_tokens == 3
 
 
 async def test_eos_stop_token_and_stop_string(engine: Engine) -> None:
