@@ -71,6 +71,7 @@ class ModelConfig:
     model: str = "default"
     device: str = "auto"
     dtype: str = "auto"
+    weights: str = "auto"
     max_batch_size: int = EngineConfig.max_batch_size
     max_context: int | None = None
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
@@ -342,6 +343,7 @@ def load_runner(config: ModelConfig) -> Runner:
         config.model,
         device=config.device,
         dtype=config.dtype,
+        weights=config.weights,
         max_batch_size=config.max_batch_size,
         max_context=config.max_context,
     )
@@ -553,6 +555,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N", default="auto")
     model.add("--dtype", "model dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     model.add(
+        "--weights",
+        "auto: a GGUF file's 4-bit (Q4_1) layers run on their own blocks on CPU; dense: unpack every layer",
+        default="auto",
+        choices=["auto", "dense"],
+    )
+    model.add(
         "--max-batch-size",
         "sequences decoded at once (KV cache slots)",
         type=int,
@@ -616,6 +624,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, ModelConf
         model=args.model,
         device=args.device,
         dtype=args.dtype,
+        weights=args.weights,
         max_batch_size=args.max_batch_size,
         max_context=args.max_context,
         threads=args.threads,

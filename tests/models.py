@@ -6,11 +6,14 @@ import copy
 import functools
 from typing import Any
 
+import gguf
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from tokenwire.service.model_loading import _cached_gguf_conversion, resolve_model
-from tokenwire.service.model_runner import ModelRunner
+from tokenwire.service.model_loading import _cached_gguf_conversion, load_model, resolve_model
+from tokenwire.service.model_runner import ModelRunner, decode_attention
+from tokenwire.service.q4_linear import Q4Linear, Q4Weight, read_q4_1, swap_in_q4_linears
 
 
 @functools.cache
@@ -44,18 +47,61 @@ def tiny_model(seed: int = 0) -> Any:
     return LlamaForCausalLM(config).eval()
 
 
+def quantize_q4_1(weight: torch.Tensor) -> Q4Weight:
+    """A float [out, in] weight as Q4_1 blocks, quantized by the gguf package (as llama.cpp does)."""
+    data = gguf.quants.quantize(weight.detach().float().numpy(), gguf.GGMLQuantizationType.Q4_1)
+    return read_q4_1(data, (weight.shape[0], weight.shape[1]))
+
+
+def tiny_q4_model(seed: int = 0) -> Any:
+    """The tiny llama with every decoder projection stored as Q4_1 blocks, as a GGUF model runs on CPU."""
+    model = tiny_model(seed)
+    weights = {
+        name: quantize_q4_1(module.weight)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")
+    }
+    assert swap_in_q4_linears(model, weights) == len(weights) == 14
+    return model
+
+
+def _decode_attention_reference(
+    module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any
+) -> tuple[Any, None]:
+    """transformers' SDPA attention, except one-token steps run the engine's decode_attention."""
+    if query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # type: ignore[no-any-return]
+    mask = attention_mask
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask == 0  # additive float mask: 0 where attending
+    out = decode_attention(query, key, value, mask, kwargs.get("scaling"))
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register("tokenwire_reference", _decode_attention_reference)
+
+
 def runner_and_reference(model: Any, max_batch_size: int = 8) -> tuple[ModelRunner, Any]:
-    """A runner over `model`, and an untouched copy of it for plain `generate` as the reference."""
+    """A runner over `model`, and an untouched copy of it for plain `generate` as the reference.
+
+    With Q4_1 layers the reference's one-token steps use the engine's decode_attention instead of
+    SDPA: their bfloat16 inputs turn the two kernels' last-bit differences into other tokens after a
+    few dozen steps, and the comparison is about the engine's batching, not about those kernels.
+    Dense float32 models keep stock SDPA, whose differences stay below the noise.
+    """
     reference = copy.deepcopy(model)
+    if any(isinstance(m, Q4Linear) for m in model.modules()):
+        reference.set_attn_implementation("tokenwire_reference")
     runner = ModelRunner(model, tokenizer(), name="test", source="memory", max_batch_size=max_batch_size)
     return runner, reference
 
 
 @functools.cache
-def default_model() -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(default_model_folder(), dtype=torch.float32).eval()
+def default_model(weights: str = "dense") -> Any:
+    """The real default model in float32: "dense" unpacks every layer, "auto" runs it as the server
+    does on CPU (its Q4_1 layers on their 4-bit blocks)."""
+    model, _ = load_model(resolve_model("default"), torch.device("cpu"), torch.float32, weights)
+    return model
 
 
 def reference_greedy(reference: Any, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

@@ -7,7 +7,14 @@ import copy
 
 import pytest
 
-from tests.models import default_model, reference_greedy, runner_and_reference, tiny_model, tokenizer
+from tests.models import (
+    default_model,
+    reference_greedy,
+    runner_and_reference,
+    tiny_model,
+    tiny_q4_model,
+    tokenizer,
+)
 from tokenwire.service.engine import Engine, EngineConfig
 from tokenwire.service.requests import (
     Delta,
@@ -65,10 +72,16 @@ async def idle(engine: Engine) -> bool:
     return False
 
 
-@pytest.fixture
-async def tiny():
-    runner, reference = runner_and_reference(tiny_model())
-    engine = Engine(runner, EngineConfig(max_batch_size=8, prefill_tokens_per_step=16))
+@pytest.fixture(params=["dense", "q4"])
+async def tiny(request):
+    """The engine over the tiny llama, its projections dense or as Q4_1 blocks; `generate` runs the same."""
+    model = tiny_model() if request.param == "dense" else tiny_q4_model()
+    runner, reference = runner_and_reference(model)
+    # Dense: a 16-token prefill budget, so prompts are also prefilled in chunks across steps. Q4_1:
+    # whole prompts, as `generate` does. A chunk's attention rounds differently in the last bit, and
+    # the bfloat16 matmul inputs carry that into other tokens of this random model's near-ties.
+    budget = 16 if request.param == "dense" else 256
+    engine = Engine(runner, EngineConfig(max_batch_size=8, prefill_tokens_per_step=budget))
     engine.start()
     yield engine, reference
     await engine.stop()
@@ -158,9 +171,10 @@ async def test_tiny_abort_in_every_phase_frees_rows(tiny) -> None:
     assert runner.free_rows == runner.max_batch_size and runner.live_sequences == 0
 
 
-def test_tiny_fused_decode_matches_the_transformers_layers() -> None:
-    """Batched decode steps run `_FusedDecoder`; the transformers path must give the same tokens."""
-    model = tiny_model()
+@pytest.mark.parametrize("make_model", [tiny_model, tiny_q4_model])
+def test_tiny_fused_decode_matches_the_transformers_layers(make_model) -> None:
+    """Decode steps run `_FusedDecoder`; the transformers path must give the same tokens."""
+    model = make_model()
     fused, _ = runner_and_reference(model)
     plain, _ = runner_and_reference(copy.deepcopy(model))
     assert fused._fused is not None  # the tiny llama qualifies, so the batched tests above use it
@@ -185,8 +199,9 @@ def test_tiny_fused_decode_matches_the_transformers_layers() -> None:
 
 
 @pytest.mark.model
-async def test_default_model_greedy_matches_generate_with_seven_others() -> None:
-    runner, reference = runner_and_reference(default_model(), max_batch_size=8)
+@pytest.mark.parametrize("weights", ["dense", "auto"])
+async def test_default_model_greedy_matches_generate_with_seven_others(weights: str) -> None:
+    runner, reference = runner_and_reference(default_model(weights), max_batch_size=8)
     engine = Engine(runner, EngineConfig(max_batch_size=8))
     engine.start()
     try:
