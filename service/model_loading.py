@@ -13,14 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Spinning OpenMP workers collapse throughput when anything else wants a core (the gRPC loop, a
-# client on the same host): measured here 1.1 tokens/s spinning vs 17 passive for one stream, and
-# 34 vs 116 for sixteen. Only effective when torch is first imported after this line.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -38,6 +38,7 @@ from torch.nn import functional as F
 from transformers import AttentionInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from tokenwire.service.cpu_threads import ThreadGovernor
 from tokenwire.service.model_loading import ModelSource, load_model, pick_device, pick_dtype, resolve_model
 from tokenwire.service.q4_linear import Q4Linear, Q4Matmul, Q4Weight
 from tokenwire.service.requests import SamplingParams
@@ -230,6 +231,7 @@ class ModelRunner:
         self._free_rows = set(range(max_batch_size))
         self._seen: torch.Tensor | None = None  # [rows, vocab] bool, allocated when a penalty is first used
         self._lock = threading.Lock()
+        self._governor: ThreadGovernor | None = None
 
     # ---- construction ----
 
@@ -256,6 +258,11 @@ class ModelRunner:
             max_batch_size=max_batch_size,
             max_context=max_context,
         )
+
+    def adapt_threads(self) -> None:
+        """Run on fewer torch threads while other processes keep cores busy (CPU only; see cpu_threads)."""
+        if self.device.type == "cpu":
+            self._governor = ThreadGovernor(torch.set_num_threads, torch.get_num_threads())
 
     # ---- tokenizer ----
 
@@ -369,6 +376,8 @@ class ModelRunner:
         """Run the prompt chunks of several sequences in one forward; sample where a prompt ends."""
         if not chunks:
             return {}
+        if self._governor is not None:
+            self._governor.tick()
         seqs = [self._sequences[c.seq_id] for c in chunks]
         width = max(len(c.token_ids) for c in chunks)
         ids = torch.zeros(len(chunks), width, dtype=torch.long)
@@ -430,6 +439,8 @@ class ModelRunner:
         if n == 0:
             return {}
         assert len(token_ids) == n, "decode must cover every decoding sequence"
+        if self._governor is not None:
+            self._governor.tick()
         seqs = [self._sequences[i] for i in self._decoding]
         ids = torch.tensor([[token_ids[s.seq_id]] for s in seqs], dtype=torch.long, device=self.device)
         lengths = [s.length for s in seqs]

@@ -347,6 +347,8 @@ def load_runner(config: ModelConfig) -> Runner:
         max_batch_size=config.max_batch_size,
         max_context=config.max_context,
     )
+    if not config.threads:
+        runner.adapt_threads()
     runner.warm_up()
     log.info(
         "model %s loaded from %s in %.1f s (device %s, dtype %s, context %d, batch %d)",
@@ -571,8 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add(
         "--threads",
-        "torch threads for the model (0: one per core). Idle OpenMP threads sleep rather than spin "
-        "(OMP_WAIT_POLICY=PASSIVE unless set), so a busy neighbour does not stall every step",
+        "torch threads for the model (0: one per core, one fewer for each core other processes keep "
+        "busy, so waiting threads never spin on a core another process holds)",
         type=int,
         default=0,
     )
