@@ -275,7 +275,9 @@ async def first_sentence(client: AsyncClient, trials: int) -> dict[str, float]:
     return {"first_sentence_p50_ms": pct(times, 50), "trials": len(times)}
 
 
-def baseline_generate(max_tokens: int, requests: int, dtype: str, batch: int) -> dict[str, float]:
+def baseline_generate(
+    max_tokens: int, requests: int, dtype: str, batch: int, weights: str = "dense"
+) -> dict[str, float]:
     """Plain transformers `generate`, same model and dtype: requests one after another, and a static batch."""
     # model_loading first: it sets the OpenMP wait policy, which only counts before torch loads.
     import torch
@@ -284,7 +286,7 @@ def baseline_generate(max_tokens: int, requests: int, dtype: str, batch: int) ->
 
     device = pick_device()
     torch_dtype = pick_dtype(device, dtype)
-    model, tokenizer = load_model(resolve_model("default"), device, torch_dtype)
+    model, tokenizer = load_model(resolve_model("default"), device, torch_dtype, weights)
     tokens = 0
     started = time.perf_counter()
     with torch.inference_mode():
@@ -366,6 +368,11 @@ def render_markdown(report: Report, chart: str) -> str:
     lines += ["", f"![throughput and time to first token]({chart})", "", "## Ratios (same run)", ""]
     lines += [f"- {name}: **{value:.2f}**" for name, value in report.ratios.items()]
     lines += ["", "## Baseline: plain transformers `generate`, same model and dtype", ""]
+    lines += [
+        "Dense float32 layers (stock transformers), and `same_weights_*`: `generate` over the layers",
+        "the server runs (the GGUF's Q4_1 blocks on CPU, `--weights auto`).",
+        "",
+    ]
     lines += [
         f"- {k}: {v:.1f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in report.baseline.items()
     ]
@@ -464,9 +471,12 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(measure(args, address, pid, report))
     if not args.no_baseline:
         progress("baseline: plain transformers generate")
-        report.baseline = baseline_generate(
-            args.max_tokens, args.baseline_requests, report.server.get("dtype", "auto"), max(args.concurrency)
-        )
+        dtype, batch = report.server.get("dtype", "auto"), max(args.concurrency)
+        # Stock transformers (every layer dense), then generate over the server's own layers.
+        report.baseline = baseline_generate(args.max_tokens, args.baseline_requests, dtype, batch)
+        same = baseline_generate(args.max_tokens, args.baseline_requests, dtype, batch, weights="auto")
+        report.baseline["same_weights_sequential_tokens_per_s"] = same["sequential_tokens_per_s"]
+        report.baseline["same_weights_static_batch_tokens_per_s"] = same["static_batch_tokens_per_s"]
     by_level = {lv.concurrency: lv for lv in report.levels}
     top = max(by_level)
     if 1 in by_level:
@@ -479,6 +489,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         report.ratios[f"{top} streams vs static-batch generate"] = (
             by_level[top].tokens_per_s / report.baseline["static_batch_tokens_per_s"]
+        )
+        report.ratios["1 stream vs sequential generate, same weights"] = (
+            by_level[1].tokens_per_s / report.baseline["same_weights_sequential_tokens_per_s"]
+        )
+        report.ratios[f"{top} streams vs static-batch generate, same weights"] = (
+            by_level[top].tokens_per_s / report.baseline["same_weights_static_batch_tokens_per_s"]
         )
     if report.session:
         report.ratios["session TTFT vs full prefill"] = report.session["ratio"]

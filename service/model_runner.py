@@ -9,20 +9,23 @@ Decoding rows are kept packed at the front (rows 0..n-1): the decode step then r
 through a plain view. A sequence whose prefill completes is moved to the front boundary, and a
 finished decoding row is refilled from the last decoding row — one copy per request lifetime.
 
-Decode-step speed (SmolLM2-135M, float32, 2 shared cores; ~70% of a step is matmuls):
-- On CPU, for llama-architecture models, a batched decode step (2+ rows) runs `_FusedDecoder`: the
-  same ops as the transformers layers, but q/k/v and gate/up each in one matmul, against weights
-  stored transposed ([in, out], contiguous). MKL's sgemm at M=16 is 1.5-2.3x faster on that layout
-  than on nn.Linear's [out, in] (down_proj 860 -> 372 us, gate+up 1180 -> 458 us) and gives the same
-  bits at M=16 (at M=2..8 it may round differently, as different batch sizes already did). End to
-  end, 16 streams ran 1.17x faster (median 132 -> 155 tokens/s, same process, ABBA order, on a
-  loaded host). A single row keeps the transformers path: gemv is faster on [out, in] and it is
-  bit-for-bit what `generate` computes. Costs a second copy of the layer weights (~430 MB).
+Decode-step speed (SmolLM2-135M, 2 shared cores; a step at 16 rows is ~60% matmuls):
+- The default model's layers run on the GGUF file's own Q4_1 blocks (q4_linear.py): a step at 16
+  rows went from ~84 to ~60 ms, one row from ~37 to ~19 ms.
+- On CPU, for llama-architecture models, decode steps run `_FusedDecoder`: the same ops as the
+  transformers layers, but q/k/v and gate/up each in one matmul. Q4_1 layers are fused by stacking
+  their blocks (the kernel gives the same bits fused or not, for any number of rows, so this also
+  serves one row). Dense float32 layers are fused on weights stored transposed ([in, out]): MKL's
+  sgemm at M=16 is 1.5-2.3x faster on that layout (gate+up 1180 -> 458 us), 1.17x end to end at 16
+  streams, for a second copy of the layer weights (~430 MB); a single dense row keeps the
+  transformers path (gemv is faster on [out, in], and it is bit-for-bit `generate`).
+- Decode attention is `decode_attention`, not SDPA: a row's result does not depend on the rows
+  beside it (see there); that keeps seeded and greedy output the same alone and in a batch.
 - The new key/value of every row is written with one `index_copy_` on a flat view of the layer's
   cache (~9 us for 16 rows) instead of an advanced-index put (~97 us), 60 times a step.
-- Tried and dropped (no gain measured in A/B): fused weights in [out, in] layout for a single row,
-  attention as explicit matmuls instead of SDPA for q_len=1, bfloat16 matmuls (slower than float32
-  in either layout here).
+- Tried and dropped (no gain measured in A/B): bfloat16 dense matmuls (no faster than float32 here,
+  with or without oneDNN's packed weights), int8 weight-only matmuls, MKL-packed lm_head (8.3 vs
+  9.1 ms at 16 rows: left for later).
 """
 
 from __future__ import annotations
@@ -146,7 +149,8 @@ def decode_attention(
     keys (MKL takes another path for very few), the softmax runs on a multiple of 64 positions
     (torch sums any tail past 16 as zeros), and `probs @ values` is one [group, 64] x [64, head_dim]
     product per block of 64 keys, the blocks summed in order (cumsum, in float64). Padding then
-    only adds exact zeros. Also faster than SDPA here (16 rows, 150 keys: ~0.3 vs 0.43 ms a layer).
+    only adds exact zeros (tests check up to 400 keys; checked by hand to 2,000). About as fast as
+    SDPA here.
     """
     rows, heads, _, head_dim = query.shape
     kv_heads, kv_len = keys.shape[1], keys.shape[2]
