@@ -5,11 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+# The CLI tests spawn their child through a pty (fork, then exec) while this process runs gRPC
+# servers on other threads. gRPC's fork handlers then run in the child ("Other threads are
+# currently calling into gRPC, skipping fork() handlers") and once crashed it before it reached
+# exec (a segfault in a fresh-clone CI run). The child only execs, so it needs no fork support.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import pytest
 
