@@ -148,9 +148,10 @@ def decode_attention(
     or order: scores are one matmul per (row, kv head) over the head dimension with at least 64
     keys (MKL takes another path for very few), the softmax runs on a multiple of 64 positions
     (torch sums any tail past 16 as zeros), and `probs @ values` is one [group, 64] x [64, head_dim]
-    product per block of 64 keys, the blocks summed in order (cumsum, in float64). Padding then
-    only adds exact zeros (tests check up to 400 keys; checked by hand to 2,000). About as fast as
-    SDPA here.
+    product per block of 64 keys, the blocks added in order. Padding then only adds exact zeros
+    (tests check up to 400 keys; checked by hand to 2,000). Faster than SDPA here: 16 rows, 192
+    keys, ~0.3 vs 0.43 ms a layer (one matmul over all blocks instead of the loop needed a copy of
+    the values and took 2.7x as long).
     """
     rows, heads, _, head_dim = query.shape
     kv_heads, kv_len = keys.shape[1], keys.shape[2]
@@ -163,14 +164,17 @@ def decode_attention(
         values = F.pad(values, (0, 0, 0, padding))
         mask = F.pad(mask, (0, padding), value=False)
         kv_len += padding
-    blocks = kv_len // ATTENTION_BLOCK
     grouped = query.view(rows, kv_heads, group, head_dim)  # the query heads sharing one kv head
     scores = torch.matmul(grouped, keys.transpose(-1, -2)) * (head_dim**-0.5 if scale is None else scale)
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    by_block = probs.view(rows, kv_heads, group, blocks, ATTENTION_BLOCK).transpose(2, 3)
-    partial = torch.matmul(by_block, values.view(rows, kv_heads, blocks, ATTENTION_BLOCK, head_dim))
-    out = partial.cumsum(dim=2)[:, :, -1]  # [rows, kv_heads, group, head_dim]
-    return out.reshape(rows, heads, 1, head_dim)
+    # Views, no copies: rows and kv heads fold into one batch dimension in the cache's layout.
+    probs = probs.view(rows * kv_heads, group, kv_len)
+    values = values.reshape(rows * kv_heads, kv_len, head_dim)
+    out = torch.bmm(probs[:, :, :ATTENTION_BLOCK], values[:, :ATTENTION_BLOCK])
+    for start in range(ATTENTION_BLOCK, kv_len, ATTENTION_BLOCK):
+        end = start + ATTENTION_BLOCK
+        out = out + torch.bmm(probs[:, :, start:end], values[:, start:end])
+    return out.view(rows, heads, 1, head_dim)
 
 
 def _prefill_mask(start: int, length: int, device: torch.device) -> torch.Tensor | None:
