@@ -194,6 +194,7 @@ def model_info_from_pb(info: pb.ModelInfo) -> ModelInfo:
         max_live_requests=info.max_live_requests,
         has_chat_template=info.has_chat_template,
         server_version=info.server_version,
+        weights=info.weights,
     )
 
 

@@ -221,6 +221,7 @@ class ModelInfo:
     max_live_requests: int
     has_chat_template: bool
     server_version: str
+    weights: str = ""  # "dense" or "q4_1"; empty from servers older than the field
 
 
 @dataclass(frozen=True)

@@ -422,7 +422,11 @@ async def measure(args: argparse.Namespace, address: str, pid: int | None, repor
     async with AsyncClient(address) as client:
         info = await client.model_info()
         report.server.update(
-            model=info.model, device=info.device, dtype=info.dtype, slots=info.max_batch_size
+            model=info.model,
+            device=info.device,
+            dtype=info.dtype,
+            weights=info.weights,
+            slots=info.max_batch_size,
         )
         report.memory_mb["before"] = rss_mb(pid)
         await timed_generation(client, PROMPTS[0], 8)  # warm the path

@@ -229,6 +229,7 @@ class ModelRunner:
         self._backbone = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
         self._fused = _FusedDecoder.build(self._backbone)
+        self.weights = "q4_1" if any(isinstance(m, Q4Linear) for m in model.modules()) else "dense"
 
         # Positions [0, _finite[row]) of each row hold finite values. The decode step reads every
         # row up to the longest one, and masked-out garbage still poisons softmax @ V when it is

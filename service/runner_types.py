@@ -41,6 +41,7 @@ class Runner(Protocol):
     source: str
     device: Any
     dtype: Any
+    weights: str  # "dense", or "q4_1" when the linear layers run on a GGUF file's 4-bit blocks
     vocab_size: int
     context_length: int
     max_batch_size: int

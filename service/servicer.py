@@ -258,6 +258,7 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
             max_live_requests=engine.config.max_live_requests,
             has_chat_template=runner.has_chat_template,
             server_version=tokenwire.__version__,
+            weights=runner.weights,
         )
 
     async def Tokenize(

@@ -53,6 +53,7 @@ class FakeRunner:
     source = "tests/fake_runner.py"
     device = "cpu"
     dtype = "none"
+    weights = "dense"
     has_chat_template = True
     bos_token_id = 2
 

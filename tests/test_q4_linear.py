@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-from tests.models import default_model, quantize_q4_1
+from tests.models import default_model, quantize_q4_1, runner_and_reference
 from tokenwire.service.model_runner import decode_attention
 from tokenwire.service.q4_linear import Q4Linear, Q4Matmul, Q4Weight, _unpermute_rows, read_q4_1
 
@@ -84,3 +84,5 @@ def test_the_default_model_runs_every_projection_on_its_q4_1_blocks() -> None:
     dense = default_model("dense").get_submodule("model.layers.3.self_attn.k_proj").weight
     q4_k = model.get_submodule("model.layers.3.self_attn.k_proj")
     assert torch.equal(q4_k.weight_q4.dequantize(), dense)
+    runner, _ = runner_and_reference(model)
+    assert runner.weights == "q4_1"  # what GetModelInfo reports
