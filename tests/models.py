@@ -90,8 +90,9 @@ def runner_and_reference(model: Any, max_batch_size: int = 8) -> tuple[ModelRunn
     Dense float32 models keep stock SDPA, whose differences stay below the noise.
     """
     reference = copy.deepcopy(model)
-    if any(isinstance(m, Q4Linear) for m in model.modules()):
-        reference.set_attn_implementation("tokenwire_reference")
+    # Set either way: a cached model already given to an earlier runner points at its slot attention.
+    q4 = any(isinstance(m, Q4Linear) for m in model.modules())
+    reference.set_attn_implementation("tokenwire_reference" if q4 else "sdpa")
     runner = ModelRunner(model, tokenizer(), name="test", source="memory", max_batch_size=max_batch_size)
     return runner, reference
 

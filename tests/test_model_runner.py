@@ -199,6 +199,39 @@ def test_tiny_fused_decode_matches_the_transformers_layers(make_model) -> None:
 
 
 @pytest.mark.model
+async def test_default_model_seeded_sampling_same_alone_and_in_a_batch() -> None:
+    """As the server runs it (Q4_1 layers, bfloat16 matmul inputs): a seed reproduces whatever else runs."""
+    runner, _ = runner_and_reference(default_model("auto"), max_batch_size=8)
+    engine = Engine(runner, EngineConfig(max_batch_size=8))
+    engine.start()
+    try:
+        sampling = SamplingParams(temperature=0.8, top_p=0.95, seed=77)
+
+        def seeded(request_id: str) -> GenerationRequest:
+            return GenerationRequest(
+                request_id,
+                PromptInput(token_ids=tuple(ids(PROMPTS[5]))),
+                sampling=sampling,
+                stopping=StoppingParams(max_tokens=128, ignore_eos=True),
+            )
+
+        ((alone, _),) = await run(engine, [seeded("alone")])
+        others = [
+            GenerationRequest(
+                f"o{i}",
+                PromptInput(token_ids=tuple(ids(p))),
+                sampling=SamplingParams(temperature=1.0, seed=i) if i % 2 else SamplingParams(),
+                stopping=StoppingParams(max_tokens=20 + 25 * i, ignore_eos=True),
+            )
+            for i, p in enumerate(PROMPTS[:6])
+        ]
+        results = await run(engine, [*others, seeded("in-batch")])
+        assert results[-1][0] == alone and len(alone) == 128
+    finally:
+        await engine.stop()
+
+
+@pytest.mark.model
 @pytest.mark.parametrize("weights", ["dense", "auto"])
 async def test_default_model_greedy_matches_generate_with_seven_others(weights: str) -> None:
     runner, reference = runner_and_reference(default_model(weights), max_batch_size=8)
