@@ -8,6 +8,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -71,8 +72,20 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def spawn(*args: str, **env: str) -> pexpect.spawn:
     return pexpect.spawn(
-        CLI[0], [*CLI[1:], *args], encoding="utf-8", timeout=10, env=clean_env(**env), dimensions=(24, 200)
+        CLI[0],
+        [*CLI[1:], *args],
+        encoding="utf-8",
+        timeout=10,
+        env=clean_env(**env),
+        dimensions=(24, 200),
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    """A terminal user's Ctrl-C: a shell's background job (`make test &`) ignores SIGINT, and its
+    children would inherit that through exec, so the CLI would never see the interrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run(*args: str, check: bool = False, **env: str) -> subprocess.CompletedProcess[str]:
