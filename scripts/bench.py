@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,23 +66,29 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def started_server(extra: list[str]) -> Iterator[tuple[str, int]]:
-    """A `tokenwire-server` subprocess with the default model; yields (address, pid) once SERVING."""
+def started_server(extra: list[str], log_path: Path) -> Iterator[tuple[str, int]]:
+    """A `tokenwire-server` subprocess with the default model; yields (address, pid) once SERVING.
+    Its log goes to `log_path` (thread-count changes, one line per request)."""
     port = free_port()
     command = [sys.executable, "-m", "tokenwire.service.server", "--port", str(port), *extra]
     progress(f"starting {' '.join(shlex.quote(c) for c in command)}")
     started = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("w")
+    copier: threading.Thread | None = None
     try:
         for line in proc.stdout:
+            log.write(line)
             if "SERVING on" in line:
                 break
         else:
             raise SystemExit(f"server exited with {proc.wait()} before SERVING")
         progress(f"server SERVING after {time.monotonic() - started:.1f} s")
         # Keep reading its log so the pipe never fills and blocks the server.
-        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        copier = threading.Thread(target=shutil.copyfileobj, args=(proc.stdout, log), daemon=True)
+        copier.start()
         yield f"127.0.0.1:{port}", proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -89,6 +96,9 @@ def started_server(extra: list[str]) -> Iterator[tuple[str, int]]:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        if copier is not None:
+            copier.join(timeout=5)
+        log.close()
 
 
 def rss_mb(pid: int | None) -> float | None:
@@ -471,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.address:
         asyncio.run(measure(args, args.address, None, report))
     else:
-        with started_server(shlex.split(args.server_args)) as (address, pid):
+        with started_server(shlex.split(args.server_args), args.out / "server.log") as (address, pid):
             asyncio.run(measure(args, address, pid, report))
     if not args.no_baseline:
         progress("baseline: plain transformers generate")
