@@ -74,7 +74,7 @@ class ModelConfig:
     weights: str = "auto"
     max_batch_size: int = EngineConfig.max_batch_size
     max_context: int | None = None
-    threads: int = 0  # torch intra-op threads; 0 keeps torch's default (one per core)
+    threads: int = 0  # torch intra-op threads; 0: one per core, fewer while other processes hold cores
     max_live_requests: int = EngineConfig.max_live_requests
     prefill_tokens_per_step: int = EngineConfig.prefill_tokens_per_step
 
@@ -351,12 +351,13 @@ def load_runner(config: ModelConfig) -> Runner:
         runner.adapt_threads()
     runner.warm_up()
     log.info(
-        "model %s loaded from %s in %.1f s (device %s, dtype %s, context %d, batch %d)",
+        "model %s loaded from %s in %.1f s (device %s, dtype %s, weights %s, context %d, batch %d)",
         runner.name,
         runner.source,
         time.monotonic() - started,
         runner.device,
         runner.dtype,
+        runner.weights,
         runner.context_length,
         runner.max_batch_size,
     )
