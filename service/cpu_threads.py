@@ -32,11 +32,15 @@ class ThreadGovernor:
         *,
         interval_s: float = 1.0,
         busy_core: float = 0.5,
+        margin: float = 0.2,
     ) -> None:
         self._set_threads = set_threads
         self._cores = cores
         self._interval = interval_s
-        self._busy_core = busy_core  # another process using this much of a core counts as holding it
+        # Other processes using this much of a core hold it; it is free again only below
+        # busy_core - margin, so a load near the line does not flip the count every second.
+        self._busy_core = busy_core
+        self._margin = margin
         self.threads = cores
         self._last = _sample()
         self._last_at = time.monotonic()
@@ -51,8 +55,12 @@ class ThreadGovernor:
         elapsed = now - self._last_at
         others = ((sample[0] - self._last[0]) - (sample[1] - self._last[1])) / _CLOCK_TICKS / elapsed
         self._last, self._last_at = sample, now
-        held = max(1, round(others)) if others > self._busy_core else 0
-        threads = max(1, self._cores - held)
+        held = self._cores - self.threads  # cores counted as held by others now
+        while held < self._cores - 1 and others > held + self._busy_core:
+            held += 1
+        while held > 0 and others < held - 1 + self._busy_core - self._margin:
+            held -= 1
+        threads = self._cores - held
         if threads != self.threads:
             log.info("other processes use %.1f cores: the model now runs on %d threads", others, threads)
             self._set_threads(threads)

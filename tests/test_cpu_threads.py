@@ -53,6 +53,29 @@ def test_threads_follow_the_cores_other_processes_hold(world) -> None:
     assert governor.threads == 1
 
 
+def test_a_load_near_the_line_does_not_flip_the_count(world) -> None:
+    proc, clock, calls = world
+    governor = ThreadGovernor(calls.append, cores=2)
+    step(governor, proc, clock, own=2.0, others=0.4)  # below the line: both threads
+    assert governor.threads == 2
+    step(governor, proc, clock, own=1.0, others=0.6)  # above: one
+    step(governor, proc, clock, own=1.0, others=0.4)  # not clearly free yet: still one
+    assert governor.threads == 1 and calls == [1]
+    step(governor, proc, clock, own=2.0, others=0.2)
+    assert governor.threads == 2 and calls == [1, 2]
+
+
+def test_four_cores_count_each_held_core(world) -> None:
+    proc, clock, calls = world
+    governor = ThreadGovernor(calls.append, cores=4)
+    step(governor, proc, clock, own=2.0, others=1.7)
+    assert governor.threads == 2
+    step(governor, proc, clock, own=3.0, others=0.9)
+    assert governor.threads == 3
+    step(governor, proc, clock, own=1.0, others=9.0)
+    assert governor.threads == 1
+
+
 def test_checks_at_most_once_an_interval(world) -> None:
     proc, clock, calls = world
     governor = ThreadGovernor(calls.append, cores=2, interval_s=1.0)
