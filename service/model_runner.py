@@ -74,7 +74,8 @@ class _StepContext:
     kv_len: int = 0
     # decode: offset of (row, kv_head, position) in the layer cache viewed as [-1, head_dim]
     flat_index: torch.Tensor | None = None
-    # prefill: one entry per batch row: (cache row, start position, chunk length)
+    # prefill: the chunks packed one after another in a single row of the batch, in order:
+    # (cache row, start position, chunk length)
     prefill_rows: list[tuple[int, int, int]] = field(default_factory=list)
 
 
@@ -110,13 +111,15 @@ class _SlotAttention:
             )
         else:
             outs = []
-            for b, (row, start, length) in enumerate(ctx.prefill_rows):
+            offset = 0
+            for row, start, length in ctx.prefill_rows:
                 end = start + length
-                cache_k[row, :, start:end] = key[b, :, :length]
-                cache_v[row, :, start:end] = value[b, :, :length]
+                packed = slice(offset, offset + length)
+                cache_k[row, :, start:end] = key[0, :, packed]
+                cache_v[row, :, start:end] = value[0, :, packed]
                 outs.append(
                     F.scaled_dot_product_attention(
-                        query[b : b + 1, :, :length],
+                        query[:, :, packed],
                         cache_k[row : row + 1, :, :end],
                         cache_v[row : row + 1, :, :end],
                         attn_mask=_prefill_mask(start, length, query.device),
@@ -124,8 +127,8 @@ class _SlotAttention:
                         enable_gqa=True,
                     )
                 )
-            width = query.shape[2]
-            out = torch.cat([F.pad(o, (0, 0, 0, width - o.shape[2])) for o in outs])
+                offset += length
+            out = torch.cat(outs, dim=2)
         return out.transpose(1, 2), None
 
 
@@ -388,13 +391,11 @@ class ModelRunner:
         if self._governor is not None:
             self._governor.tick()
         seqs = [self._sequences[c.seq_id] for c in chunks]
-        width = max(len(c.token_ids) for c in chunks)
-        ids = torch.zeros(len(chunks), width, dtype=torch.long)
-        positions = torch.zeros(len(chunks), width, dtype=torch.long)
-        for b, (c, seq) in enumerate(zip(chunks, seqs, strict=True)):
-            n = len(c.token_ids)
-            ids[b, :n] = torch.tensor(c.token_ids)
-            positions[b] = torch.arange(seq.length, seq.length + width)
+        # Packed into one row, not padded to the longest: the 4-bit matmuls cost per row, padding too.
+        ids = torch.tensor([[t for c in chunks for t in c.token_ids]], dtype=torch.long)
+        positions = torch.cat(
+            [torch.arange(s.length, s.length + len(c.token_ids)) for c, s in zip(chunks, seqs, strict=True)]
+        )[None]
         ctx = _StepContext(
             decode=False,
             prefill_rows=[(s.row, s.length, len(c.token_ids)) for c, s in zip(chunks, seqs, strict=True)],
@@ -404,13 +405,15 @@ class ModelRunner:
             input_ids=ids.to(self.device), position_ids=positions.to(self.device), use_cache=False
         ).last_hidden_state
         finishing = []
-        for b, (c, seq) in enumerate(zip(chunks, seqs, strict=True)):
+        end = 0
+        for c, seq in zip(chunks, seqs, strict=True):
             seq.length += len(c.token_ids)
+            end += len(c.token_ids)
             if c.last:
-                finishing.append((b, seq))
+                finishing.append((end - 1, seq))  # the chunk's last token in the packed row
         if not finishing:
             return {}
-        last_hidden = torch.stack([hidden[b, len(chunks[b].token_ids) - 1] for b, _ in finishing])
+        last_hidden = hidden[0, [at for at, _ in finishing]]
         logits = self._lm_head(last_hidden)
         samples = self._sample(logits, [seq for _, seq in finishing], rows=None)
         for _, seq in finishing:
