@@ -95,7 +95,7 @@ def load_model(
     takes ~25 s here, loading the cached copy ~1 s.
 
     weights="auto" runs a GGUF file's Q4_1 layers on their own 4-bit blocks when on CPU (see
-    q4_linear.py: 1.5-5x faster matmuls, a sixth of the memory); "dense" keeps every layer in `dtype`.
+    q4_linear.py: 1.5-5x faster matmuls, less memory); "dense" keeps every layer in `dtype`.
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, not {weights!r}")

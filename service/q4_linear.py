@@ -8,7 +8,8 @@ quantization of them: each layer is checked against the dense float32 unpacking 
 
 Why (SmolLM2-135M, 2 cores, measured against float32 MKL on the same shapes): 16 rows through
 gate+up (576 -> 3072) take 0.44 ms instead of 0.66-0.88 ms, one row 0.064 ms instead of ~0.35 ms,
-and the weights take a sixth of the memory (4-bit codes, a bfloat16 scale and zero per 32). The
+and the packed weights take a sixth of float32's memory (4-bit codes, a bfloat16 scale and zero
+per 32; the unpacked codes are kept too, a byte each, to fuse layers and to check them). The
 kernel computes every output element in the same order whatever the number of rows or columns, so
 a row's result does not depend on its batch (checked in tests), and fusing q/k/v or gate/up into
 one matrix gives the same bits as separate matmuls. Its cost grows with the rows (it dequantizes
