@@ -135,6 +135,11 @@ class _SlotAttention:
 ATTENTION_BLOCK = 64  # key positions per partial product; decode key lengths are padded to a multiple
 
 
+def _whole_blocks(length: int) -> int:
+    """`length` rounded up to a multiple of ATTENTION_BLOCK."""
+    return -(-length // ATTENTION_BLOCK) * ATTENTION_BLOCK
+
+
 def decode_attention(
     query: torch.Tensor,  # [rows, heads, 1, head_dim]
     keys: torch.Tensor,  # [rows, kv_heads, kv_len, head_dim]
@@ -161,7 +166,7 @@ def decode_attention(
     group = heads // kv_heads
     if mask is None:
         mask = torch.ones(rows, 1, 1, kv_len, dtype=torch.bool, device=query.device)
-    padding = -kv_len % ATTENTION_BLOCK
+    padding = _whole_blocks(kv_len) - kv_len
     if padding:
         keys = F.pad(keys, (0, 0, 0, padding))
         values = F.pad(values, (0, 0, 0, padding))
@@ -169,7 +174,7 @@ def decode_attention(
         kv_len += padding
     grouped = query.view(rows, kv_heads, group, head_dim)  # the query heads sharing one kv head
     scores = torch.matmul(grouped, keys.transpose(-1, -2)) * (head_dim**-0.5 if scale is None else scale)
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    probs = torch.softmax(torch.where(mask, scores, float("-inf")), dim=-1)
     # Views, no copies: rows and kv heads fold into one batch dimension in the cache's layout.
     probs = probs.view(rows * kv_heads, group, kv_len)
     values = values.reshape(rows * kv_heads, kv_len, head_dim)
@@ -219,8 +224,7 @@ class ModelRunner:
         kv_heads = int(getattr(config, "num_key_value_heads", config.num_attention_heads))
         head_dim = int(getattr(config, "head_dim", config.hidden_size // config.num_attention_heads))
         # Whole attention blocks, so a decode step never pads a copy of the cache (decode_attention).
-        positions = -(-self.context_length // ATTENTION_BLOCK) * ATTENTION_BLOCK
-        shape = (layers, max_batch_size, kv_heads, positions, head_dim)
+        shape = (layers, max_batch_size, kv_heads, _whole_blocks(self.context_length), head_dim)
         # torch.empty: pages are committed only as positions are written, so a large context is cheap.
         keys = torch.empty(shape, dtype=self.dtype, device=self.device)
         values = torch.empty(shape, dtype=self.dtype, device=self.device)
@@ -457,7 +461,7 @@ class ModelRunner:
         ids = torch.tensor([[token_ids[s.seq_id]] for s in seqs], dtype=torch.long, device=self.device)
         lengths = [s.length for s in seqs]
         positions = torch.tensor(lengths, dtype=torch.long, device=self.device)
-        kv_len = -(-(max(lengths) + 1) // ATTENTION_BLOCK) * ATTENTION_BLOCK
+        kv_len = _whole_blocks(max(lengths) + 1)
         self._make_finite(lengths, kv_len)
         _, _, kv_heads, max_len, _ = self._attention.keys.shape
         flat_index = (
@@ -537,10 +541,11 @@ class ModelRunner:
 
 
 class _FusedDecoder:
-    """A llama decoder forward for one new token per row, with fused, transposed projections.
+    """A llama decoder forward for one new token per row, with q/k/v and gate/up each one matmul.
 
-    Mirrors transformers' LlamaModel/LlamaDecoderLayer op for op (RMSNorm and rotary modules are
-    the model's own), so only the matmul layout differs; see the module docstring for why.
+    Gives the same bits as transformers' LlamaModel/LlamaDecoderLayer: the same elementwise ops
+    (torch's rms_norm for LlamaRMSNorm, q and k rotated together), and matmuls that round the same
+    fused or not (Q4_1) or stay within float32 noise (dense, transposed); see the module docstring.
     """
 
     def __init__(self, backbone: Any, layers: list[_FusedLayer], *, single_row: bool) -> None:
