@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import Callable
 
 import pytest
 
@@ -120,16 +121,23 @@ async def test_tiny_repetition_penalty_matches_generate_in_a_batch(tiny) -> None
     assert results[-1][0] == expected
 
 
-async def test_tiny_seeded_sampling_same_alone_and_in_a_batch(tiny) -> None:
-    engine, _ = tiny
-    sampling = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=1234)
+async def seeded_alone_and_in_a_batch(
+    engine: Engine,
+    sampling: SamplingParams,
+    prompt: str,
+    max_tokens: int,
+    *,
+    others_temperature: float,
+    others_max_tokens: Callable[[int], int],
+) -> tuple[list[int], list[int]]:
+    """A seeded request's tokens run alone, then beside six others (every other one greedy)."""
 
     def seeded(request_id: str) -> GenerationRequest:
         return GenerationRequest(
             request_id,
-            PromptInput(token_ids=tuple(ids(PROMPTS[2]))),
+            PromptInput(token_ids=tuple(ids(prompt))),
             sampling=sampling,
-            stopping=StoppingParams(max_tokens=20, ignore_eos=True),
+            stopping=StoppingParams(max_tokens=max_tokens, ignore_eos=True),
         )
 
     ((alone, _),) = await run(engine, [seeded("alone")])
@@ -137,13 +145,22 @@ async def test_tiny_seeded_sampling_same_alone_and_in_a_batch(tiny) -> None:
         GenerationRequest(
             f"o{i}",
             PromptInput(token_ids=tuple(ids(p))),
-            sampling=SamplingParams(temperature=1.2, seed=i) if i % 2 else SamplingParams(),
-            stopping=StoppingParams(max_tokens=20, ignore_eos=True),
+            sampling=SamplingParams(temperature=others_temperature, seed=i) if i % 2 else SamplingParams(),
+            stopping=StoppingParams(max_tokens=others_max_tokens(i), ignore_eos=True),
         )
         for i, p in enumerate(PROMPTS[:6])
     ]
     results = await run(engine, [*others, seeded("in-batch")])
-    assert results[-1][0] == alone, results[-1]
+    return alone, results[-1][0]
+
+
+async def test_tiny_seeded_sampling_same_alone_and_in_a_batch(tiny) -> None:
+    engine, _ = tiny
+    sampling = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=1234)
+    alone, in_batch = await seeded_alone_and_in_a_batch(
+        engine, sampling, PROMPTS[2], 20, others_temperature=1.2, others_max_tokens=lambda i: 20
+    )
+    assert in_batch == alone, in_batch
     assert len(alone) == 20
 
 
@@ -206,27 +223,10 @@ async def test_default_model_seeded_sampling_same_alone_and_in_a_batch() -> None
     engine.start()
     try:
         sampling = SamplingParams(temperature=0.8, top_p=0.95, seed=77)
-
-        def seeded(request_id: str) -> GenerationRequest:
-            return GenerationRequest(
-                request_id,
-                PromptInput(token_ids=tuple(ids(PROMPTS[5]))),
-                sampling=sampling,
-                stopping=StoppingParams(max_tokens=128, ignore_eos=True),
-            )
-
-        ((alone, _),) = await run(engine, [seeded("alone")])
-        others = [
-            GenerationRequest(
-                f"o{i}",
-                PromptInput(token_ids=tuple(ids(p))),
-                sampling=SamplingParams(temperature=1.0, seed=i) if i % 2 else SamplingParams(),
-                stopping=StoppingParams(max_tokens=20 + 25 * i, ignore_eos=True),
-            )
-            for i, p in enumerate(PROMPTS[:6])
-        ]
-        results = await run(engine, [*others, seeded("in-batch")])
-        assert results[-1][0] == alone and len(alone) == 128
+        alone, in_batch = await seeded_alone_and_in_a_batch(
+            engine, sampling, PROMPTS[5], 128, others_temperature=1.0, others_max_tokens=lambda i: 20 + 25 * i
+        )
+        assert in_batch == alone and len(alone) == 128
     finally:
         await engine.stop()
 
