@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Before torch loads (in the baseline): the service package sets the OpenMP settings the server runs with.
+import tokenwire.service  # noqa: F401
 from tokenwire.client import AsyncClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -289,7 +291,6 @@ def baseline_generate(
     max_tokens: int, requests: int, dtype: str, batch: int, weights: str = "dense"
 ) -> dict[str, float]:
     """Plain transformers `generate`, same model and dtype: requests one after another, and a static batch."""
-    # model_loading first: it sets the OpenMP wait policy, which only counts before torch loads.
     import torch
 
     from tokenwire.service.model_loading import load_model, pick_device, pick_dtype, resolve_model
