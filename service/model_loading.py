@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tokenwire.service.cache import cache_root
 from tokenwire.service.q4_linear import extract_q4_1, load_q4_1, save_q4_1, swap_in_q4_linears
 
 log = logging.getLogger("tokenwire.model")
@@ -79,13 +80,6 @@ def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def cache_root() -> Path:
-    base = os.environ.get("TOKENWIRE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tokenwire"
-    )
-    return Path(base)
 
 
 def load_model(

@@ -1,20 +1,23 @@
-"""Linear layers that keep a GGUF file's Q4_1 blocks and multiply with torch's int4 CPU kernel.
+"""Linear layers that keep a GGUF file's Q4_1 blocks and multiply on them directly.
 
 A Q4_1 block holds 32 weights of one output row as `w = d * q + m` (q in 0..15, d and m float16).
-torch's `_weight_int4pack_mm_for_cpu` computes with groups of 32 as `w = (q - 8) * scale + zero`,
-so the file's blocks map onto it exactly: scale = d, zero = m + 8d (rounded to bfloat16, the only
-activation dtype the kernel vectorises). These are the weights the GGUF file ships, not a second
-quantization of them: each layer is checked against the dense float32 unpacking before it is used.
+These are the weights the GGUF file ships, not a second quantization of them: each layer is checked
+against the dense float32 unpacking before it is used. Two kernels take them:
 
-Why (SmolLM2-135M, 2 cores, measured against float32 MKL on the same shapes): 16 rows through
-gate+up (576 -> 3072) take 0.44 ms instead of 0.66-0.88 ms, one row 0.064 ms instead of ~0.35 ms,
-and the packed weights take a sixth of float32's memory (4-bit codes, a bfloat16 scale and zero
-per 32; the unpacked codes are kept too, a byte each, to fuse layers and to check them). The
-kernel computes every output element in the same order whatever the number of rows or columns, so
-a row's result does not depend on its batch (checked in tests), and fusing q/k/v or gate/up into
-one matrix gives the same bits as separate matmuls. Its cost grows with the rows (it dequantizes
-the weights again for every 4 rows: ~110 GFLOP/s from 4 rows up, both cores fully used), and only
-bfloat16 inputs are vectorised (float16: 50 ms instead of 0.44; float32: slower still).
+- "native", q4_matmul.c, compiled on this machine (native.py): float32 activations, the file's
+  weights exactly (d * q + m in float32), one multiply-add chain per output. ~200 GFLOP/s at 16
+  rows here against the torch kernel's ~110; gate+up (576 -> 3072) 0.37-0.43 ms instead of
+  0.66-0.70 at 16 rows, ~0.10 ms for one row either way.
+- "torch", `_weight_int4pack_mm_for_cpu`, where no C compiler is available. It computes groups of
+  32 as `w = (q - 8) * scale + zero`, so the blocks map onto it exactly (scale = d, zero = m + 8d)
+  but rounded to bfloat16, as are its activations, the only dtype it vectorises (float16 inputs
+  took 50 ms instead of 0.44). It dequantizes the weights again for every 4 rows.
+
+Both compute every output element in the same order whatever the number of rows or columns, so a
+row's result does not depend on its batch (checked in tests), and fusing q/k/v or gate/up into one
+matrix gives the same bits as separate matmuls. Against float32 MKL on the layers' weights they
+are faster (gate+up for one row 0.064-0.10 ms instead of ~0.35) and the packed weights take a
+sixth of the memory (the unpacked codes are kept too, a byte each, to fuse layers and to check them).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from tokenwire.service import native
 
 log = logging.getLogger("tokenwire.model")
 
@@ -63,22 +68,63 @@ class Q4Weight:
 
 
 class Q4Matmul:
-    """`x @ weight.T` through the int4 kernel: x of any leading shape, result in x's dtype."""
+    """`x @ weight.T` on 4-bit weights: x of any leading shape, result in x's dtype.
 
-    def __init__(self, weight: Q4Weight) -> None:
+    kernel "native" is q4_matmul.c (float32 activations, ~1.6x faster at 16 rows), "torch" is
+    torch's int4 kernel (bfloat16 activations); "auto" takes native where it could be built.
+    """
+
+    def __init__(self, weight: Q4Weight, kernel: str = "auto") -> None:
         out, inp = weight.shape
         self.out_features = out
         self.in_features = inp
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), 1)
-        zero = weight.minimum + 8 * weight.scale  # the kernel subtracts 8 from every code
-        self.scales_and_zeros = (
-            torch.stack([weight.scale, zero], dim=-1).transpose(0, 1).contiguous().to(_KERNEL_DTYPE)
-        )  # [in / GROUP, out, 2]
+        lib = native.library() if kernel in ("auto", "native") and out % native.TILE == 0 else None
+        if kernel == "native" and lib is None:
+            raise RuntimeError("the native kernel is not available here")
+        self.kernel = "native" if lib is not None else "torch"
+        if lib is not None:
+            self._native = _NativeLayout(weight)
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), 1)
+            zero = weight.minimum + 8 * weight.scale  # the kernel subtracts 8 from every code
+            self.scales_and_zeros = (
+                torch.stack([weight.scale, zero], dim=-1).transpose(0, 1).contiguous().to(_KERNEL_DTYPE)
+            )  # [in / GROUP, out, 2]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(_KERNEL_DTYPE)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_and_zeros)
+        flat = x.reshape(-1, self.in_features)
+        if self.kernel == "native":
+            out = self._native(flat.to(torch.float32).contiguous())
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat.to(_KERNEL_DTYPE), self.packed, GROUP, self.scales_and_zeros
+            )
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class _NativeLayout:
+    """A Q4Weight in q4_matmul.c's layout (see there), and the call into it."""
+
+    def __init__(self, weight: Q4Weight) -> None:
+        out, inp = weight.shape
+        tiles, tile = out // native.TILE, native.TILE
+        codes = weight.codes.view(tiles, tile, inp // 2, 2).permute(0, 2, 3, 1)  # [tiles, k/2, 2, 16]
+        self.codes = (codes[:, :, 0] | (codes[:, :, 1] << 4)).contiguous()
+        self.scale = weight.scale.view(tiles, tile, inp // GROUP).transpose(1, 2).contiguous()
+        self.minimum = weight.minimum.view(tiles, tile, inp // GROUP).transpose(1, 2).contiguous()
+        self.shape = (out, inp)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, in] float32, contiguous
+        out_features, in_features = self.shape
+        out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+        lib = native.library()  # looked up, not kept: modules holding ctypes objects cannot be copied
+        assert lib is not None
+        lib.q4_matmul(
+            x.data_ptr(), x.shape[0], in_features,
+            self.codes.data_ptr(), self.scale.data_ptr(), self.minimum.data_ptr(),
+            out_features, out.data_ptr(), native.threads(),
+        )  # fmt: skip
+        return out
 
 
 class Q4Linear(nn.Module):

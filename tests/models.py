@@ -84,17 +84,22 @@ AttentionInterface.register("tokenwire_reference", _decode_attention_reference)
 def runner_and_reference(model: Any, max_batch_size: int = 8) -> tuple[ModelRunner, Any]:
     """A runner over `model`, and an untouched copy of it for plain `generate` as the reference.
 
-    With Q4_1 layers the reference's one-token steps use the engine's decode_attention instead of
-    SDPA: their bfloat16 inputs turn the two kernels' last-bit differences into other tokens after a
-    few dozen steps, and the comparison is about the engine's batching, not about those kernels.
-    Dense float32 models keep stock SDPA, whose differences stay below the noise.
+    Where Q4_1 layers run on torch's int4 kernel (no C compiler), the reference's one-token steps
+    use the engine's decode_attention instead of SDPA: that kernel's bfloat16 inputs turn the two
+    attentions' last-bit differences into other tokens after a few dozen steps, and the comparison
+    is about the engine's batching, not about those kernels. Float32 matmuls (dense, or the C
+    kernel) keep stock SDPA, whose differences stay below the noise.
     """
     reference = copy.deepcopy(model)
     # Set either way: a cached model already given to an earlier runner points at its slot attention.
-    q4 = any(isinstance(m, Q4Linear) for m in model.modules())
-    reference.set_attn_implementation("tokenwire_reference" if q4 else "sdpa")
+    reference.set_attn_implementation("tokenwire_reference" if bfloat16_matmuls(model) else "sdpa")
     runner = ModelRunner(model, tokenizer(), name="test", source="memory", max_batch_size=max_batch_size)
     return runner, reference
+
+
+def bfloat16_matmuls(model: Any) -> bool:
+    """Whether some layer runs on torch's int4 kernel, which rounds its inputs to bfloat16."""
+    return any(isinstance(m, Q4Linear) and m.matmul.kernel == "torch" for m in model.modules())
 
 
 @functools.cache

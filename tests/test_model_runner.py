@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.models import (
+    bfloat16_matmuls,
     default_model,
     reference_greedy,
     runner_and_reference,
@@ -78,10 +79,10 @@ async def tiny(request):
     """The engine over the tiny llama, its projections dense or as Q4_1 blocks; `generate` runs the same."""
     model = tiny_model() if request.param == "dense" else tiny_q4_model()
     runner, reference = runner_and_reference(model)
-    # Dense: a 16-token prefill budget, so prompts are also prefilled in chunks across steps. Q4_1:
-    # whole prompts, as `generate` does. A chunk's attention rounds differently in the last bit, and
-    # the bfloat16 matmul inputs carry that into other tokens of this random model's near-ties.
-    budget = 16 if request.param == "dense" else 256
+    # A 16-token prefill budget, so prompts are also prefilled in chunks across steps; on torch's
+    # int4 kernel whole prompts, as `generate` does: a chunk's attention rounds differently in the
+    # last bit, and its bfloat16 inputs carry that into other tokens of this random model's near-ties.
+    budget = 256 if bfloat16_matmuls(model) else 16
     engine = Engine(runner, EngineConfig(max_batch_size=8, prefill_tokens_per_step=budget))
     engine.start()
     yield engine, reference
@@ -217,7 +218,7 @@ def test_tiny_fused_decode_matches_the_transformers_layers(make_model) -> None:
 
 @pytest.mark.model
 async def test_default_model_seeded_sampling_same_alone_and_in_a_batch() -> None:
-    """As the server runs it (Q4_1 layers, bfloat16 matmul inputs): a seed reproduces whatever else runs."""
+    """As the server runs it (on its Q4_1 layers): a seed reproduces whatever else runs."""
     runner, _ = runner_and_reference(default_model("auto"), max_batch_size=8)
     engine = Engine(runner, EngineConfig(max_batch_size=8))
     engine.start()

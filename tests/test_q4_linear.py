@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import gguf
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ import torch
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from tests.models import default_model, quantize_q4_1, runner_and_reference
+from tokenwire.service import native
 from tokenwire.service.model_runner import decode_attention
 from tokenwire.service.q4_linear import Q4Linear, Q4Matmul, Q4Weight, _unpermute_rows, read_q4_1
 
@@ -33,25 +37,51 @@ def test_unpermuting_rows_matches_transformers_for_q_and_k() -> None:
     assert np.array_equal(_unpermute_rows(weight, 2).dequantize().numpy(), reference)
 
 
-def test_matmul_is_close_to_the_dense_weights() -> None:
+def test_the_c_kernel_builds_wherever_there_is_a_c_compiler() -> None:
+    # Not a skip: a broken q4_matmul.c would otherwise fall back to torch's kernel unnoticed.
+    if shutil.which(os.environ.get("CC", "cc")) is None or os.environ.get("TOKENWIRE_NATIVE") == "0":
+        pytest.skip("no C compiler on this machine, or TOKENWIRE_NATIVE=0")
+    assert native.library() is not None
+    assert Q4Matmul(quantize_q4_1(random_weight(32, 64, 0))).kernel == "native"
+
+
+def test_without_the_c_kernel_the_torch_kernel_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENWIRE_NATIVE", "0")
+    assert native.library.__wrapped__() is None
+    monkeypatch.setattr(native, "library", native.library.__wrapped__)
+    assert Q4Matmul(quantize_q4_1(random_weight(32, 64, 0))).kernel == "torch"
+
+
+KERNELS = [
+    pytest.param("native", marks=pytest.mark.skipif(native.library() is None, reason="no C kernel here")),
+    "torch",
+]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_matmul_is_close_to_the_dense_weights(kernel: str) -> None:
     weight = quantize_q4_1(random_weight(256, 576, 2))
     x = torch.randn(5, 576, generator=torch.Generator().manual_seed(3))
     expected = x @ weight.dequantize().T
-    out = Q4Matmul(weight)(x)
+    out = Q4Matmul(weight, kernel)(x)
     assert out.dtype == torch.float32 and out.shape == (5, 256)
-    # bfloat16 inputs: ~3 significant digits
-    assert torch.allclose(out, expected, rtol=0.02, atol=0.02 * float(expected.abs().mean()))
+    if kernel == "native":  # float32 throughout: only the summation order differs
+        assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    else:  # bfloat16 inputs: ~3 significant digits
+        assert torch.allclose(out, expected, rtol=0.02, atol=0.02 * float(expected.abs().mean()))
 
 
-def test_a_row_gives_the_same_bits_in_any_batch_and_fused_with_other_weights() -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_row_gives_the_same_bits_in_any_batch_and_fused_with_other_weights(kernel: str) -> None:
     a, b = quantize_q4_1(random_weight(192, 576, 4)), quantize_q4_1(random_weight(320, 576, 5))
-    x = torch.randn(16, 1, 576, generator=torch.Generator().manual_seed(6))
-    alone = Q4Matmul(a)(x[:1])
-    for rows in (2, 3, 5, 8, 16):
-        assert torch.equal(Q4Matmul(a)(x[:rows])[:1], alone)
-    fused = Q4Matmul(Q4Weight.concat([a, b]))(x)
-    assert torch.equal(fused[..., :192], Q4Matmul(a)(x))
-    assert torch.equal(fused[..., 192:], Q4Matmul(b)(x))
+    x = torch.randn(40, 1, 576, generator=torch.Generator().manual_seed(6))
+    matmul = Q4Matmul(a, kernel)
+    alone = torch.cat([matmul(x[i : i + 1]) for i in range(len(x))])
+    for rows in (*range(2, 18), 23, 40):  # every remainder of the C kernel's 8-row blocks
+        assert torch.equal(matmul(x[:rows]), alone[:rows]), rows
+    fused = Q4Matmul(Q4Weight.concat([a, b]), kernel)(x)
+    assert torch.equal(fused[..., :192], alone)
+    assert torch.equal(fused[..., 192:], Q4Matmul(b, kernel)(x))
 
 
 def test_decode_attention_is_padding_invariant_and_matches_sdpa() -> None:
@@ -86,3 +116,4 @@ def test_the_default_model_runs_every_projection_on_its_q4_1_blocks() -> None:
     assert torch.equal(q4_k.weight_q4.dequantize(), dense)
     runner, _ = runner_and_reference(model)
     assert runner.weights == "q4_1"  # what GetModelInfo reports
+    assert q4_k.matmul.kernel == ("native" if native.library() else "torch")

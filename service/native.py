@@ -1,0 +1,105 @@
+"""Kernels written in C (q4_matmul.c), compiled on the machine that runs them, called through ctypes.
+
+Compiled once per source, compiler and CPU into the cache (about a second with gcc) with
+-march=native, then loaded from there. They link to the OpenMP runtime torch has already loaded,
+so their threads are torch's threads: two runtimes would each keep a pool spinning on the same
+two cores. Without a C compiler that takes -fopenmp, or with TOKENWIRE_NATIVE=0, `library()` is
+None and callers keep torch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch  # loads torch's OpenMP runtime, which the compiled kernels link to
+
+from tokenwire.service.cache import cache_root
+
+log = logging.getLogger("tokenwire.model")
+
+TILE = 16  # output columns per vector in q4_matmul.c: it takes layers whose width is a multiple
+_SOURCE = Path(__file__).with_name("q4_matmul.c")
+_COMPILE = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC"]
+_BUILD_SECONDS = 120
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot be built (the reason is logged once)."""
+    if os.environ.get("TOKENWIRE_NATIVE", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("C kernels unavailable, using torch's (slower) int4 kernel: %s", exc)
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.q4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.q4_matmul.restype = None
+    return lib
+
+
+def threads() -> int:
+    """The thread count torch's kernels use now (cpu_threads.py may lower it), for ours to match."""
+    return torch.get_num_threads()
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC", "cc")
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    openmp = _loaded_openmp_runtime()
+    key = hashlib.sha256(
+        "\0".join(
+            [_SOURCE.read_text(), version, " ".join(_COMPILE), str(openmp), platform.machine(), _cpu_flags()]
+        ).encode()
+    ).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"q4_matmul-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        obj, lib = Path(scratch, "q4_matmul.o"), Path(scratch, "q4_matmul.so")
+        _run([compiler, *_COMPILE, "-c", str(_SOURCE), "-o", str(obj)])
+        # Link to the very runtime torch loaded (by path), not the compiler's own libgomp.
+        link = [str(openmp), f"-Wl,-rpath,{openmp.parent}"] if openmp else ["-fopenmp"]
+        _run([compiler, "-shared", str(obj), "-o", str(lib), *link])
+        os.replace(lib, target)  # atomic: servers starting together each build, one file wins
+    log.info("compiled %s into %s", _SOURCE.name, target)
+    return target
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=_BUILD_SECONDS)
+    if done.returncode:
+        raise OSError(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
+
+
+def _loaded_openmp_runtime() -> Path | None:
+    """The OpenMP library mapped into this process (torch's), on Linux; None elsewhere."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    found = re.search(r"(/\S*/lib(?:gomp|iomp5|omp)[^/\s]*\.so[^/\s]*)$", maps, re.MULTILINE)
+    return Path(found.group(1)) if found else None
+
+
+def _cpu_flags() -> str:
+    """What -march=native sees: a kernel cached for one CPU must not run on another."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    found = re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.MULTILINE)
+    return found.group(1).strip() if found else platform.processor()
