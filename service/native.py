@@ -1,10 +1,10 @@
-"""Kernels written in C (q4_matmul.c), compiled on the machine that runs them, called through ctypes.
+"""Matmuls on GGUF blocks, written in C (block_matmul.c), compiled on the machine that runs them.
 
 Compiled once per source, compiler and CPU into the cache (about a second with gcc) with
--march=native, then loaded from there. They link to the OpenMP runtime torch has already loaded,
-so their threads are torch's threads: two runtimes would each keep a pool spinning on the same
-two cores. Without a C compiler that takes -fopenmp, or with TOKENWIRE_NATIVE=0, `library()` is
-None and callers keep torch's kernels.
+-march=native, then loaded from there and called through ctypes (which releases the GIL). They
+link to the OpenMP runtime torch has already loaded, so their threads are torch's threads: two
+runtimes would each keep a pool spinning on the same two cores. Without a C compiler that takes
+-fopenmp, or with TOKENWIRE_NATIVE=0, `library()` is None and callers keep torch's kernels.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from tokenwire.service.cache import cache_root
 
 log = logging.getLogger("tokenwire.model")
 
-TILE = 16  # output columns per vector in q4_matmul.c: it takes layers whose width is a multiple
-_SOURCE = Path(__file__).with_name("q4_matmul.c")
+TILE = 16  # output columns per vector in block_matmul.c: it takes layers whose width is a multiple
+_SOURCE = Path(__file__).with_name("block_matmul.c")
 _COMPILE = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC"]
 _BUILD_SECONDS = 120
 
@@ -40,11 +40,14 @@ def library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(_build()))
     except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("C kernels unavailable, using torch's (slower) int4 kernel: %s", exc)
+        log.warning(
+            "C kernels unavailable: Q4_1 layers use torch's slower int4 kernel, Q8_0 stay dense: %s", exc
+        )
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.q4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
-    lib.q4_matmul.restype = None
+    lib.q8_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.q4_matmul.restype = lib.q8_matmul.restype = None
     return lib
 
 
@@ -64,12 +67,12 @@ def _build() -> Path:
             [_SOURCE.read_text(), version, " ".join(_COMPILE), str(openmp), platform.machine(), _cpu_flags()]
         ).encode()
     ).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"q4_matmul-{key}.so"
+    target = cache_root() / "kernels" / f"block_matmul-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        obj, lib = Path(scratch, "q4_matmul.o"), Path(scratch, "q4_matmul.so")
+        obj, lib = Path(scratch, "block_matmul.o"), Path(scratch, "block_matmul.so")
         _run([compiler, *_COMPILE, "-c", str(_SOURCE), "-o", str(obj)])
         # Link to the very runtime torch loaded (by path), not the compiler's own libgomp.
         link = [str(openmp), f"-Wl,-rpath,{openmp.parent}"] if openmp else ["-fopenmp"]

@@ -11,9 +11,18 @@ import torch
 from transformers import AttentionInterface, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from tokenwire.service import native
 from tokenwire.service.model_loading import _cached_gguf_conversion, load_model, resolve_model
 from tokenwire.service.model_runner import ModelRunner, decode_attention
-from tokenwire.service.q4_linear import Q4Linear, Q4Weight, read_q4_1, swap_in_q4_linears
+from tokenwire.service.quantized import (
+    BlockLinear,
+    BlockWeight,
+    Q4Weight,
+    Q8Weight,
+    read_q4_1,
+    read_q8_0,
+    swap_in_block_linears,
+)
 
 
 @functools.cache
@@ -53,15 +62,22 @@ def quantize_q4_1(weight: torch.Tensor) -> Q4Weight:
     return read_q4_1(data, (weight.shape[0], weight.shape[1]))
 
 
+def quantize_q8_0(weight: torch.Tensor) -> Q8Weight:
+    data = gguf.quants.quantize(weight.detach().float().numpy(), gguf.GGMLQuantizationType.Q8_0)
+    return read_q8_0(data, (weight.shape[0], weight.shape[1]))
+
+
 def tiny_q4_model(seed: int = 0) -> Any:
-    """The tiny llama with every decoder projection stored as Q4_1 blocks, as a GGUF model runs on CPU."""
+    """The tiny llama as the default GGUF model runs on CPU: every decoder projection stored as Q4_1
+    blocks, the tied lm_head as Q8_0 (where the C kernel runs them)."""
     model = tiny_model(seed)
-    weights = {
+    weights: dict[str, BlockWeight] = {
         name: quantize_q4_1(module.weight)
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")
     }
-    assert swap_in_q4_linears(model, weights) == len(weights) == 14
+    weights["lm_head"] = quantize_q8_0(model.lm_head.weight)
+    assert swap_in_block_linears(model, weights) == 14 + (native.library() is not None)
     return model
 
 
@@ -99,7 +115,7 @@ def runner_and_reference(model: Any, max_batch_size: int = 8) -> tuple[ModelRunn
 
 def bfloat16_matmuls(model: Any) -> bool:
     """Whether some layer runs on torch's int4 kernel, which rounds its inputs to bfloat16."""
-    return any(isinstance(m, Q4Linear) and m.matmul.kernel == "torch" for m in model.modules())
+    return any(isinstance(m, BlockLinear) and m.matmul.kernel == "torch" for m in model.modules())
 
 
 @functools.cache

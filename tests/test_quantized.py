@@ -1,4 +1,4 @@
-"""Q4_1 layers: GGUF blocks read exactly, the int4 kernel batch-invariant, the real file's layers found."""
+"""Q4_1 and Q8_0 layers: blocks read exactly, the kernels batch-invariant, the real file's layers found."""
 
 from __future__ import annotations
 
@@ -11,10 +11,20 @@ import pytest
 import torch
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-from tests.models import default_model, quantize_q4_1, runner_and_reference
+from tests.models import default_model, quantize_q4_1, quantize_q8_0, runner_and_reference
 from tokenwire.service import native
 from tokenwire.service.model_runner import decode_attention
-from tokenwire.service.q4_linear import Q4Linear, Q4Matmul, Q4Weight, _unpermute_rows, read_q4_1
+from tokenwire.service.quantized import (
+    BlockLinear,
+    Q4Matmul,
+    Q4Weight,
+    Q8Matmul,
+    Q8Weight,
+    _unpermute_rows,
+    block_matmul,
+    read_q4_1,
+    read_q8_0,
+)
 
 
 def random_weight(out: int, inp: int, seed: int) -> torch.Tensor:
@@ -28,6 +38,11 @@ def test_blocks_read_as_gguf_dequantizes_them() -> None:
     weight = read_q4_1(data, (96, 128))
     assert weight.codes.dtype == torch.uint8 and int(weight.codes.max()) <= 15
     assert np.array_equal(weight.dequantize().numpy(), expected)
+    data = gguf.quants.quantize(dense, gguf.GGMLQuantizationType.Q8_0)
+    expected = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q8_0)
+    weight_q8 = read_q8_0(data, (96, 128))
+    assert weight_q8.codes.dtype == torch.int8 and int(weight_q8.codes.min()) < 0
+    assert np.array_equal(weight_q8.dequantize().numpy(), expected)
 
 
 def test_unpermuting_rows_matches_transformers_for_q_and_k() -> None:
@@ -38,7 +53,7 @@ def test_unpermuting_rows_matches_transformers_for_q_and_k() -> None:
 
 
 def test_the_c_kernel_builds_wherever_there_is_a_c_compiler() -> None:
-    # Not a skip: a broken q4_matmul.c would otherwise fall back to torch's kernel unnoticed.
+    # Not a skip: a broken block_matmul.c would otherwise fall back to torch's kernel unnoticed.
     if shutil.which(os.environ.get("CC", "cc")) is None or os.environ.get("TOKENWIRE_NATIVE") == "0":
         pytest.skip("no C compiler on this machine, or TOKENWIRE_NATIVE=0")
     assert native.library() is not None
@@ -52,10 +67,8 @@ def test_without_the_c_kernel_the_torch_kernel_serves(monkeypatch: pytest.Monkey
     assert Q4Matmul(quantize_q4_1(random_weight(32, 64, 0))).kernel == "torch"
 
 
-KERNELS = [
-    pytest.param("native", marks=pytest.mark.skipif(native.library() is None, reason="no C kernel here")),
-    "torch",
-]
+needs_c_kernel = pytest.mark.skipif(native.library() is None, reason="no C kernel here")
+KERNELS = [pytest.param("native", marks=needs_c_kernel), "torch"]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -84,6 +97,20 @@ def test_a_row_gives_the_same_bits_in_any_batch_and_fused_with_other_weights(ker
     assert torch.equal(fused[..., 192:], Q4Matmul(b, kernel)(x))
 
 
+@needs_c_kernel
+def test_q8_0_blocks_multiply_exactly_and_batch_invariantly() -> None:
+    a, b = quantize_q8_0(random_weight(176, 576, 7)), quantize_q8_0(random_weight(64, 576, 8))
+    x = torch.randn(40, 576, generator=torch.Generator().manual_seed(9))
+    matmul = Q8Matmul(a)
+    alone = torch.cat([matmul(x[i : i + 1]) for i in range(len(x))])
+    assert torch.allclose(alone, x @ a.dequantize().T, rtol=1e-5, atol=1e-5)
+    for rows in (*range(2, 18), 23, 40):
+        assert torch.equal(matmul(x[:rows]), alone[:rows]), rows
+    fused = block_matmul(Q8Weight.concat([a, b]))(x)
+    assert torch.equal(fused[:, :176], alone)
+    assert torch.equal(fused[:, 176:], Q8Matmul(b)(x))
+
+
 def test_decode_attention_is_padding_invariant_and_matches_sdpa() -> None:
     g = torch.Generator().manual_seed(7)
     rows, heads, kv_heads, dim, longest = 6, 9, 3, 64, 400
@@ -104,16 +131,23 @@ def test_decode_attention_is_padding_invariant_and_matches_sdpa() -> None:
 
 
 @pytest.mark.model
-def test_the_default_model_runs_every_projection_on_its_q4_1_blocks() -> None:
+def test_the_default_model_runs_every_layer_on_its_gguf_blocks() -> None:
     model = default_model("auto")
-    q4 = [name for name, m in model.named_modules() if isinstance(m, Q4Linear)]
-    layers = model.config.num_hidden_layers
-    assert len(q4) == 7 * layers  # q, k, v, o, gate, up, down: every one Q4_1 in the file
-    assert not any(isinstance(m, Q4Linear) for m in default_model("dense").modules())
-    # The loader checked each layer against the dense unpacking; check one again end to end.
-    dense = default_model("dense").get_submodule("model.layers.3.self_attn.k_proj").weight
+    blocks = {name: m.weight_blocks for name, m in model.named_modules() if isinstance(m, BlockLinear)}
+    q4 = [name for name, w in blocks.items() if isinstance(w, Q4Weight)]
+    assert len(q4) == 7 * model.config.num_hidden_layers  # q, k, v, o, gate, up, down: all Q4_1 in the file
+    assert not any(isinstance(m, BlockLinear) for m in default_model("dense").modules())
+    # The loader checked each layer against the dense unpacking; check two again end to end.
+    dense = default_model("dense")
     q4_k = model.get_submodule("model.layers.3.self_attn.k_proj")
-    assert torch.equal(q4_k.weight_q4.dequantize(), dense)
+    assert torch.equal(
+        q4_k.weight_blocks.dequantize(), dense.get_submodule("model.layers.3.self_attn.k_proj").weight
+    )
+    if native.library() is not None:  # the tied lm_head: the token embedding's Q8_0 blocks
+        assert isinstance(blocks["lm_head"], Q8Weight)
+        assert torch.equal(blocks["lm_head"].dequantize(), dense.lm_head.weight)
+    else:
+        assert "lm_head" not in blocks
     runner, _ = runner_and_reference(model)
     assert runner.weights == "q4_1"  # what GetModelInfo reports
     assert q4_k.matmul.kernel == ("native" if native.library() else "torch")

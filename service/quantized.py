@@ -4,7 +4,7 @@ A Q4_1 block holds 32 weights of one output row as `w = d * q + m` (q in 0..15, 
 These are the weights the GGUF file ships, not a second quantization of them: each layer is checked
 against the dense float32 unpacking before it is used. Two kernels take them:
 
-- "native", q4_matmul.c, compiled on this machine (native.py): float32 activations, the file's
+- "native", block_matmul.c, compiled on this machine (native.py): float32 activations, the file's
   weights exactly (d * q + m in float32), one multiply-add chain per output. ~200 GFLOP/s at 16
   rows here against the torch kernel's ~110; gate+up (576 -> 3072) 0.37-0.43 ms instead of
   0.66-0.70 at 16 rows, ~0.10 ms for one row either way.
@@ -22,6 +22,7 @@ sixth of the memory (the unpacked codes are kept too, a byte each, to fuse layer
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,10 +68,33 @@ class Q4Weight:
         )
 
 
-class Q4Matmul:
-    """`x @ weight.T` on 4-bit weights: x of any leading shape, result in x's dtype.
+@dataclass
+class Q8Weight:
+    """A [out, in] weight as 8-bit signed codes with a scale per group (GGUF Q8_0: w = d * q)."""
 
-    kernel "native" is q4_matmul.c (float32 activations, ~1.6x faster at 16 rows), "torch" is
+    codes: torch.Tensor  # [out, in] int8
+    scale: torch.Tensor  # [out, in / GROUP] float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+    def dequantize(self) -> torch.Tensor:
+        out, inp = self.shape
+        return (self.codes.view(out, inp // GROUP, GROUP).float() * self.scale[..., None]).view(out, inp)
+
+    @staticmethod
+    def concat(parts: list[Q8Weight]) -> Q8Weight:
+        return Q8Weight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]))
+
+
+BlockWeight = Q4Weight | Q8Weight
+
+
+class Q4Matmul:
+    """`x @ weight.T` on Q4_1 blocks: x of any leading shape, result in x's dtype.
+
+    kernel "native" is block_matmul.c (float32 activations, ~1.6x faster at 16 rows), "torch" is
     torch's int4 kernel (bfloat16 activations); "auto" takes native where it could be built.
     """
 
@@ -82,8 +106,10 @@ class Q4Matmul:
         if kernel == "native" and lib is None:
             raise RuntimeError("the native kernel is not available here")
         self.kernel = "native" if lib is not None else "torch"
-        if lib is not None:
-            self._native = _NativeLayout(weight)
+        if lib is not None:  # block_matmul.c's layout (see there)
+            codes = weight.codes.view(out // native.TILE, native.TILE, inp // 2, 2).permute(0, 2, 3, 1)
+            self.codes = (codes[:, :, 0] | (codes[:, :, 1] << 4)).contiguous()  # [tiles, in / 2, 16]
+            self.scale, self.minimum = _tiled(weight.scale), _tiled(weight.minimum)
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), 1)
             zero = weight.minimum + 8 * weight.scale  # the kernel subtracts 8 from every code
@@ -92,55 +118,72 @@ class Q4Matmul:
             )  # [in / GROUP, out, 2]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
         if self.kernel == "native":
-            out = self._native(flat.to(torch.float32).contiguous())
-        else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                flat.to(_KERNEL_DTYPE), self.packed, GROUP, self.scales_and_zeros
-            )
+            return _native_matmul("q4_matmul", x, self.out_features, self.codes, self.scale, self.minimum)
+        flat = x.reshape(-1, self.in_features).to(_KERNEL_DTYPE)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_and_zeros)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
-class _NativeLayout:
-    """A Q4Weight in q4_matmul.c's layout (see there), and the call into it."""
+class Q8Matmul:
+    """`x @ weight.T` on Q8_0 blocks, through block_matmul.c (torch has no kernel for them)."""
 
-    def __init__(self, weight: Q4Weight) -> None:
+    def __init__(self, weight: Q8Weight) -> None:
         out, inp = weight.shape
-        tiles, tile = out // native.TILE, native.TILE
-        codes = weight.codes.view(tiles, tile, inp // 2, 2).permute(0, 2, 3, 1)  # [tiles, k/2, 2, 16]
-        self.codes = (codes[:, :, 0] | (codes[:, :, 1] << 4)).contiguous()
-        self.scale = weight.scale.view(tiles, tile, inp // GROUP).transpose(1, 2).contiguous()
-        self.minimum = weight.minimum.view(tiles, tile, inp // GROUP).transpose(1, 2).contiguous()
-        self.shape = (out, inp)
+        if native.library() is None or out % native.TILE:
+            raise RuntimeError("Q8_0 blocks need the native kernel, for a multiple of 16 outputs")
+        self.out_features = out
+        self.in_features = inp
+        self.kernel = "native"
+        self.codes = weight.codes.view(out // native.TILE, native.TILE, inp).transpose(1, 2).contiguous()
+        self.scale = _tiled(weight.scale)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, in] float32, contiguous
-        out_features, in_features = self.shape
-        out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
-        lib = native.library()  # looked up, not kept: modules holding ctypes objects cannot be copied
-        assert lib is not None
-        lib.q4_matmul(
-            x.data_ptr(), x.shape[0], in_features,
-            self.codes.data_ptr(), self.scale.data_ptr(), self.minimum.data_ptr(),
-            out_features, out.data_ptr(), native.threads(),
-        )  # fmt: skip
-        return out
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _native_matmul("q8_matmul", x, self.out_features, self.codes, self.scale)
 
 
-class Q4Linear(nn.Module):
-    """Drop-in for a bias-free nn.Linear whose weight came from a Q4_1 tensor."""
+def _tiled(per_group: torch.Tensor) -> torch.Tensor:
+    """[out, groups] -> [out / 16, groups, 16]: a tile's 16 columns side by side, per group."""
+    out, groups = per_group.shape
+    return per_group.view(out // native.TILE, native.TILE, groups).transpose(1, 2).contiguous()
 
-    def __init__(self, weight: Q4Weight) -> None:
+
+def _native_matmul(kernel: str, x: torch.Tensor, out_features: int, *weight: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    out = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
+    # Looked up per call, not kept: a module holding ctypes functions cannot be deep-copied.
+    getattr(native.library(), kernel)(
+        flat.data_ptr(), flat.shape[0], flat.shape[1], *(w.data_ptr() for w in weight),
+        out_features, out.data_ptr(), native.threads(),
+    )  # fmt: skip
+    return out.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
+def block_matmul(weight: BlockWeight) -> Q4Matmul | Q8Matmul:
+    return Q4Matmul(weight) if isinstance(weight, Q4Weight) else Q8Matmul(weight)
+
+
+def block_format(model: Any) -> str:
+    """What GetModelInfo reports: "q4_1" if any layer runs on Q4_1 blocks, else "q8_0", else "dense"."""
+    kinds = {type(m.weight_blocks) for m in model.modules() if isinstance(m, BlockLinear)}
+    return "q4_1" if Q4Weight in kinds else "q8_0" if Q8Weight in kinds else "dense"
+
+
+class BlockLinear(nn.Module):
+    """Drop-in for a bias-free nn.Linear whose weight came from a Q4_1 or Q8_0 tensor."""
+
+    def __init__(self, weight: BlockWeight) -> None:
         super().__init__()
-        self.weight_q4 = weight
+        self.weight_blocks = weight
         self.out_features, self.in_features = weight.shape
-        self.matmul = Q4Matmul(weight)
+        self.matmul = block_matmul(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, q4_1"
+        kind = "q4_1" if isinstance(self.weight_blocks, Q4Weight) else "q8_0"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
 
 
 def read_q4_1(data: np.ndarray, shape: tuple[int, int]) -> Q4Weight:
@@ -154,21 +197,31 @@ def read_q4_1(data: np.ndarray, shape: tuple[int, int]) -> Q4Weight:
     return Q4Weight(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(minimum))
 
 
-def _unpermute_rows(weight: Q4Weight, heads: int) -> Q4Weight:
+def read_q8_0(data: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
+    """Split a GGUF Q8_0 tensor's bytes ([out, blocks * 34]) into codes and scales."""
+    out, inp = shape
+    blocks = np.ascontiguousarray(data).reshape(out, inp // GROUP, 34)
+    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    codes = blocks[..., 2:34].copy().view(np.int8).reshape(out, inp)
+    return Q8Weight(torch.from_numpy(codes), torch.from_numpy(scale))
+
+
+def _unpermute_rows(weight: BlockWeight, heads: int) -> BlockWeight:
     """Undo llama.cpp's rotary row permutation of q/k (as transformers does when it loads GGUF)."""
 
     def unpermute(t: torch.Tensor) -> torch.Tensor:
         rows = t.shape[0]
         return t.reshape(heads, rows // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
-    return Q4Weight(unpermute(weight.codes), unpermute(weight.scale), unpermute(weight.minimum))
+    return type(weight)(*(unpermute(getattr(weight, f.name)) for f in dataclasses.fields(weight)))
 
 
-def extract_q4_1(model: Any, gguf_path: Path) -> dict[str, Q4Weight]:
-    """The Q4_1 blocks of every bias-free nn.Linear of `model` that the GGUF file stores as Q4_1.
+def extract_blocks(model: Any, gguf_path: Path) -> dict[str, BlockWeight]:
+    """The blocks of every bias-free nn.Linear of `model` that the GGUF file stores as Q4_1 or Q8_0.
 
     A layer is taken only when its blocks dequantize to the model's (float32) weight exactly, so a
     name or layout this code does not know keeps its dense layer instead of running wrong weights.
+    A tied lm_head is read from the token embedding (SmolLM2's is Q8_0).
     Slow (the reader parses the whole vocabulary): run it once, when the file is first unpacked.
     """
     import gguf
@@ -182,53 +235,66 @@ def extract_q4_1(model: Any, gguf_path: Path) -> dict[str, Q4Weight]:
     name_map = gguf.get_tensor_name_map(arch, int(config.num_hidden_layers))
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", heads))
-    found: dict[str, Q4Weight] = {}
+    readers = {gguf.GGMLQuantizationType.Q4_1: read_q4_1, gguf.GGMLQuantizationType.Q8_0: read_q8_0}
+    found: dict[str, BlockWeight] = {}
     for module_name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or module.bias is not None or module.in_features % GROUP:
             continue
         gguf_name = name_map.get_name(module_name)
         tensor = tensors.get(f"{gguf_name}.weight") if gguf_name else None
-        if tensor is None or tensor.tensor_type != gguf.GGMLQuantizationType.Q4_1:
+        if tensor is None and module is model.get_output_embeddings() and config.tie_word_embeddings:
+            gguf_name, tensor = "token_embd", tensors.get("token_embd.weight")
+        read = readers.get(tensor.tensor_type) if tensor is not None else None
+        if tensor is None or read is None:
             continue
-        weight = read_q4_1(tensor.data, (module.out_features, module.in_features))
+        weight = read(tensor.data, (module.out_features, module.in_features))
         if config.model_type == "llama" and gguf_name.endswith(".attn_q"):
             weight = _unpermute_rows(weight, heads)
         elif config.model_type == "llama" and gguf_name.endswith(".attn_k"):
             weight = _unpermute_rows(weight, kv_heads)
         if not torch.equal(weight.dequantize(), module.weight.detach().float()):
-            log.warning("%s: its Q4_1 blocks do not match the unpacked weight; it stays dense", module_name)
+            log.warning("%s: its blocks do not match the unpacked weight; it stays dense", module_name)
             continue
         found[module_name] = weight
     return found
 
 
-def save_q4_1(weights: dict[str, Q4Weight], path: Path) -> None:
+def save_blocks(weights: dict[str, BlockWeight], path: Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {}
     for name, w in weights.items():
-        tensors[f"{name}.codes"] = w.codes
-        tensors[f"{name}.scale"] = w.scale
-        tensors[f"{name}.minimum"] = w.minimum
+        for f in dataclasses.fields(w):
+            tensors[f"{name}.{f.name}"] = getattr(w, f.name)
     save_file(tensors, str(path))
 
 
-def load_q4_1(path: Path) -> dict[str, Q4Weight]:
+def load_blocks(path: Path) -> dict[str, BlockWeight]:
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
     names = {key.rpartition(".")[0] for key in tensors}
-    return {n: Q4Weight(tensors[f"{n}.codes"], tensors[f"{n}.scale"], tensors[f"{n}.minimum"]) for n in names}
+    return {
+        n: Q4Weight(tensors[f"{n}.codes"], tensors[f"{n}.scale"], tensors[f"{n}.minimum"])
+        if f"{n}.minimum" in tensors
+        else Q8Weight(tensors[f"{n}.codes"], tensors[f"{n}.scale"])
+        for n in names
+    }
 
 
-def swap_in_q4_linears(model: Any, weights: dict[str, Q4Weight]) -> int:
-    """Replace the named nn.Linear layers by Q4Linear; return how many were replaced."""
+def swap_in_block_linears(model: Any, weights: dict[str, BlockWeight]) -> int:
+    """Replace the named nn.Linear layers by BlockLinear; return how many were replaced.
+
+    Q8_0 layers only with the native kernel (torch has none for them; they stay dense otherwise).
+    """
     replaced = 0
     for module_name, weight in weights.items():
+        if isinstance(weight, Q8Weight) and native.library() is None:
+            continue
         parent_name, _, attr = module_name.rpartition(".")
         parent = model.get_submodule(parent_name)
         current = getattr(parent, attr, None)
         if isinstance(current, nn.Linear) and (current.out_features, current.in_features) == weight.shape:
-            setattr(parent, attr, Q4Linear(weight))
+            setattr(parent, attr, BlockLinear(weight))
             replaced += 1
     return replaced
