@@ -20,8 +20,10 @@ Decode-step speed (SmolLM2-135M, 2 shared cores; a step at 16 rows is ~60% matmu
   sgemm at M=16 is 1.5-2.3x faster on that layout (gate+up 1180 -> 458 us), 1.17x end to end at 16
   streams, for a second copy of the layer weights (~430 MB); a single dense row keeps the
   transformers path (gemv is faster on [out, in], and it is bit-for-bit `generate`).
-- Decode attention is `decode_attention`, not SDPA: a row's result does not depend on the rows
-  beside it (see there); that keeps seeded and greedy output the same alone and in a batch.
+- Decode attention is decode_attention.c (one call a layer, the new key/value written too), or
+  `decode_attention` in torch without a C compiler, not SDPA: a row's result does not depend on
+  the rows beside it (see there); that keeps seeded and greedy output the same alone and in a
+  batch. At 16 rows and ~100-200 keys the C version made a step 58 -> 44 ms, one row 18 -> 15 ms.
 - The new key/value of every row is written with one `index_copy_` on a flat view of the layer's
   cache (~9 us for 16 rows) instead of an advanced-index put (~97 us), 60 times a step.
 - Tried and dropped (no gain measured in A/B): bfloat16 dense matmuls (no faster than float32 here,
@@ -42,6 +44,7 @@ from torch.nn import functional as F
 from transformers import AttentionInterface
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
 
+from tokenwire.service import native
 from tokenwire.service.cpu_threads import ThreadGovernor
 from tokenwire.service.model_loading import ModelSource, load_model, pick_device, pick_dtype, resolve_model
 from tokenwire.service.quantized import BlockLinear, block_format, block_matmul
@@ -71,7 +74,9 @@ class _StepContext:
     """What the attention function needs for the forward in flight (set by the step, read per layer)."""
 
     decode: bool = True
-    # decode: rows 0..n-1, mask [n, 1, 1, kv_len]
+    # decode: the position each row's new token takes, [n] int64
+    positions: torch.Tensor | None = None
+    # decode, torch attention: rows 0..n-1, mask [n, 1, 1, kv_len]
     kv_len: int = 0
     # decode: offset of (row, kv_head, position) in the layer cache viewed as [-1, head_dim]
     flat_index: torch.Tensor | None = None
@@ -87,6 +92,15 @@ class _SlotAttention:
         self.keys = keys
         self.values = values
         self.ctx = _StepContext()
+        head_dim = keys.shape[-1]
+        # decode_attention.c: float32 on CPU, head_dim a multiple of 16 up to 256 (see there).
+        self.native = (
+            native.library() is not None
+            and keys.device.type == "cpu"
+            and keys.dtype == torch.float32
+            and head_dim % 16 == 0
+            and head_dim <= 256
+        )
 
     def __call__(
         self,
@@ -101,7 +115,10 @@ class _SlotAttention:
         layer: int = module.layer_idx  # type: ignore[assignment]
         cache_k, cache_v = self.keys[layer], self.values[layer]
         ctx = self.ctx
-        if ctx.decode:
+        if ctx.decode and self.native:
+            assert ctx.positions is not None
+            out = _native_decode_attention(query, key, value, cache_k, cache_v, ctx.positions, scaling)
+        elif ctx.decode:
             n = query.shape[0]
             assert ctx.flat_index is not None
             head_dim = key.shape[-1]
@@ -184,6 +201,30 @@ def decode_attention(
         end = start + ATTENTION_BLOCK
         out = out + torch.bmm(probs[:, :, start:end], values[:, start:end])
     return out.view(rows, heads, 1, head_dim)
+
+
+def _native_decode_attention(
+    query: torch.Tensor,  # [rows, heads, 1, head_dim]
+    key: torch.Tensor,  # [rows, kv_heads, 1, head_dim]: written into the cache at `positions`
+    value: torch.Tensor,
+    cache_k: torch.Tensor,  # [max_rows, kv_heads, max_len, head_dim]
+    cache_v: torch.Tensor,
+    positions: torch.Tensor,  # [rows] int64
+    scale: float | None,
+) -> torch.Tensor:
+    """decode_attention.c: the same result as `decode_attention`, batch-invariant too, in one call."""
+    rows, heads, _, head_dim = query.shape
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    out = torch.empty(rows, heads, 1, head_dim, dtype=torch.float32)
+    native.library().decode_attention(  # type: ignore[union-attr]
+        query.data_ptr(), query.stride(0), query.stride(1),
+        key.data_ptr(), key.stride(0), key.stride(1),
+        value.data_ptr(), value.stride(0), value.stride(1),
+        cache_k.data_ptr(), cache_v.data_ptr(), positions.data_ptr(),
+        rows, heads, key.shape[1], head_dim, cache_k.shape[2],
+        head_dim**-0.5 if scale is None else scale, out.data_ptr(), native.threads(),
+    )  # fmt: skip
+    return out
 
 
 def _prefill_mask(start: int, length: int, device: torch.device) -> torch.Tensor | None:
@@ -463,14 +504,19 @@ class ModelRunner:
         lengths = [s.length for s in seqs]
         positions = torch.tensor(lengths, dtype=torch.long, device=self.device)
         kv_len = _whole_blocks(max(lengths) + 1)
-        self._make_finite(lengths, kv_len)
-        _, _, kv_heads, max_len, _ = self._attention.keys.shape
-        flat_index = (
-            torch.arange(n, device=self.device)[:, None] * (kv_heads * max_len)
-            + torch.arange(kv_heads, device=self.device)[None, :] * max_len
-            + positions[:, None]
-        ).reshape(-1)
-        self._attention.ctx = _StepContext(decode=True, kv_len=kv_len, flat_index=flat_index)
+        if self._attention.native:  # reads only each row's own positions
+            self._attention.ctx = _StepContext(decode=True, positions=positions)
+        else:
+            self._make_finite(lengths, kv_len)
+            _, _, kv_heads, max_len, _ = self._attention.keys.shape
+            flat_index = (
+                torch.arange(n, device=self.device)[:, None] * (kv_heads * max_len)
+                + torch.arange(kv_heads, device=self.device)[None, :] * max_len
+                + positions[:, None]
+            ).reshape(-1)
+            self._attention.ctx = _StepContext(
+                decode=True, positions=positions, kv_len=kv_len, flat_index=flat_index
+            )
         mask = (torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         if self._fused is not None and (n >= 2 or self._fused.single_row):
             hidden = self._fused(ids, positions[:, None], mask, self._attention)

@@ -1,10 +1,10 @@
-"""Matmuls on GGUF blocks, written in C (block_matmul.c), compiled on the machine that runs them.
+"""Kernels written in C (block_matmul.c, decode_attention.c), compiled on the machine that runs them.
 
 Compiled once per source, compiler and CPU into the cache (about a second with gcc) with
 -march=native, then loaded from there and called through ctypes (which releases the GIL). They
 link to the OpenMP runtime torch has already loaded, so their threads are torch's threads: two
 runtimes would each keep a pool spinning on the same two cores. Without a C compiler that takes
--fopenmp, or with TOKENWIRE_NATIVE=0, `library()` is None and callers keep torch's kernels.
+-fopenmp, or with TOKENWIRE_NATIVE=0, `library()` is None and callers keep torch's ops.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch  # loads torch's OpenMP runtime, which the compiled kernels link to
 
@@ -27,7 +28,7 @@ from tokenwire.service.cache import cache_root
 log = logging.getLogger("tokenwire.model")
 
 TILE = 16  # output columns per vector in block_matmul.c: it takes layers whose width is a multiple
-_SOURCE = Path(__file__).with_name("block_matmul.c")
+_SOURCES = [Path(__file__).with_name(name) for name in ("block_matmul.c", "decode_attention.c")]
 _COMPILE = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC"]
 _BUILD_SECONDS = 120
 
@@ -47,7 +48,18 @@ def library() -> ctypes.CDLL | None:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.q4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.q8_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
-    lib.q4_matmul.restype = lib.q8_matmul.restype = None
+    strided: list[Any] = [ptr, i64, i64]  # base, row stride, head stride
+    lib.decode_attention.argtypes = [
+        *strided * 3,
+        ptr,
+        ptr,
+        ptr,
+        *[i64] * 5,
+        ctypes.c_float,
+        ptr,
+        ctypes.c_int,
+    ]
+    lib.q4_matmul.restype = lib.q8_matmul.restype = lib.decode_attention.restype = None
     return lib
 
 
@@ -62,23 +74,26 @@ def _build() -> Path:
         [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
     ).stdout
     openmp = _loaded_openmp_runtime()
+    sources = [source.read_text() for source in _SOURCES]
     key = hashlib.sha256(
         "\0".join(
-            [_SOURCE.read_text(), version, " ".join(_COMPILE), str(openmp), platform.machine(), _cpu_flags()]
+            [*sources, version, " ".join(_COMPILE), str(openmp), platform.machine(), _cpu_flags()]
         ).encode()
     ).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"block_matmul-{key}.so"
+    target = cache_root() / "kernels" / f"tokenwire-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        obj, lib = Path(scratch, "block_matmul.o"), Path(scratch, "block_matmul.so")
-        _run([compiler, *_COMPILE, "-c", str(_SOURCE), "-o", str(obj)])
+        objects = [str(Path(scratch, source.stem + ".o")) for source in _SOURCES]
+        for source, obj in zip(_SOURCES, objects, strict=True):
+            _run([compiler, *_COMPILE, "-c", str(source), "-o", obj])
         # Link to the very runtime torch loaded (by path), not the compiler's own libgomp.
         link = [str(openmp), f"-Wl,-rpath,{openmp.parent}"] if openmp else ["-fopenmp"]
-        _run([compiler, "-shared", str(obj), "-o", str(lib), *link])
+        lib = Path(scratch, "tokenwire.so")
+        _run([compiler, "-shared", *objects, "-o", str(lib), *link])
         os.replace(lib, target)  # atomic: servers starting together each build, one file wins
-    log.info("compiled %s into %s", _SOURCE.name, target)
+    log.info("compiled %s into %s", ", ".join(s.name for s in _SOURCES), target)
     return target
 
 

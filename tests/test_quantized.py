@@ -13,7 +13,7 @@ from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from tests.models import default_model, quantize_q4_1, quantize_q8_0, runner_and_reference
 from tokenwire.service import native
-from tokenwire.service.model_runner import decode_attention
+from tokenwire.service.model_runner import _native_decode_attention, decode_attention
 from tokenwire.service.quantized import (
     BlockLinear,
     Q4Matmul,
@@ -128,6 +128,35 @@ def test_decode_attention_is_padding_invariant_and_matches_sdpa() -> None:
             mask = (torch.arange(padded)[None, :] < lengths[:, None])[:, None, None, :]
             batched = decode_attention(query, keys[:, :, :padded], values[:, :, :padded], mask)
             assert torch.equal(batched[:1], alone), (length, padded)
+
+
+@needs_c_kernel
+@pytest.mark.parametrize("dim", [16, 64, 128])
+def test_the_c_decode_attention_writes_the_new_key_and_is_batch_invariant(dim: int) -> None:
+    g = torch.Generator().manual_seed(8)
+    rows, heads, kv_heads, max_len = 5, 9, 3, 400
+    # q, k and v as the decoder hands them over: strided views of one projection output
+    qkv = torch.randn(rows, 1, (heads + 2 * kv_heads) * dim, generator=g)
+    query = qkv[..., : heads * dim].view(rows, 1, heads, dim).transpose(1, 2)
+    key = qkv[..., heads * dim : (heads + kv_heads) * dim].view(rows, 1, kv_heads, dim).transpose(1, 2)
+    value = qkv[..., (heads + kv_heads) * dim :].view(rows, 1, kv_heads, dim).transpose(1, 2)
+    cache = [torch.randn(rows, kv_heads, max_len, dim, generator=g) for _ in range(2)]
+    for length in (1, 2, 15, 16, 17, 31, 64, 65, 200, 333):
+        positions = torch.tensor([length - 1, 0, 399, 16, length])
+        keys, values = (c.clone() for c in cache)
+        out = _native_decode_attention(query, key, value, keys, values, positions, None)
+        assert out.shape == (rows, heads, 1, dim)
+        for row, at in enumerate(positions.tolist()):
+            assert torch.equal(keys[row, :, at], key[row, :, 0]) and torch.equal(
+                values[row, :, at], value[row, :, 0]
+            )
+            sdpa = torch.nn.functional.scaled_dot_product_attention(
+                query[row : row + 1], keys[row : row + 1, :, : at + 1], values[row : row + 1, :, : at + 1],
+                enable_gqa=True,
+            )  # fmt: skip
+            assert torch.allclose(out[row], sdpa[0], atol=2e-6), (length, row)
+        alone = _native_decode_attention(query[:1], key[:1], value[:1], keys, values, positions[:1], None)
+        assert torch.equal(alone[0], out[0]), length
 
 
 @pytest.mark.model
