@@ -46,6 +46,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
 
 from tokenwire.service import native
 from tokenwire.service.cpu_threads import ThreadGovernor
+from tokenwire.service.decoder_step import DecoderStep
 from tokenwire.service.model_loading import ModelSource, load_model, pick_device, pick_dtype, resolve_model
 from tokenwire.service.quantized import BlockLinear, block_format, block_matmul
 from tokenwire.service.requests import SamplingParams
@@ -277,8 +278,16 @@ class ModelRunner:
         model.set_attn_implementation(attention_name)
         self._backbone = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
-        self._fused = _FusedDecoder.build(self._backbone)
+        self._decoder_step = DecoderStep.build(self._backbone, keys, values)
+        self._fused = None if self._decoder_step else _FusedDecoder.build(self._backbone)
         self.weights = block_format(model)
+        # How a decode step runs: "c" (decoder_step.c, one call), else "torch" (ops from Python).
+        self.decode_kernel = "c" if self._decoder_step is not None else "torch"
+        log.info(
+            "weights %s; decode steps run in %s",
+            self.weights,
+            "decoder_step.c" if self._decoder_step else "torch",
+        )
 
         # Positions [0, _finite[row]) of each row hold finite values. The decode step reads every
         # row up to the longest one, and masked-out garbage still poisons softmax @ V when it is
@@ -503,6 +512,20 @@ class ModelRunner:
         ids = torch.tensor([[token_ids[s.seq_id]] for s in seqs], dtype=torch.long, device=self.device)
         lengths = [s.length for s in seqs]
         positions = torch.tensor(lengths, dtype=torch.long, device=self.device)
+        if self._decoder_step is not None:
+            hidden = self._decoder_step(ids, positions)
+        else:
+            hidden = self._decode_in_torch(ids, lengths, positions)
+        logits = self._lm_head(hidden[:, -1])
+        for s in seqs:
+            s.length += 1
+        samples = self._sample(logits, seqs, rows=slice(0, n))
+        return {s.seq_id: sample_ for s, sample_ in zip(seqs, samples, strict=True)}
+
+    def _decode_in_torch(
+        self, ids: torch.Tensor, lengths: list[int], positions: torch.Tensor
+    ) -> torch.Tensor:
+        n = len(lengths)
         kv_len = _whole_blocks(max(lengths) + 1)
         if self._attention.native:  # reads only each row's own positions
             self._attention.ctx = _StepContext(decode=True, positions=positions)
@@ -519,16 +542,10 @@ class ModelRunner:
             )
         mask = (torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         if self._fused is not None and (n >= 2 or self._fused.single_row):
-            hidden = self._fused(ids, positions[:, None], mask, self._attention)
-        else:
-            hidden = self._backbone(
-                input_ids=ids, position_ids=positions[:, None], attention_mask=mask, use_cache=False
-            ).last_hidden_state
-        logits = self._lm_head(hidden[:, -1])
-        for s in seqs:
-            s.length += 1
-        samples = self._sample(logits, seqs, rows=slice(0, n))
-        return {s.seq_id: sample_ for s, sample_ in zip(seqs, samples, strict=True)}
+            return self._fused(ids, positions[:, None], mask, self._attention)
+        return self._backbone(
+            input_ids=ids, position_ids=positions[:, None], attention_mask=mask, use_cache=False
+        ).last_hidden_state
 
     def _make_finite(self, lengths: list[int], length: int) -> None:
         """Zero rows 0..len(lengths)-1 past their written part, up to `length`."""

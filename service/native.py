@@ -1,4 +1,4 @@
-"""Kernels written in C (block_matmul.c, decode_attention.c), compiled on the machine that runs them.
+"""Kernels written in C (block_matmul.c, decode_attention.c, decoder_step.c), compiled where they run.
 
 Compiled once per source, compiler and CPU into the cache (about a second with gcc) with
 -march=native, then loaded from there and called through ctypes (which releases the GIL). They
@@ -28,7 +28,10 @@ from tokenwire.service.cache import cache_root
 log = logging.getLogger("tokenwire.model")
 
 TILE = 16  # output columns per vector in block_matmul.c: it takes layers whose width is a multiple
-_SOURCES = [Path(__file__).with_name(name) for name in ("block_matmul.c", "decode_attention.c")]
+_SOURCES = [
+    Path(__file__).with_name(f"{name}.c") for name in ("block_matmul", "decode_attention", "decoder_step")
+]
+_HEADERS = [Path(__file__).with_name("vec16.h")]
 _COMPILE = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC"]
 _BUILD_SECONDS = 120
 
@@ -59,7 +62,9 @@ def library() -> ctypes.CDLL | None:
         ptr,
         ctypes.c_int,
     ]
-    lib.q4_matmul.restype = lib.q8_matmul.restype = lib.decode_attention.restype = None
+    lib.decoder_step.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
+    for kernel in (lib.q4_matmul, lib.q8_matmul, lib.decode_attention, lib.decoder_step):
+        kernel.restype = None
     return lib
 
 
@@ -74,7 +79,7 @@ def _build() -> Path:
         [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
     ).stdout
     openmp = _loaded_openmp_runtime()
-    sources = [source.read_text() for source in _SOURCES]
+    sources = [source.read_text() for source in (*_SOURCES, *_HEADERS)]
     key = hashlib.sha256(
         "\0".join(
             [*sources, version, " ".join(_COMPILE), str(openmp), platform.machine(), _cpu_flags()]

@@ -17,6 +17,7 @@ from tests.models import (
     tiny_q4_model,
     tokenizer,
 )
+from tokenwire.service import native
 from tokenwire.service.engine import Engine, EngineConfig
 from tokenwire.service.requests import (
     Delta,
@@ -83,6 +84,8 @@ async def tiny(request):
     # int4 kernel whole prompts, as `generate` does: a chunk's attention rounds differently in the
     # last bit, and its bfloat16 inputs carry that into other tokens of this random model's near-ties.
     budget = 256 if bfloat16_matmuls(model) else 16
+    # What these tests cover: with the C kernels, a Q4_1 model decodes in decoder_step.c.
+    assert runner.decode_kernel == ("c" if request.param == "q4" and native.library() else "torch")
     engine = Engine(runner, EngineConfig(max_batch_size=8, prefill_tokens_per_step=budget))
     engine.start()
     yield engine, reference
@@ -191,12 +194,13 @@ async def test_tiny_abort_in_every_phase_frees_rows(tiny) -> None:
 
 @pytest.mark.parametrize("make_model", [tiny_model, tiny_q4_model])
 def test_tiny_fused_decode_matches_the_transformers_layers(make_model) -> None:
-    """Decode steps run `_FusedDecoder`; the transformers path must give the same tokens."""
+    """Decode steps run decoder_step.c or `_FusedDecoder`; the transformers layers give the same tokens."""
     model = make_model()
     fused, _ = runner_and_reference(model)
     plain, _ = runner_and_reference(copy.deepcopy(model))
-    assert fused._fused is not None  # the tiny llama qualifies, so the batched tests above use it
-    plain._fused = None
+    # The tiny llama qualifies, so the batched tests above use them.
+    assert fused._decoder_step is not None or fused._fused is not None
+    plain._decoder_step = plain._fused = None
     prompts = [ids(p) for p in PROMPTS[:5]]
     logprobs: dict[str, list[float]] = {}
     tokens: dict[str, list[list[int]]] = {}

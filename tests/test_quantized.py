@@ -180,3 +180,4 @@ def test_the_default_model_runs_every_layer_on_its_gguf_blocks() -> None:
     runner, _ = runner_and_reference(model)
     assert runner.weights == "q4_1"  # what GetModelInfo reports
     assert q4_k.matmul.kernel == ("native" if native.library() else "torch")
+    assert runner.decode_kernel == ("c" if native.library() else "torch")

@@ -1,0 +1,186 @@
+"""A whole decode step in one C call (decoder_step.c), for llama models whose layers all run on GGUF blocks.
+
+Run from torch, a decode step is ~55 small ops a layer; for one row their dispatch took ~8 of the
+step's ~15 ms here. decoder_step.c runs every layer in one call: the same matmul and attention
+kernels, with RMSNorm, the rotary embedding, SiLU and the residual adds in C between them. The
+token embedding and the rotary cos/sin (whatever rope scaling the model uses) stay in torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from tokenwire.service import native
+from tokenwire.service.quantized import BlockLinear, Q4Matmul, Q8Matmul, block_matmul
+
+_C_INT64 = ctypes.c_int64
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [
+        ("bits", _C_INT64),
+        ("out_features", _C_INT64),
+        ("in_features", _C_INT64),
+        ("codes", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("minimum", ctypes.c_void_p),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("input_norm", ctypes.c_void_p),
+        ("post_attention_norm", ctypes.c_void_p),
+        ("qkv", _Matrix),
+        ("o", _Matrix),
+        ("gate_up", _Matrix),
+        ("down", _Matrix),
+    ]
+
+
+class _Decoder(ctypes.Structure):
+    _fields_ = [
+        ("layers", _C_INT64),
+        ("hidden", _C_INT64),
+        ("heads", _C_INT64),
+        ("kv_heads", _C_INT64),
+        ("head_dim", _C_INT64),
+        ("intermediate", _C_INT64),
+        ("eps", ctypes.c_float),
+        ("attention_scale", ctypes.c_float),
+        ("layer", ctypes.POINTER(_Layer)),
+        ("final_norm", ctypes.c_void_p),
+        ("cache_k", ctypes.c_void_p),
+        ("cache_v", ctypes.c_void_p),
+        ("max_rows", _C_INT64),
+        ("max_len", _C_INT64),
+    ]
+
+
+class DecoderStep:
+    """Callable: (token ids [n, 1], positions [n]) -> final-norm hidden states [n, 1, hidden].
+
+    Writes each row's new key/value into the cache at its position, as the attention function does.
+    """
+
+    def __init__(self, backbone: Any, decoder: _Decoder, keep: list[Any]) -> None:
+        self.backbone = backbone
+        self._decoder = decoder
+        self._keep = keep  # what the C structs point into: fused matrices, the layers array
+
+    @classmethod
+    def build(cls, backbone: Any, keys: torch.Tensor, values: torch.Tensor) -> DecoderStep | None:
+        """None unless the C kernels are here and the model is a plain llama (no biases, SiLU MLP,
+        RMSNorm) in float32 on CPU, every projection on native blocks, widths multiples of 16."""
+        config = backbone.config
+        layers = list(backbone.layers)
+        head_dim = keys.shape[-1]
+        norms = [
+            *(norm for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)),
+            backbone.norm,
+        ]
+        projections = [
+            p
+            for layer in layers
+            for p in (
+                *_attention_projections(layer),
+                layer.mlp.gate_proj,
+                layer.mlp.up_proj,
+                layer.mlp.down_proj,
+            )
+        ]
+        if (
+            native.library() is None
+            or keys.device.type != "cpu"
+            or keys.dtype != torch.float32
+            or not keys.is_contiguous()
+            or getattr(config, "model_type", None) != "llama"
+            or getattr(config, "hidden_act", None) != "silu"
+            or not all(isinstance(p, BlockLinear) and p.matmul.kernel == "native" for p in projections)
+            or not all(isinstance(norm, LlamaRMSNorm) for norm in norms)
+            or len({norm.variance_epsilon for norm in norms}) != 1  # the C step takes one
+            or any(width % 16 for width in (config.hidden_size, config.intermediate_size, head_dim))
+            or head_dim > 256
+        ):
+            return None
+        keep: list[Any] = []
+
+        def matrix(linears: list[BlockLinear]) -> _Matrix:
+            kinds = {type(p.weight_blocks) for p in linears}
+            if len(kinds) != 1:
+                raise _Unsupported
+            matmul = block_matmul(kinds.pop().concat([p.weight_blocks for p in linears]))
+            keep.append(matmul)
+            if isinstance(matmul, Q4Matmul):
+                return _Matrix(4, matmul.out_features, matmul.in_features, *_pointers(matmul, "minimum"))
+            assert isinstance(matmul, Q8Matmul)
+            return _Matrix(8, matmul.out_features, matmul.in_features, *_pointers(matmul))
+
+        try:
+            structs = [
+                _Layer(
+                    layer.input_layernorm.weight.data_ptr(),
+                    layer.post_attention_layernorm.weight.data_ptr(),
+                    matrix(list(_attention_projections(layer)[:3])),
+                    matrix([layer.self_attn.o_proj]),
+                    matrix([layer.mlp.gate_proj, layer.mlp.up_proj]),
+                    matrix([layer.mlp.down_proj]),
+                )
+                for layer in layers
+            ]
+        except _Unsupported:
+            return None
+        array = (_Layer * len(structs))(*structs)
+        keep.append(array)
+        attention = layers[0].self_attn
+        decoder = _Decoder(
+            layers=len(layers),
+            hidden=config.hidden_size,
+            heads=config.num_attention_heads,
+            kv_heads=keys.shape[2],
+            head_dim=head_dim,
+            intermediate=config.intermediate_size,
+            eps=layers[0].input_layernorm.variance_epsilon,
+            attention_scale=attention.scaling,
+            layer=ctypes.cast(array, ctypes.POINTER(_Layer)),
+            final_norm=backbone.norm.weight.data_ptr(),
+            cache_k=keys.data_ptr(),
+            cache_v=values.data_ptr(),
+            max_rows=keys.shape[1],
+            max_len=keys.shape[3],
+        )
+        return cls(backbone, decoder, keep)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[0]
+        x = self.backbone.embed_tokens(ids).reshape(n, -1).contiguous()  # a fresh tensor: updated in place
+        cos, sin = self.backbone.rotary_emb(x[:, None], position_ids=positions[:, None])
+        cos, sin = cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous()
+        step = native.library().decoder_step  # type: ignore[union-attr]
+        step(
+            ctypes.byref(self._decoder),
+            x.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            positions.data_ptr(),
+            n,
+            native.threads(),
+        )
+        return x.view(n, 1, -1)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _attention_projections(layer: Any) -> tuple[Any, ...]:
+    attention = layer.self_attn
+    return (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
+
+
+def _pointers(matmul: Any, *extra: str) -> list[int]:
+    return [t.data_ptr() for t in (matmul.codes, matmul.scale, *(getattr(matmul, name) for name in extra))]
