@@ -9,10 +9,14 @@ Decoding rows are kept packed at the front (rows 0..n-1): the decode step then r
 through a plain view. A sequence whose prefill completes is moved to the front boundary, and a
 finished decoding row is refilled from the last decoding row — one copy per request lifetime.
 
-Decode-step speed (SmolLM2-135M, 2 shared cores; a step at 16 rows is ~60% matmuls):
+Decode-step speed (SmolLM2-135M, 2 shared cores; a step at 16 rows is ~75% matmuls):
 - The default model's layers run on the GGUF file's own Q4_1 blocks, its lm_head on its Q8_0 blocks
   (quantized.py, block_matmul.c): a step at 16 rows went from ~84 (float32 MKL) to ~60 (torch's
   int4 kernel) to ~45 ms, one row from ~37 to ~19 to ~16 ms.
+- With the C kernels, a llama on GGUF blocks decodes in decoder_step.c: every layer in one call
+  (DecoderStep, decoder_step.py). Measured alone: one row ~15 -> ~7 ms a step, 16 rows ~44 -> ~28 ms
+  (21 of them in the C step, 4.6 in the lm_head). The rest of this list is the torch path, which
+  serves every other model.
 - On CPU, for llama-architecture models, decode steps run `_FusedDecoder`: the same ops as the
   transformers layers, but q/k/v and gate/up each in one matmul. Q4_1 layers are fused by stacking
   their blocks (the kernels give the same bits fused or not, for any number of rows, so this also
@@ -24,8 +28,8 @@ Decode-step speed (SmolLM2-135M, 2 shared cores; a step at 16 rows is ~60% matmu
   `decode_attention` in torch without a C compiler, not SDPA: a row's result does not depend on
   the rows beside it (see there); that keeps seeded and greedy output the same alone and in a
   batch. At 16 rows and ~100-200 keys the C version made a step 58 -> 44 ms, one row 18 -> 15 ms.
-- The new key/value of every row is written with one `index_copy_` on a flat view of the layer's
-  cache (~9 us for 16 rows) instead of an advanced-index put (~97 us), 60 times a step.
+- Without C, the new key/value of every row is written with one `index_copy_` on a flat view of the
+  layer's cache (~9 us for 16 rows) instead of an advanced-index put (~97 us), 60 times a step.
 - Tried and dropped (no gain measured in A/B): bfloat16 dense matmuls (no faster than float32 here,
   with or without oneDNN's packed weights), int8 weight-only matmuls, MKL-packed lm_head (8.3 vs
   9.1 ms at 16 rows; the Q8_0 blocks now take ~4 ms less at 16 rows and ~3 ms less for one).
