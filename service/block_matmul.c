@@ -22,6 +22,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "thread_pool.h"
+
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint8_t v16b __attribute__((vector_size(16)));
@@ -97,30 +99,46 @@ static inline __attribute__((always_inline)) void all_rows(
     }
 }
 
-static inline __attribute__((always_inline)) void matmul(
-    const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
-    const float *minimum, int64_t N, float *y, int threads, int bits)
-{
-    const int64_t tiles = N / TILE;
-    const int64_t blocks = (tiles + BLOCK_TILES - 1) / BLOCK_TILES;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t t = b * BLOCK_TILES;
-        if (tiles - t >= BLOCK_TILES)
-            all_rows(x, M, K, codes, scale, minimum, N, y, t, BLOCK_TILES, bits);
-        else
-            all_rows(x, M, K, codes, scale, minimum, N, y, t, 1, bits);
-    }
+typedef struct {
+    const float *x;
+    int64_t M, K;
+    const uint8_t *codes;
+    const float *scale, *minimum;
+    int64_t N;
+    float *y;
+} Matmul;
+
+/* One item: BLOCK_TILES tiles (32 output columns) for every row. */
+static void q4_item(void *ctx, int64_t item) {
+    const Matmul *m = ctx;
+    const int64_t tiles = m->N / TILE, t = item * BLOCK_TILES;
+    if (tiles - t >= BLOCK_TILES)
+        all_rows(m->x, m->M, m->K, m->codes, m->scale, m->minimum, m->N, m->y, t, BLOCK_TILES, 4);
+    else
+        all_rows(m->x, m->M, m->K, m->codes, m->scale, m->minimum, m->N, m->y, t, 1, 4);
 }
+
+static void q8_item(void *ctx, int64_t item) {
+    const Matmul *m = ctx;
+    const int64_t tiles = m->N / TILE, t = item * BLOCK_TILES;
+    if (tiles - t >= BLOCK_TILES)
+        all_rows(m->x, m->M, m->K, m->codes, m->scale, 0, m->N, m->y, t, BLOCK_TILES, 8);
+    else
+        all_rows(m->x, m->M, m->K, m->codes, m->scale, 0, m->N, m->y, t, 1, 8);
+}
+
+static int64_t items(int64_t N) { return (N / TILE + BLOCK_TILES - 1) / BLOCK_TILES; }
 
 void q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
                const float *minimum, int64_t N, float *y, int threads)
 {
-    matmul(x, M, K, codes, scale, minimum, N, y, threads, 4);
+    Matmul m = {x, M, K, codes, scale, minimum, N, y};
+    parallel_for(items(N), threads, q4_item, &m);
 }
 
 void q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
                int64_t N, float *y, int threads)
 {
-    matmul(x, M, K, (const uint8_t *)codes, scale, 0, N, y, threads, 8);
+    Matmul m = {x, M, K, (const uint8_t *)codes, scale, 0, N, y};
+    parallel_for(items(N), threads, q8_item, &m);
 }

@@ -1,10 +1,9 @@
 """Kernels written in C (block_matmul.c, decode_attention.c, decoder_step.c), compiled where they run.
 
 Compiled once per source, compiler and CPU into the cache (about a second with gcc) with
--march=native, then loaded from there and called through ctypes (which releases the GIL). They
-link to the OpenMP runtime torch has already loaded, so their threads are torch's threads: two
-runtimes would each keep a pool spinning on the same two cores. Without a C compiler that takes
--fopenmp, or with TOKENWIRE_NATIVE=0, `library()` is None and callers keep torch's ops.
+-march=native, then loaded from there and called through ctypes (which releases the GIL). Their
+threads are their own (thread_pool.c says why not OpenMP's). Without a C compiler, or with
+TOKENWIRE_NATIVE=0, `library()` is None and callers keep torch's ops.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch  # loads torch's OpenMP runtime, which the compiled kernels link to
+import torch
 
 from tokenwire.service.cache import cache_root
 
@@ -29,10 +28,11 @@ log = logging.getLogger("tokenwire.model")
 
 TILE = 16  # output columns per vector in block_matmul.c: it takes layers whose width is a multiple
 _SOURCES = [
-    Path(__file__).with_name(f"{name}.c") for name in ("block_matmul", "decode_attention", "decoder_step")
+    Path(__file__).with_name(f"{name}.c")
+    for name in ("thread_pool", "block_matmul", "decode_attention", "decoder_step")
 ]
-_HEADERS = [Path(__file__).with_name("vec16.h")]
-_COMPILE = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC"]
+_HEADERS = [Path(__file__).with_name(name) for name in ("vec16.h", "thread_pool.h")]
+_COMPILE = ["-O3", "-march=native", "-ffp-contract=fast", "-pthread", "-fPIC"]
 _BUILD_SECONDS = 120
 
 
@@ -78,12 +78,9 @@ def _build() -> Path:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
     ).stdout
-    openmp = _loaded_openmp_runtime()
     sources = [source.read_text() for source in (*_SOURCES, *_HEADERS)]
     key = hashlib.sha256(
-        "\0".join(
-            [*sources, version, " ".join(_COMPILE), str(openmp), platform.machine(), _cpu_flags()]
-        ).encode()
+        "\0".join([*sources, version, " ".join(_COMPILE), platform.machine(), _cpu_flags()]).encode()
     ).hexdigest()[:16]
     target = cache_root() / "kernels" / f"tokenwire-{key}.so"
     if target.exists():
@@ -93,10 +90,8 @@ def _build() -> Path:
         objects = [str(Path(scratch, source.stem + ".o")) for source in _SOURCES]
         for source, obj in zip(_SOURCES, objects, strict=True):
             _run([compiler, *_COMPILE, "-c", str(source), "-o", obj])
-        # Link to the very runtime torch loaded (by path), not the compiler's own libgomp.
-        link = [str(openmp), f"-Wl,-rpath,{openmp.parent}"] if openmp else ["-fopenmp"]
         lib = Path(scratch, "tokenwire.so")
-        _run([compiler, "-shared", *objects, "-o", str(lib), *link])
+        _run([compiler, "-shared", "-pthread", *objects, "-o", str(lib), "-lm"])
         os.replace(lib, target)  # atomic: servers starting together each build, one file wins
     log.info("compiled %s into %s", ", ".join(s.name for s in _SOURCES), target)
     return target
@@ -106,16 +101,6 @@ def _run(command: list[str]) -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=_BUILD_SECONDS)
     if done.returncode:
         raise OSError(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
-
-
-def _loaded_openmp_runtime() -> Path | None:
-    """The OpenMP library mapped into this process (torch's), on Linux; None elsewhere."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    found = re.search(r"(/\S*/lib(?:gomp|iomp5|omp)[^/\s]*\.so[^/\s]*)$", maps, re.MULTILINE)
-    return Path(found.group(1)) if found else None
 
 
 def _cpu_flags() -> str:

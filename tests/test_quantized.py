@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 
 import gguf
 import numpy as np
@@ -109,6 +110,32 @@ def test_q8_0_blocks_multiply_exactly_and_batch_invariantly() -> None:
     fused = block_matmul(Q8Weight.concat([a, b]))(x)
     assert torch.equal(fused[:, :176], alone)
     assert torch.equal(fused[:, 176:], Q8Matmul(b)(x))
+
+
+@needs_c_kernel
+def test_the_c_kernels_give_the_same_bits_on_any_thread_count_and_from_concurrent_callers() -> None:
+    matmul = Q4Matmul(quantize_q4_1(random_weight(3072, 576, 10)), "native")
+    x = torch.randn(16, 576, generator=torch.Generator().manual_seed(11))
+    expected = matmul(x)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)  # what cpu_threads.py does on a busy machine
+            assert torch.equal(matmul(x), expected), count
+    finally:
+        torch.set_num_threads(threads)
+    # Two callers at once: one gets the helper threads, the other runs alone; both must be right.
+    results: list[bool] = []
+
+    def call() -> None:
+        results.extend(torch.equal(matmul(x), expected) for _ in range(50))
+
+    callers = [threading.Thread(target=call) for _ in range(3)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert results == [True] * 150
 
 
 def test_decode_attention_is_padding_invariant_and_matches_sdpa() -> None:
