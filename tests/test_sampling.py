@@ -54,7 +54,7 @@ def test_greedy_is_argmax(vocab: int, dtype: torch.dtype) -> None:
     assert got[1] == vocab - 1 and got[2] == 3 and got[3] == 0
 
 
-def test_blocked_argmax_matches_torch() -> None:
+def test_argmax_matches_torch() -> None:
     for vocab in (256, 257, 383, 1000, 4096, 49152):
         x = torch.randn(6, vocab, generator=gen(vocab))
         x[0, vocab - 1] = 9.0
