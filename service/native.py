@@ -82,10 +82,22 @@ def _build() -> Path:
     key = hashlib.sha256(
         "\0".join([*sources, version, " ".join(_COMPILE), platform.machine(), _cpu_flags()]).encode()
     ).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"tokenwire-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    name = f"tokenwire-{key}.so"
+    folders = [cache_root() / "kernels", Path(tempfile.gettempdir()) / "tokenwire-kernels"]
+    for folder in folders:
+        if (folder / name).exists():
+            return folder / name
+    for folder in folders:  # a read-only cache: build where we can write
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return _compile(compiler, folder / name)
+    raise OSError(f"none of {', '.join(map(str, folders))} is writable")
+
+
+def _compile(compiler: str, target: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         objects = [str(Path(scratch, source.stem + ".o")) for source in _SOURCES]
         for source, obj in zip(_SOURCES, objects, strict=True):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import threading
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -26,6 +28,9 @@ from tokenwire.service.quantized import (
     read_q4_1,
     read_q8_0,
 )
+
+needs_c_kernel = pytest.mark.skipif(native.library() is None, reason="no C kernel here")
+KERNELS = [pytest.param("native", marks=needs_c_kernel), "torch"]
 
 
 def random_weight(out: int, inp: int, seed: int) -> torch.Tensor:
@@ -61,15 +66,25 @@ def test_the_c_kernel_builds_wherever_there_is_a_c_compiler() -> None:
     assert Q4Matmul(quantize_q4_1(random_weight(32, 64, 0))).kernel == "native"
 
 
+@needs_c_kernel
+def test_the_kernels_are_built_once_and_elsewhere_when_the_cache_is_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("TOKENWIRE_CACHE", str(blocked))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    built = native._build()
+    assert built.parent == tmp_path / "tmp" / "tokenwire-kernels"
+    modified = built.stat().st_mtime_ns
+    assert native._build() == built and built.stat().st_mtime_ns == modified  # cached, not rebuilt
+
+
 def test_without_the_c_kernel_the_torch_kernel_serves(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOKENWIRE_NATIVE", "0")
     assert native.library.__wrapped__() is None
     monkeypatch.setattr(native, "library", native.library.__wrapped__)
     assert Q4Matmul(quantize_q4_1(random_weight(32, 64, 0))).kernel == "torch"
-
-
-needs_c_kernel = pytest.mark.skipif(native.library() is None, reason="no C kernel here")
-KERNELS = [pytest.param("native", marks=needs_c_kernel), "torch"]
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
