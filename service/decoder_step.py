@@ -70,7 +70,7 @@ class DecoderStep:
     def __init__(self, backbone: Any, decoder: _Decoder, keep: list[Any]) -> None:
         self.backbone = backbone
         self._decoder = decoder
-        self._keep = keep  # what the C structs point into: fused matrices, the layers array
+        self._keep = keep  # what the C structs point into: cache, fused matrices, the layers array
 
     @classmethod
     def build(cls, backbone: Any, keys: torch.Tensor, values: torch.Tensor) -> DecoderStep | None:
@@ -107,7 +107,7 @@ class DecoderStep:
             or head_dim > 256
         ):
             return None
-        keep: list[Any] = []
+        keep: list[Any] = [keys, values]  # the C structs hold raw pointers into all of these
 
         def matrix(linears: list[BlockLinear]) -> _Matrix:
             kinds = {type(p.weight_blocks) for p in linears}

@@ -83,18 +83,29 @@ def _build() -> Path:
         "\0".join([*sources, version, " ".join(_COMPILE), platform.machine(), _cpu_flags()]).encode()
     ).hexdigest()[:16]
     name = f"tokenwire-{key}.so"
-    folders = [cache_root() / "kernels", Path(tempfile.gettempdir()) / "tokenwire-kernels"]
-    for folder in folders:
-        if (folder / name).exists():
-            return folder / name
-    for folder in folders:  # a read-only cache: build where we can write
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(folder, os.W_OK):
-            return _compile(compiler, folder / name)
-    raise OSError(f"none of {', '.join(map(str, folders))} is writable")
+    cache = cache_root() / "kernels"
+    if (cache / name).exists():
+        return cache / name
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        writable = os.access(cache, os.W_OK)
+    except OSError:
+        writable = False
+    # A read-only cache: build in a temp folder of our own. Never load a library from a folder
+    # that someone else could have written to.
+    folder = cache if writable else _private_temp_folder()
+    return folder / name if (folder / name).exists() else _compile(compiler, folder / name)
+
+
+def _private_temp_folder() -> Path:
+    if not hasattr(os, "getuid"):
+        raise OSError("the kernel cache is read-only")
+    folder = Path(tempfile.gettempdir()) / f"tokenwire-kernels-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise OSError(f"{folder} is not ours alone: not loading kernels from it")
+    return folder
 
 
 def _compile(compiler: str, target: Path) -> Path:

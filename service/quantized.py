@@ -285,12 +285,12 @@ def load_blocks(path: Path) -> dict[str, BlockWeight]:
 def swap_in_block_linears(model: Any, weights: dict[str, BlockWeight]) -> int:
     """Replace the named nn.Linear layers by BlockLinear; return how many were replaced.
 
-    Q8_0 layers only with the native kernel (torch has none for them; they stay dense otherwise).
+    Q8_0 layers only where the native kernel takes them (torch has none): others stay dense.
     """
     replaced = 0
     for module_name, weight in weights.items():
-        if isinstance(weight, Q8Weight) and native.library() is None:
-            continue
+        if isinstance(weight, Q8Weight) and (native.library() is None or weight.shape[0] % native.TILE):
+            continue  # no kernel takes it: it stays dense
         parent_name, _, attr = module_name.rpartition(".")
         parent = model.get_submodule(parent_name)
         current = getattr(parent, attr, None)

@@ -83,7 +83,23 @@ static void *helper_main(void *arg) {
     return 0;
 }
 
+static void after_fork_in_child(void);
+static void register_fork_handler(void) { pthread_atfork(0, 0, after_fork_in_child); }
+
+/* A forked child has none of the helpers: start from an empty pool (and unlocked mutexes). */
+static void after_fork_in_child(void) {
+    pthread_mutex_init(&pool.master, 0);
+    pthread_mutex_init(&pool.lock, 0);
+    pthread_cond_init(&pool.wake, 0);
+    pool.helpers = 0;
+    atomic_store(&pool.job, (Job *)0);
+    atomic_store(&pool.active, 0);
+    atomic_store(&pool.sleeping, 0);
+}
+
 static void start_helpers(int wanted) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, register_fork_handler);
     pthread_mutex_lock(&pool.lock);
     while (pool.helpers < wanted && pool.helpers < MAX_HELPERS) {
         pthread_t thread;

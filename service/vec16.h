@@ -19,11 +19,15 @@ static inline v16f load16(const float *p) { v16f v; memcpy(&v, p, sizeof(v)); re
 static inline void store16(float *p, v16f v) { memcpy(p, &v, sizeof(v)); }
 
 static inline float sum_lanes(v16f v) {  /* a fixed tree of additions: halves, quarters, ... */
-    const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
-                + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    const v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    const v2f c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
-    return c[0] + c[1];
+    v8f lo8, hi8;  /* halves by memcpy, not __builtin_shufflevector: GCC has that only from 12 */
+    memcpy(&lo8, &v, sizeof(lo8));
+    memcpy(&hi8, (const char *)&v + sizeof(lo8), sizeof(hi8));
+    const v8f a = lo8 + hi8;
+    v4f lo4, hi4;
+    memcpy(&lo4, &a, sizeof(lo4));
+    memcpy(&hi4, (const char *)&a + sizeof(lo4), sizeof(hi4));
+    const v4f b = lo4 + hi4;
+    return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
 static inline v16f select16(v16i mask, v16f yes, v16f no) {
@@ -32,7 +36,7 @@ static inline v16f select16(v16i mask, v16f yes, v16f no) {
 
 /* e^x, as Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial, times 2^n.
  * Relative error ~2e-7; 0 below -87.3 (-inf included), +inf above 88.7. Not libm's expf, which
- * would not vectorise here, and gives the same bits on every machine. */
+ * would not vectorise here. */
 static inline v16f exp16(v16f x) {
     const v16f lo = (v16f){0} - 87.3f, hi = (v16f){0} + 88.7f;
     const v16i underflow = x < lo, overflow = x > hi;

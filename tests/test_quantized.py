@@ -27,6 +27,7 @@ from tokenwire.service.quantized import (
     block_matmul,
     read_q4_1,
     read_q8_0,
+    swap_in_block_linears,
 )
 
 needs_c_kernel = pytest.mark.skipif(native.library() is None, reason="no C kernel here")
@@ -73,11 +74,16 @@ def test_the_kernels_are_built_once_and_elsewhere_when_the_cache_is_read_only(
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     monkeypatch.setenv("TOKENWIRE_CACHE", str(blocked))
+    (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     built = native._build()
-    assert built.parent == tmp_path / "tmp" / "tokenwire-kernels"
+    assert built.parent == tmp_path / "tmp" / f"tokenwire-kernels-{os.getuid()}"
+    assert built.parent.stat().st_mode & 0o777 == 0o700
     modified = built.stat().st_mtime_ns
     assert native._build() == built and built.stat().st_mtime_ns == modified  # cached, not rebuilt
+    built.parent.chmod(0o777)  # anyone could plant a library there now
+    with pytest.raises(OSError, match="not ours alone"):
+        native._build()
 
 
 def test_without_the_c_kernel_the_torch_kernel_serves(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,6 +157,15 @@ def test_the_c_kernels_give_the_same_bits_on_any_thread_count_and_from_concurren
     for caller in callers:
         caller.join()
     assert results == [True] * 150
+
+
+def test_layers_no_kernel_takes_stay_dense() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 40, bias=False), torch.nn.Linear(64, 48, bias=False))
+    weights = {"0": quantize_q8_0(model[0].weight), "1": quantize_q8_0(model[1].weight)}
+    # 40 outputs are not whole 16-column tiles; torch has no Q8_0 kernel at all
+    assert swap_in_block_linears(model, weights) == (1 if native.library() else 0)
+    assert isinstance(model[0], torch.nn.Linear)
+    assert isinstance(model[1], BlockLinear) == (native.library() is not None)
 
 
 def test_decode_attention_is_padding_invariant_and_matches_sdpa() -> None:
