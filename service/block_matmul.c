@@ -32,6 +32,7 @@ typedef uint8_t v16b __attribute__((vector_size(16)));
 #define GROUP 32
 #define BLOCK_ROWS 8  /* rows sharing one dequantized weight: 8 x 2 tiles = 16 accumulators */
 #define BLOCK_TILES 2
+#define PANEL_ROWS 64  /* a multiple of BLOCK_ROWS */
 
 static inline v16f dequantize(v16b codes, v16f scale, v16f minimum) {
     return __builtin_convertvector(__builtin_convertvector(codes, v16i), v16f) * scale + minimum;
@@ -88,12 +89,13 @@ static inline __attribute__((always_inline)) void block(
 
 #define ROWS(n) case n: block(x, K, codes, scale, minimum, N, y, r, n, t, tiles, bits); break;
 
-static inline __attribute__((always_inline)) void all_rows(
-    const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
+/* Rows r_begin..r_end-1 in blocks of BLOCK_ROWS, for tiles t..t+tiles-1. */
+static inline __attribute__((always_inline)) void rows(
+    const float *x, int64_t r_begin, int64_t r_end, int64_t K, const uint8_t *codes, const float *scale,
     const float *minimum, int64_t N, float *y, int64_t t, int tiles, int bits)
 {
-    for (int64_t r = 0; r < M; r += BLOCK_ROWS) {
-        switch (M - r < BLOCK_ROWS ? (int)(M - r) : BLOCK_ROWS) {
+    for (int64_t r = r_begin; r < r_end; r += BLOCK_ROWS) {
+        switch (r_end - r < BLOCK_ROWS ? (int)(r_end - r) : BLOCK_ROWS) {
             ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
         }
     }
@@ -108,37 +110,36 @@ typedef struct {
     float *y;
 } Matmul;
 
-/* One item: BLOCK_TILES tiles (32 output columns) for every row. */
-static void q4_item(void *ctx, int64_t item) {
-    const Matmul *m = ctx;
-    const int64_t tiles = m->N / TILE, t = item * BLOCK_TILES;
+static int64_t column_blocks(int64_t N) { return (N / TILE + BLOCK_TILES - 1) / BLOCK_TILES; }
+
+/* One item: BLOCK_TILES tiles (32 output columns) for one panel of up to PANEL_ROWS rows. Items run
+ * panel by panel, so a prefill's activations stay in L2 while the column blocks pass over them
+ * (1,536 tokens of prefill: C matmuls ~2.8 s with all rows per item). */
+static inline __attribute__((always_inline)) void item(const Matmul *m, int64_t i, int bits) {
+    const int64_t blocks = column_blocks(m->N), tiles = m->N / TILE;
+    const int64_t r_begin = i / blocks * PANEL_ROWS, t = i % blocks * BLOCK_TILES;
+    const int64_t r_end = r_begin + PANEL_ROWS < m->M ? r_begin + PANEL_ROWS : m->M;
     if (tiles - t >= BLOCK_TILES)
-        all_rows(m->x, m->M, m->K, m->codes, m->scale, m->minimum, m->N, m->y, t, BLOCK_TILES, 4);
+        rows(m->x, r_begin, r_end, m->K, m->codes, m->scale, m->minimum, m->N, m->y, t, BLOCK_TILES, bits);
     else
-        all_rows(m->x, m->M, m->K, m->codes, m->scale, m->minimum, m->N, m->y, t, 1, 4);
+        rows(m->x, r_begin, r_end, m->K, m->codes, m->scale, m->minimum, m->N, m->y, t, 1, bits);
 }
 
-static void q8_item(void *ctx, int64_t item) {
-    const Matmul *m = ctx;
-    const int64_t tiles = m->N / TILE, t = item * BLOCK_TILES;
-    if (tiles - t >= BLOCK_TILES)
-        all_rows(m->x, m->M, m->K, m->codes, m->scale, 0, m->N, m->y, t, BLOCK_TILES, 8);
-    else
-        all_rows(m->x, m->M, m->K, m->codes, m->scale, 0, m->N, m->y, t, 1, 8);
-}
+static void q4_item(void *ctx, int64_t i) { item(ctx, i, 4); }
+static void q8_item(void *ctx, int64_t i) { item(ctx, i, 8); }
 
-static int64_t items(int64_t N) { return (N / TILE + BLOCK_TILES - 1) / BLOCK_TILES; }
+static int64_t items(int64_t M, int64_t N) { return (M + PANEL_ROWS - 1) / PANEL_ROWS * column_blocks(N); }
 
 void q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
                const float *minimum, int64_t N, float *y, int threads)
 {
     Matmul m = {x, M, K, codes, scale, minimum, N, y};
-    parallel_for(items(N), threads, q4_item, &m);
+    parallel_for(items(M, N), threads, q4_item, &m);
 }
 
 void q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
                int64_t N, float *y, int threads)
 {
     Matmul m = {x, M, K, (const uint8_t *)codes, scale, 0, N, y};
-    parallel_for(items(N), threads, q8_item, &m);
+    parallel_for(items(M, N), threads, q8_item, &m);
 }

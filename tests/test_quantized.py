@@ -109,10 +109,11 @@ def test_matmul_is_close_to_the_dense_weights(kernel: str) -> None:
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_a_row_gives_the_same_bits_in_any_batch_and_fused_with_other_weights(kernel: str) -> None:
     a, b = quantize_q4_1(random_weight(192, 576, 4)), quantize_q4_1(random_weight(320, 576, 5))
-    x = torch.randn(40, 1, 576, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(100, 1, 576, generator=torch.Generator().manual_seed(6))
     matmul = Q4Matmul(a, kernel)
     alone = torch.cat([matmul(x[i : i + 1]) for i in range(len(x))])
-    for rows in (*range(2, 18), 23, 40):  # every remainder of the C kernel's 8-row blocks
+    # every remainder of the C kernel's 8-row blocks, and its 64-row panels
+    for rows in (*range(2, 18), 23, 40, 64, 65, 100):
         assert torch.equal(matmul(x[:rows]), alone[:rows]), rows
     fused = Q4Matmul(Q4Weight.concat([a, b]), kernel)(x)
     assert torch.equal(fused[..., :192], alone)
