@@ -110,10 +110,10 @@ class DecoderStep:
         keep: list[Any] = [keys, values]  # the C structs hold raw pointers into all of these
 
         def matrix(linears: list[BlockLinear]) -> _Matrix:
-            kinds = {type(p.weight_blocks) for p in linears}
-            if len(kinds) != 1:
+            if len({p.format for p in linears}) != 1:
                 raise _Unsupported
-            matmul = block_matmul(kinds.pop().concat([p.weight_blocks for p in linears]))
+            blocks = [p.weight_blocks for p in linears]
+            matmul = block_matmul(type(blocks[0]).concat(blocks))
             keep.append(matmul)
             if isinstance(matmul, Q4Matmul):
                 return _Matrix(4, matmul.out_features, matmul.in_features, *_pointers(matmul, "minimum"))

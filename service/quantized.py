@@ -17,7 +17,7 @@ Both compute every output element in the same order whatever the number of rows 
 row's result does not depend on its batch (checked in tests), and fusing q/k/v or gate/up into one
 matrix gives the same bits as separate matmuls. Against float32 MKL on the layers' weights they
 are faster (gate+up for one row 0.064-0.10 ms instead of ~0.35) and the packed weights take a
-sixth of the memory (the unpacked codes are kept too, a byte each, to fuse layers and to check them).
+sixth of the memory (the blocks are unpacked from the native layout when layers are fused or checked).
 """
 
 from __future__ import annotations
@@ -117,6 +117,14 @@ class Q4Matmul:
                 torch.stack([weight.scale, zero], dim=-1).transpose(0, 1).contiguous().to(_KERNEL_DTYPE)
             )  # [in / GROUP, out, 2]
 
+    def blocks(self) -> Q4Weight:
+        """The weight unpacked from the native layout (torch's int4 packing cannot be unpacked)."""
+        assert self.kernel == "native"
+        out, inp = self.out_features, self.in_features
+        pairs = torch.stack([self.codes & 0x0F, self.codes >> 4], dim=2)  # [tiles, in / 2, 2, 16]
+        codes = pairs.permute(0, 3, 1, 2).reshape(out, inp)
+        return Q4Weight(codes, _untiled(self.scale), _untiled(self.minimum))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "native":
             return _native_matmul("q4_matmul", x, self.out_features, self.codes, self.scale, self.minimum)
@@ -138,6 +146,11 @@ class Q8Matmul:
         self.codes = weight.codes.view(out // native.TILE, native.TILE, inp).transpose(1, 2).contiguous()
         self.scale = _tiled(weight.scale)
 
+    def blocks(self) -> Q8Weight:
+        """The weight unpacked from the native layout."""
+        codes = self.codes.transpose(1, 2).reshape(self.out_features, self.in_features)
+        return Q8Weight(codes, _untiled(self.scale))
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return _native_matmul("q8_matmul", x, self.out_features, self.codes, self.scale)
 
@@ -146,6 +159,12 @@ def _tiled(per_group: torch.Tensor) -> torch.Tensor:
     """[out, groups] -> [out / 16, groups, 16]: a tile's 16 columns side by side, per group."""
     out, groups = per_group.shape
     return per_group.view(out // native.TILE, native.TILE, groups).transpose(1, 2).contiguous()
+
+
+def _untiled(tiled: torch.Tensor) -> torch.Tensor:
+    """The inverse of _tiled."""
+    tiles, groups, tile = tiled.shape
+    return tiled.transpose(1, 2).reshape(tiles * tile, groups)
 
 
 def _native_matmul(kernel: str, x: torch.Tensor, out_features: int, *weight: torch.Tensor) -> torch.Tensor:
@@ -165,8 +184,8 @@ def block_matmul(weight: BlockWeight) -> Q4Matmul | Q8Matmul:
 
 def block_format(model: Any) -> str:
     """What GetModelInfo reports: "q4_1" if any layer runs on Q4_1 blocks, else "q8_0", else "dense"."""
-    kinds = {type(m.weight_blocks) for m in model.modules() if isinstance(m, BlockLinear)}
-    return "q4_1" if Q4Weight in kinds else "q8_0" if Q8Weight in kinds else "dense"
+    kinds = {m.format for m in model.modules() if isinstance(m, BlockLinear)}
+    return "q4_1" if "q4_1" in kinds else "q8_0" if "q8_0" in kinds else "dense"
 
 
 class BlockLinear(nn.Module):
@@ -174,16 +193,23 @@ class BlockLinear(nn.Module):
 
     def __init__(self, weight: BlockWeight) -> None:
         super().__init__()
-        self.weight_blocks = weight
+        self.format = "q4_1" if isinstance(weight, Q4Weight) else "q8_0"
         self.out_features, self.in_features = weight.shape
         self.matmul = block_matmul(weight)
+        # Kept only for torch's int4 kernel, whose packing cannot be unpacked: the native layout
+        # holds the same blocks, and keeping both cost ~160 MB (a byte per code) for SmolLM2.
+        self._blocks = weight if self.matmul.kernel == "torch" else None
+
+    @property
+    def weight_blocks(self) -> BlockWeight:
+        """The layer's blocks (to fuse layers, or to check them)."""
+        return self._blocks if self._blocks is not None else self.matmul.blocks()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)
 
     def extra_repr(self) -> str:
-        kind = "q4_1" if isinstance(self.weight_blocks, Q4Weight) else "q8_0"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.format}"
 
 
 def read_q4_1(data: np.ndarray, shape: tuple[int, int]) -> Q4Weight:

@@ -121,6 +121,20 @@ def test_a_row_gives_the_same_bits_in_any_batch_and_fused_with_other_weights(ker
 
 
 @needs_c_kernel
+def test_native_layers_keep_only_the_kernel_layout_and_unpack_to_the_same_blocks() -> None:
+    q4, q8 = quantize_q4_1(random_weight(48, 96, 12)), quantize_q8_0(random_weight(32, 64, 13))
+    for weight in (q4, q8):
+        layer = BlockLinear(weight)
+        assert layer._blocks is None  # no second copy of the codes
+        unpacked = layer.weight_blocks
+        assert type(unpacked) is type(weight)
+        for name in ("codes", "scale", "minimum"):
+            if hasattr(weight, name):
+                assert torch.equal(getattr(unpacked, name), getattr(weight, name)), name
+    assert BlockLinear(q4).format == "q4_1" and BlockLinear(q8).format == "q8_0"
+
+
+@needs_c_kernel
 def test_q8_0_blocks_multiply_exactly_and_batch_invariantly() -> None:
     a, b = quantize_q8_0(random_weight(176, 576, 7)), quantize_q8_0(random_weight(64, 576, 8))
     x = torch.randn(40, 576, generator=torch.Generator().manual_seed(9))
