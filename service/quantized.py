@@ -182,6 +182,15 @@ def block_matmul(weight: BlockWeight) -> Q4Matmul | Q8Matmul:
     return Q4Matmul(weight) if isinstance(weight, Q4Weight) else Q8Matmul(weight)
 
 
+def fuse_blocks(linears: list[Any]) -> Q4Matmul | Q8Matmul | None:
+    """One matmul over several block layers of the same input, outputs side by side (the same bits
+    as separate matmuls); None unless all are BlockLinear of one format."""
+    if not all(isinstance(p, BlockLinear) for p in linears) or len({p.format for p in linears}) != 1:
+        return None
+    blocks = [p.weight_blocks for p in linears]
+    return block_matmul(type(blocks[0]).concat(blocks))
+
+
 def block_format(model: Any) -> str:
     """What GetModelInfo reports: "q4_1" if any layer runs on Q4_1 blocks, else "q8_0", else "dense"."""
     kinds = {m.format for m in model.modules() if isinstance(m, BlockLinear)}
