@@ -19,6 +19,10 @@ void q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *codes, const
                const float *minimum, int64_t N, float *y, int threads);
 void q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
                int64_t N, float *y, int threads);
+void q4_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
+                    const float *minimum, int64_t N, float *y, int threads);
+void q8_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
+                    int64_t N, float *y, int threads);
 void decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k, int64_t k_row,
                       int64_t k_head, const float *v, int64_t v_row, int64_t v_head, float *cache_k,
                       float *cache_v, const int64_t *positions, int64_t rows, int64_t heads,
@@ -27,6 +31,7 @@ void decode_attention(const float *q, int64_t q_row, int64_t q_head, const float
 
 typedef struct {
     int64_t bits;  /* 4: Q4_1 (codes, scale, minimum); 8: Q8_0 (codes, scale) */
+    int64_t int8_activations;  /* 1: block_matmul_int8.c and its layout; 0: block_matmul.c */
     int64_t out_features, in_features;
     const void *codes;
     const float *scale, *minimum;
@@ -47,7 +52,11 @@ typedef struct {
 } Decoder;
 
 static void multiply(const Matrix *m, const float *x, int64_t rows, float *y, int threads) {
-    if (m->bits == 4)
+    if (m->int8_activations && m->bits == 4)
+        q4_matmul_int8(x, rows, m->in_features, m->codes, m->scale, m->minimum, m->out_features, y, threads);
+    else if (m->int8_activations)
+        q8_matmul_int8(x, rows, m->in_features, m->codes, m->scale, m->out_features, y, threads);
+    else if (m->bits == 4)
         q4_matmul(x, rows, m->in_features, m->codes, m->scale, m->minimum, m->out_features, y, threads);
     else
         q8_matmul(x, rows, m->in_features, m->codes, m->scale, m->out_features, y, threads);

@@ -23,6 +23,7 @@ _C_INT64 = ctypes.c_int64
 class _Matrix(ctypes.Structure):
     _fields_ = [
         ("bits", _C_INT64),
+        ("int8_activations", _C_INT64),
         ("out_features", _C_INT64),
         ("in_features", _C_INT64),
         ("codes", ctypes.c_void_p),
@@ -113,10 +114,13 @@ class DecoderStep:
             if matmul is None:
                 raise _Unsupported
             keep.append(matmul)
+            int8 = int(matmul.activations == "int8")
             if isinstance(matmul, Q4Matmul):
-                return _Matrix(4, matmul.out_features, matmul.in_features, *_pointers(matmul, "minimum"))
+                return _Matrix(
+                    4, int8, matmul.out_features, matmul.in_features, *_pointers(matmul, "minimum")
+                )
             assert isinstance(matmul, Q8Matmul)
-            return _Matrix(8, matmul.out_features, matmul.in_features, *_pointers(matmul))
+            return _Matrix(8, int8, matmul.out_features, matmul.in_features, *_pointers(matmul))
 
         try:
             structs = [

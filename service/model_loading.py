@@ -85,13 +85,19 @@ def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
 
 
 def load_model(
-    source: ModelSource, device: torch.device, dtype: torch.dtype, weights: str = "auto"
+    source: ModelSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    weights: str = "auto",
+    activations: str = "auto",
 ) -> tuple[Any, Any]:
     """Load (model, tokenizer). A GGUF file is unpacked once and cached as safetensors: the unpacking
     takes ~25 s here, loading the cached copy ~1 s.
 
     weights="auto" runs a GGUF file's Q4_1 and Q8_0 layers on their own blocks when on CPU (see
-    quantized.py: faster matmuls, less memory); "dense" keeps every layer in `dtype`.
+    quantized.py: faster matmuls, less memory); "dense" keeps every layer in `dtype`. `activations`
+    is what those blocks multiply: "auto" rounds them to 8 bits where the CPU has AVX512-VNNI (as
+    llama.cpp does for these weights), "float32" keeps them (see quantized.Q4Matmul).
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, not {weights!r}")
@@ -103,7 +109,7 @@ def load_model(
     model.eval()
     blocks_file = folder / _BLOCKS_FILE
     if weights == "auto" and device.type == "cpu" and blocks_file.exists():
-        replaced = swap_in_block_linears(model, load_blocks(blocks_file))
+        replaced = swap_in_block_linears(model, load_blocks(blocks_file), activations)
         kernel = "C" if native.library() else "torch's int4"
         log.info("%d linear layers run on the file's Q4_1/Q8_0 blocks (%s kernel)", replaced, kernel)
     return model, tokenizer

@@ -52,7 +52,7 @@ from tokenwire.service import native
 from tokenwire.service.cpu_threads import ThreadGovernor
 from tokenwire.service.decoder_step import DecoderStep
 from tokenwire.service.model_loading import ModelSource, load_model, pick_device, pick_dtype, resolve_model
-from tokenwire.service.quantized import BlockLinear, block_format, fuse_blocks
+from tokenwire.service.quantized import BlockLinear, block_activations, block_format, fuse_blocks
 from tokenwire.service.requests import SamplingParams
 from tokenwire.service.runner_types import PrefillChunk, PrefixCache, TokenSample
 from tokenwire.service.sampling import SamplingRow, make_generator, mark_seen, sample
@@ -289,7 +289,14 @@ class ModelRunner:
         self.weights = block_format(model)
         # How a decode step runs: "c" (decoder_step.c, one call), else "torch" (ops from Python).
         self.decode_kernel = "c" if self._decoder_step is not None else "torch"
-        log.info("weights %s; decode steps run in %s", self.weights, self.decode_kernel)
+        # What the block layers multiply: "int8", "float32", "bfloat16"; "" when every layer is dense.
+        self.activations = block_activations(model)
+        log.info(
+            "weights %s (activations: %s); decode steps run in %s",
+            self.weights,
+            self.activations or str(self.dtype).removeprefix("torch."),
+            self.decode_kernel,
+        )
 
         # Positions [0, _finite[row]) of each row hold finite values. The decode step reads every
         # row up to the longest one, and masked-out garbage still poisons softmax @ V when it is
@@ -312,13 +319,14 @@ class ModelRunner:
         device: str = "auto",
         dtype: str = "auto",
         weights: str = "auto",
+        activations: str = "auto",
         max_batch_size: int = 16,
         max_context: int | None = None,
     ) -> ModelRunner:
         source: ModelSource = resolve_model(spec)
         torch_device = pick_device(device)
         torch_dtype = pick_dtype(torch_device, dtype)
-        model, tokenizer = load_model(source, torch_device, torch_dtype, weights)
+        model, tokenizer = load_model(source, torch_device, torch_dtype, weights, activations)
         return cls(
             model,
             tokenizer,

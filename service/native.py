@@ -29,7 +29,7 @@ log = logging.getLogger("tokenwire.model")
 TILE = 16  # output columns per vector in block_matmul.c: it takes layers whose width is a multiple
 _SOURCES = [
     Path(__file__).with_name(f"{name}.c")
-    for name in ("thread_pool", "block_matmul", "decode_attention", "decoder_step")
+    for name in ("thread_pool", "block_matmul", "block_matmul_int8", "decode_attention", "decoder_step")
 ]
 _HEADERS = [Path(__file__).with_name(name) for name in ("vec16.h", "thread_pool.h")]
 _COMPILE = ["-O3", "-march=native", "-ffp-contract=fast", "-pthread", "-fPIC"]
@@ -51,6 +51,9 @@ def library() -> ctypes.CDLL | None:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.q4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
     lib.q8_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.q4_matmul_int8.argtypes = lib.q4_matmul.argtypes
+    lib.q8_matmul_int8.argtypes = lib.q8_matmul.argtypes
+    lib.int8_activations.argtypes = []
     strided: list[Any] = [ptr, i64, i64]  # base, row stride, head stride
     lib.decode_attention.argtypes = [
         *strided * 3,
@@ -63,7 +66,8 @@ def library() -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     lib.decoder_step.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
-    for kernel in (lib.q4_matmul, lib.q8_matmul, lib.decode_attention, lib.decoder_step):
+    kernels = (lib.q4_matmul, lib.q8_matmul, lib.q4_matmul_int8, lib.q8_matmul_int8, lib.decode_attention)
+    for kernel in (*kernels, lib.decoder_step):
         kernel.restype = None
     return lib
 

@@ -4,10 +4,13 @@ A Q4_1 block holds 32 weights of one output row as `w = d * q + m` (q in 0..15, 
 These are the weights the GGUF file ships, not a second quantization of them: each layer is checked
 against the dense float32 unpacking before it is used. Two kernels take them:
 
-- "native", block_matmul.c, compiled on this machine (native.py): float32 activations, the file's
-  weights exactly (d * q + m in float32), one multiply-add chain per output. ~200 GFLOP/s at 16
-  rows here against the torch kernel's ~110; gate+up (576 -> 3072) 0.37-0.43 ms instead of
-  0.66-0.70 at 16 rows, ~0.10 ms for one row either way.
+- "native", the C kernels compiled on this machine (native.py), on the file's weights exactly:
+  - block_matmul_int8.c, where the CPU has AVX512-VNNI (the default there): activations rounded to
+    8 bits per block of 32, as llama.cpp does, and integer dot products. A decode step of the
+    default model ~13.6 ms instead of ~30 at 16 rows, ~3.9 instead of ~6.7 for one; NLL +0.005.
+  - block_matmul.c: float32 activations as they are, one multiply-add chain per output. ~200
+    GFLOP/s at 16 rows here against the torch kernel's ~110; gate+up (576 -> 3072) 0.37-0.43 ms
+    instead of 0.66-0.70 at 16 rows, ~0.10 ms for one row either way.
 - "torch", `_weight_int4pack_mm_for_cpu`, where no C compiler is available. It computes groups of
   32 as `w = (q - 8) * scale + zero`, so the blocks map onto it exactly (scale = d, zero = m + 8d)
   but rounded to bfloat16, as are its activations, the only dtype it vectorises (float16 inputs
@@ -94,11 +97,14 @@ BlockWeight = Q4Weight | Q8Weight
 class Q4Matmul:
     """`x @ weight.T` on Q4_1 blocks: x of any leading shape, result in x's dtype.
 
-    kernel "native" is block_matmul.c (float32 activations, ~1.6x faster at 16 rows), "torch" is
-    torch's int4 kernel (bfloat16 activations); "auto" takes native where it could be built.
+    kernel "native" is the C kernels, "torch" is torch's int4 kernel; "auto" takes native where
+    it could be built. activations: what the weights multiply (`.activations` says which ran):
+    "int8" (block_matmul_int8.c, rounded per block of 32 as llama.cpp does, ~2-3x faster again),
+    "float32" (block_matmul.c, x as it is), "auto" int8 where the CPU has the instructions for it;
+    torch's kernel always rounds them to bfloat16.
     """
 
-    def __init__(self, weight: Q4Weight, kernel: str = "auto") -> None:
+    def __init__(self, weight: Q4Weight, kernel: str = "auto", activations: str = "auto") -> None:
         out, inp = weight.shape
         self.out_features = out
         self.in_features = inp
@@ -106,53 +112,92 @@ class Q4Matmul:
         if kernel == "native" and lib is None:
             raise RuntimeError("the native kernel is not available here")
         self.kernel = "native" if lib is not None else "torch"
-        if lib is not None:  # block_matmul.c's layout (see there)
+        self.activations = _activations(lib, activations)
+        if self.activations == "int8":  # block_matmul_int8.c's layout (see there)
+            lines = weight.codes.view(out // native.TILE, native.TILE, inp // 8, 2, 4).permute(0, 2, 1, 4, 3)
+            self.codes = (lines[..., 0] | (lines[..., 1] << 4)).contiguous()  # [tiles, in / 8, 16, 4]
+        elif lib is not None:  # block_matmul.c's layout (see there)
             codes = weight.codes.view(out // native.TILE, native.TILE, inp // 2, 2).permute(0, 2, 3, 1)
             self.codes = (codes[:, :, 0] | (codes[:, :, 1] << 4)).contiguous()  # [tiles, in / 2, 16]
-            self.scale, self.minimum = _tiled(weight.scale), _tiled(weight.minimum)
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), 1)
             zero = weight.minimum + 8 * weight.scale  # the kernel subtracts 8 from every code
             self.scales_and_zeros = (
                 torch.stack([weight.scale, zero], dim=-1).transpose(0, 1).contiguous().to(_KERNEL_DTYPE)
             )  # [in / GROUP, out, 2]
+        if lib is not None:
+            self.scale, self.minimum = _tiled(weight.scale), _tiled(weight.minimum)
 
     def blocks(self) -> Q4Weight:
         """The weight unpacked from the native layout (torch's int4 packing cannot be unpacked)."""
         assert self.kernel == "native"
         out, inp = self.out_features, self.in_features
-        pairs = torch.stack([self.codes & 0x0F, self.codes >> 4], dim=2)  # [tiles, in / 2, 2, 16]
-        codes = pairs.permute(0, 3, 1, 2).reshape(out, inp)
+        if self.activations == "int8":
+            nibbles = torch.stack([self.codes & 0x0F, self.codes >> 4], dim=-1)  # [tiles, in / 8, 16, 4, 2]
+            codes = nibbles.permute(0, 2, 1, 4, 3).reshape(out, inp)
+        else:
+            pairs = torch.stack([self.codes & 0x0F, self.codes >> 4], dim=2)  # [tiles, in / 2, 2, 16]
+            codes = pairs.permute(0, 3, 1, 2).reshape(out, inp)
         return Q4Weight(codes, _untiled(self.scale), _untiled(self.minimum))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "native":
-            return _native_matmul("q4_matmul", x, self.out_features, self.codes, self.scale, self.minimum)
+            name = "q4_matmul_int8" if self.activations == "int8" else "q4_matmul"
+            return _native_matmul(name, x, self.out_features, self.codes, self.scale, self.minimum)
         flat = x.reshape(-1, self.in_features).to(_KERNEL_DTYPE)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_and_zeros)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
 
 class Q8Matmul:
-    """`x @ weight.T` on Q8_0 blocks, through block_matmul.c (torch has no kernel for them)."""
+    """`x @ weight.T` on Q8_0 blocks, through the C kernels (torch has none for them); activations
+    as for Q4Matmul."""
 
-    def __init__(self, weight: Q8Weight) -> None:
+    def __init__(self, weight: Q8Weight, activations: str = "auto") -> None:
         out, inp = weight.shape
-        if native.library() is None or out % native.TILE:
+        lib = native.library()
+        if lib is None or out % native.TILE:
             raise RuntimeError("Q8_0 blocks need the native kernel, for a multiple of 16 outputs")
         self.out_features = out
         self.in_features = inp
         self.kernel = "native"
-        self.codes = weight.codes.view(out // native.TILE, native.TILE, inp).transpose(1, 2).contiguous()
+        self.activations = _activations(lib, activations)
+        if self.activations == "int8":  # block_matmul_int8.c's layout: [tiles, in / 4, 16, 4], code + 128
+            shifted = weight.codes.view(torch.uint8) ^ 0x80
+            self.codes = (
+                shifted.view(out // native.TILE, native.TILE, inp // 4, 4).transpose(1, 2).contiguous()
+            )
+        else:  # block_matmul.c's layout: [tiles, in, 16]
+            self.codes = weight.codes.view(out // native.TILE, native.TILE, inp).transpose(1, 2).contiguous()
         self.scale = _tiled(weight.scale)
 
     def blocks(self) -> Q8Weight:
         """The weight unpacked from the native layout."""
-        codes = self.codes.transpose(1, 2).reshape(self.out_features, self.in_features)
+        if self.activations == "int8":
+            shifted = self.codes.transpose(1, 2).reshape(self.out_features, self.in_features)
+            codes = (shifted ^ 0x80).view(torch.int8)
+        else:
+            codes = self.codes.transpose(1, 2).reshape(self.out_features, self.in_features)
         return Q8Weight(codes, _untiled(self.scale))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _native_matmul("q8_matmul", x, self.out_features, self.codes, self.scale)
+        name = "q8_matmul_int8" if self.activations == "int8" else "q8_matmul"
+        return _native_matmul(name, x, self.out_features, self.codes, self.scale)
+
+
+ACTIVATIONS = ("auto", "int8", "float32")
+
+
+def _activations(lib: Any, requested: str) -> str:
+    """What a matmul's activations will be: see Q4Matmul."""
+    if requested not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, not {requested!r}")
+    int8 = lib is not None and bool(lib.int8_activations())
+    if lib is None and requested != "int8":
+        return "bfloat16"  # torch's int4 kernel
+    if requested == "int8" and not int8:
+        raise RuntimeError("8-bit activations need AVX512-VNNI, which this CPU or compiler lacks")
+    return "int8" if int8 and requested != "float32" else "float32"
 
 
 def _tiled(per_group: torch.Tensor) -> torch.Tensor:
@@ -178,17 +223,21 @@ def _native_matmul(kernel: str, x: torch.Tensor, out_features: int, *weight: tor
     return out.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
-def block_matmul(weight: BlockWeight) -> Q4Matmul | Q8Matmul:
-    return Q4Matmul(weight) if isinstance(weight, Q4Weight) else Q8Matmul(weight)
+def block_matmul(weight: BlockWeight, activations: str = "auto") -> Q4Matmul | Q8Matmul:
+    if isinstance(weight, Q4Weight):
+        return Q4Matmul(weight, activations=activations)
+    return Q8Matmul(weight, activations)
 
 
 def fuse_blocks(linears: list[Any]) -> Q4Matmul | Q8Matmul | None:
     """One matmul over several block layers of the same input, outputs side by side (the same bits
-    as separate matmuls); None unless all are BlockLinear of one format."""
-    if not all(isinstance(p, BlockLinear) for p in linears) or len({p.format for p in linears}) != 1:
+    as separate matmuls); None unless all are BlockLinear of one format and activations."""
+    if not all(isinstance(p, BlockLinear) for p in linears):
+        return None
+    if len({(p.format, p.matmul.activations) for p in linears}) != 1:
         return None
     blocks = [p.weight_blocks for p in linears]
-    return block_matmul(type(blocks[0]).concat(blocks))
+    return block_matmul(type(blocks[0]).concat(blocks), linears[0].matmul.activations)
 
 
 def block_format(model: Any) -> str:
@@ -197,14 +246,20 @@ def block_format(model: Any) -> str:
     return "q4_1" if "q4_1" in kinds else "q8_0" if "q8_0" in kinds else "dense"
 
 
+def block_activations(model: Any) -> str:
+    """What the block layers multiply ("int8", "float32", "bfloat16"), or "" if there are none."""
+    kinds = sorted({m.matmul.activations for m in model.modules() if isinstance(m, BlockLinear)})
+    return "+".join(kinds)
+
+
 class BlockLinear(nn.Module):
     """Drop-in for a bias-free nn.Linear whose weight came from a Q4_1 or Q8_0 tensor."""
 
-    def __init__(self, weight: BlockWeight) -> None:
+    def __init__(self, weight: BlockWeight, activations: str = "auto") -> None:
         super().__init__()
         self.format = "q4_1" if isinstance(weight, Q4Weight) else "q8_0"
         self.out_features, self.in_features = weight.shape
-        self.matmul = block_matmul(weight)
+        self.matmul = block_matmul(weight, activations)
         # Kept only for torch's int4 kernel, whose packing cannot be unpacked: the native layout
         # holds the same blocks, and keeping both cost ~160 MB (a byte per code) for SmolLM2.
         self._blocks = weight if self.matmul.kernel == "torch" else None
@@ -218,7 +273,10 @@ class BlockLinear(nn.Module):
         return self.matmul(x)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.format}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {self.format}, "
+            f"{self.matmul.activations} activations"
+        )
 
 
 def read_q4_1(data: np.ndarray, shape: tuple[int, int]) -> Q4Weight:
@@ -317,10 +375,11 @@ def load_blocks(path: Path) -> dict[str, BlockWeight]:
     }
 
 
-def swap_in_block_linears(model: Any, weights: dict[str, BlockWeight]) -> int:
+def swap_in_block_linears(model: Any, weights: dict[str, BlockWeight], activations: str = "auto") -> int:
     """Replace the named nn.Linear layers by BlockLinear; return how many were replaced.
 
     Q8_0 layers only where the native kernel takes them (torch has none): others stay dense.
+    `activations` as for Q4Matmul.
     """
     replaced = 0
     for module_name, weight in weights.items():
@@ -330,6 +389,6 @@ def swap_in_block_linears(model: Any, weights: dict[str, BlockWeight]) -> int:
         parent = model.get_submodule(parent_name)
         current = getattr(parent, attr, None)
         if isinstance(current, nn.Linear) and (current.out_features, current.in_features) == weight.shape:
-            setattr(parent, attr, BlockLinear(weight))
+            setattr(parent, attr, BlockLinear(weight, activations))
             replaced += 1
     return replaced

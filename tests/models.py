@@ -67,9 +67,9 @@ def quantize_q8_0(weight: torch.Tensor) -> Q8Weight:
     return read_q8_0(data, (weight.shape[0], weight.shape[1]))
 
 
-def tiny_q4_model(seed: int = 0) -> Any:
+def tiny_q4_model(seed: int = 0, activations: str = "auto") -> Any:
     """The tiny llama as the default GGUF model runs on CPU: every decoder projection stored as Q4_1
-    blocks, the tied lm_head as Q8_0 (where the C kernel runs them)."""
+    blocks, the tied lm_head as Q8_0 (where the C kernel runs them), on `activations`."""
     model = tiny_model(seed)
     weights: dict[str, BlockWeight] = {
         name: quantize_q4_1(module.weight)
@@ -77,7 +77,7 @@ def tiny_q4_model(seed: int = 0) -> Any:
         if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.")
     }
     weights["lm_head"] = quantize_q8_0(model.lm_head.weight)
-    assert swap_in_block_linears(model, weights) == 14 + (native.library() is not None)
+    assert swap_in_block_linears(model, weights, activations) == 14 + (native.library() is not None)
     return model
 
 
@@ -100,29 +100,30 @@ AttentionInterface.register("tokenwire_reference", _decode_attention_reference)
 def runner_and_reference(model: Any, max_batch_size: int = 8) -> tuple[ModelRunner, Any]:
     """A runner over `model`, and an untouched copy of it for plain `generate` as the reference.
 
-    Where Q4_1 layers run on torch's int4 kernel (no C compiler), the reference's one-token steps
-    use the engine's decode_attention instead of SDPA: that kernel's bfloat16 inputs turn the two
-    attentions' last-bit differences into other tokens after a few dozen steps, and the comparison
-    is about the engine's batching, not about those kernels. Float32 matmuls (dense, or the C
-    kernel) keep stock SDPA, whose differences stay below the noise.
+    Where block layers round their activations (to 8 bits in the C kernel, to bfloat16 in torch's
+    int4 kernel), the reference's one-token steps use the engine's decode_attention instead of
+    SDPA: the rounding turns the two attentions' last-bit differences into other tokens after a few
+    dozen steps, and the comparison is about the engine's batching, not about those kernels.
+    Float32 matmuls (dense, or the C kernel on float32) keep stock SDPA, whose differences stay
+    below the noise.
     """
     reference = copy.deepcopy(model)
     # Set either way: a cached model already given to an earlier runner points at its slot attention.
-    reference.set_attn_implementation("tokenwire_reference" if bfloat16_matmuls(model) else "sdpa")
+    reference.set_attn_implementation("tokenwire_reference" if rounded_activations(model) else "sdpa")
     runner = ModelRunner(model, tokenizer(), name="test", source="memory", max_batch_size=max_batch_size)
     return runner, reference
 
 
-def bfloat16_matmuls(model: Any) -> bool:
-    """Whether some layer runs on torch's int4 kernel, which rounds its inputs to bfloat16."""
-    return any(isinstance(m, BlockLinear) and m.matmul.kernel == "torch" for m in model.modules())
+def rounded_activations(model: Any) -> bool:
+    """Whether some block layer rounds its inputs (to 8 bits, or to bfloat16 on torch's kernel)."""
+    return any(isinstance(m, BlockLinear) and m.matmul.activations != "float32" for m in model.modules())
 
 
 @functools.cache
-def default_model(weights: str = "dense") -> Any:
+def default_model(weights: str = "dense", activations: str = "auto") -> Any:
     """The real default model in float32: "dense" unpacks every layer, "auto" runs it as the server
-    does on CPU (its Q4_1 layers on their 4-bit blocks)."""
-    model, _ = load_model(resolve_model("default"), torch.device("cpu"), torch.float32, weights)
+    does on CPU (its Q4_1 layers on their 4-bit blocks, multiplying `activations`)."""
+    model, _ = load_model(resolve_model("default"), torch.device("cpu"), torch.float32, weights, activations)
     return model
 
 

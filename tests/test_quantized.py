@@ -31,7 +31,16 @@ from tokenwire.service.quantized import (
 )
 
 needs_c_kernel = pytest.mark.skipif(native.library() is None, reason="no C kernel here")
-KERNELS = [pytest.param("native", marks=needs_c_kernel), "torch"]
+needs_int8 = pytest.mark.skipif(
+    native.library() is None or not native.library().int8_activations(), reason="no AVX512-VNNI here"
+)
+# (kernel, activations): the C kernels on 8-bit or float32 activations; torch's int4 kernel (bfloat16)
+KERNELS = [
+    pytest.param(("native", "int8"), marks=needs_int8, id="int8"),
+    pytest.param(("native", "float32"), marks=needs_c_kernel, id="float32"),
+    pytest.param(("torch", "auto"), id="torch"),
+]
+C_ACTIVATIONS = [pytest.param("int8", marks=needs_int8), pytest.param("float32", marks=needs_c_kernel)]
 
 
 def random_weight(out: int, inp: int, seed: int) -> torch.Tensor:
@@ -93,38 +102,61 @@ def test_without_the_c_kernel_the_torch_kernel_serves(monkeypatch: pytest.Monkey
     assert Q4Matmul(quantize_q4_1(random_weight(32, 64, 0))).kernel == "torch"
 
 
+def rounded_to_8_bits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """block_matmul_int8.c's rounding, per row and block of 32: (codes, scales) as float64."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    codes = torch.round(blocks * inverse)  # float32, half to even, as the kernel
+    return codes.double(), (amax / 127.0).double()
+
+
+def int8_reference(x: torch.Tensor, weight: Q4Weight | Q8Weight) -> torch.Tensor:
+    """What the 8-bit kernels compute, in float64: the rounded activations times the exact weights."""
+    codes, scales = rounded_to_8_bits(x)
+    dense = weight.dequantize().double().view(weight.shape[0], -1, 32)
+    return torch.einsum("rgk,ngk->rn", codes * scales, dense).float()
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_matmul_is_close_to_the_dense_weights(kernel: str) -> None:
+def test_matmul_is_close_to_the_dense_weights(kernel: tuple[str, str]) -> None:
     weight = quantize_q4_1(random_weight(256, 576, 2))
     x = torch.randn(5, 576, generator=torch.Generator().manual_seed(3))
     expected = x @ weight.dequantize().T
-    out = Q4Matmul(weight, kernel)(x)
+    matmul = Q4Matmul(weight, *kernel)
+    out = matmul(x)
     assert out.dtype == torch.float32 and out.shape == (5, 256)
-    if kernel == "native":  # float32 throughout: only the summation order differs
+    error = float((out - expected).norm() / expected.norm())
+    if matmul.activations == "float32":  # float32 throughout: only the summation order differs
         assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    elif matmul.activations == "int8":  # ~2.5 significant digits, and exactly the rounding it says
+        assert 1e-3 < error < 1e-2
+        assert torch.allclose(out, int8_reference(x, weight), rtol=1e-5, atol=1e-5)
     else:  # bfloat16 inputs: ~3 significant digits
+        assert matmul.activations == "bfloat16"
         assert torch.allclose(out, expected, rtol=0.02, atol=0.02 * float(expected.abs().mean()))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_a_row_gives_the_same_bits_in_any_batch_and_fused_with_other_weights(kernel: str) -> None:
+def test_a_row_gives_the_same_bits_in_any_batch_and_fused_with_other_weights(kernel: tuple[str, str]) -> None:
     a, b = quantize_q4_1(random_weight(192, 576, 4)), quantize_q4_1(random_weight(320, 576, 5))
-    x = torch.randn(100, 1, 576, generator=torch.Generator().manual_seed(6))
-    matmul = Q4Matmul(a, kernel)
+    x = torch.randn(300, 1, 576, generator=torch.Generator().manual_seed(6))
+    matmul = Q4Matmul(a, *kernel)
     alone = torch.cat([matmul(x[i : i + 1]) for i in range(len(x))])
-    # every remainder of the C kernel's 8-row blocks, and its 64-row panels
-    for rows in (*range(2, 18), 23, 40, 64, 65, 100):
+    # every remainder of the C kernels' 8- and 16-row blocks, and their 64- and 128-row panels
+    for rows in (*range(2, 34), 40, 64, 65, 100, 128, 129, 300):
         assert torch.equal(matmul(x[:rows]), alone[:rows]), rows
-    fused = Q4Matmul(Q4Weight.concat([a, b]), kernel)(x)
+    fused = Q4Matmul(Q4Weight.concat([a, b]), *kernel)(x)
     assert torch.equal(fused[..., :192], alone)
-    assert torch.equal(fused[..., 192:], Q4Matmul(b, kernel)(x))
+    assert torch.equal(fused[..., 192:], Q4Matmul(b, *kernel)(x))
 
 
-@needs_c_kernel
-def test_native_layers_keep_only_the_kernel_layout_and_unpack_to_the_same_blocks() -> None:
+@pytest.mark.parametrize("activations", C_ACTIVATIONS)
+def test_native_layers_keep_only_the_kernel_layout_and_unpack_to_the_same_blocks(activations: str) -> None:
     q4, q8 = quantize_q4_1(random_weight(48, 96, 12)), quantize_q8_0(random_weight(32, 64, 13))
     for weight in (q4, q8):
-        layer = BlockLinear(weight)
+        layer = BlockLinear(weight, activations)
+        assert layer.matmul.activations == activations
         assert layer._blocks is None  # no second copy of the codes
         unpacked = layer.weight_blocks
         assert type(unpacked) is type(weight)
@@ -134,23 +166,27 @@ def test_native_layers_keep_only_the_kernel_layout_and_unpack_to_the_same_blocks
     assert BlockLinear(q4).format == "q4_1" and BlockLinear(q8).format == "q8_0"
 
 
-@needs_c_kernel
-def test_q8_0_blocks_multiply_exactly_and_batch_invariantly() -> None:
+@pytest.mark.parametrize("activations", C_ACTIVATIONS)
+def test_q8_0_blocks_multiply_as_documented_and_batch_invariantly(activations: str) -> None:
     a, b = quantize_q8_0(random_weight(176, 576, 7)), quantize_q8_0(random_weight(64, 576, 8))
     x = torch.randn(40, 576, generator=torch.Generator().manual_seed(9))
-    matmul = Q8Matmul(a)
+    x[3, 32:64] = 0  # a block of zeros: scale 0, no division by it
+    matmul = Q8Matmul(a, activations)
     alone = torch.cat([matmul(x[i : i + 1]) for i in range(len(x))])
-    assert torch.allclose(alone, x @ a.dequantize().T, rtol=1e-5, atol=1e-5)
-    for rows in (*range(2, 18), 23, 40):
+    expected = x @ a.dequantize().T if activations == "float32" else int8_reference(x, a)
+    assert torch.allclose(alone, expected, rtol=1e-5, atol=1e-5)
+    for rows in (*range(2, 34), 40):
         assert torch.equal(matmul(x[:rows]), alone[:rows]), rows
-    fused = block_matmul(Q8Weight.concat([a, b]))(x)
+    fused = block_matmul(Q8Weight.concat([a, b]), activations)(x)
     assert torch.equal(fused[:, :176], alone)
-    assert torch.equal(fused[:, 176:], Q8Matmul(b)(x))
+    assert torch.equal(fused[:, 176:], Q8Matmul(b, activations)(x))
 
 
-@needs_c_kernel
-def test_the_c_kernels_give_the_same_bits_on_any_thread_count_and_from_concurrent_callers() -> None:
-    matmul = Q4Matmul(quantize_q4_1(random_weight(3072, 576, 10)), "native")
+@pytest.mark.parametrize("activations", C_ACTIVATIONS)
+def test_the_c_kernels_give_the_same_bits_on_any_thread_count_and_from_concurrent_callers(
+    activations: str,
+) -> None:
+    matmul = Q4Matmul(quantize_q4_1(random_weight(3072, 576, 10)), "native", activations)
     x = torch.randn(16, 576, generator=torch.Generator().manual_seed(11))
     expected = matmul(x)
     threads = torch.get_num_threads()
@@ -252,4 +288,6 @@ def test_the_default_model_runs_every_layer_on_its_gguf_blocks() -> None:
     runner, _ = runner_and_reference(model)
     assert runner.weights == "q4_1"  # what GetModelInfo reports
     assert q4_k.matmul.kernel == ("native" if native.library() else "torch")
+    int8 = native.library() is not None and native.library().int8_activations()
+    assert runner.activations == ("int8" if int8 else "float32" if native.library() else "bfloat16")
     assert runner.decode_kernel == ("c" if native.library() else "torch")
