@@ -24,8 +24,8 @@ void q4_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, 
 void q8_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
                     int64_t N, float *y, int threads);
 void decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k, int64_t k_row,
-                      int64_t k_head, const float *v, int64_t v_row, int64_t v_head, float *cache_k,
-                      float *cache_v, const int64_t *positions, int64_t rows, int64_t heads,
+                      int64_t k_head, const float *v, int64_t v_row, int64_t v_head, void *cache_k,
+                      void *cache_v, int half, const int64_t *positions, int64_t rows, int64_t heads,
                       int64_t kv_heads, int64_t head_dim, int64_t max_len, float scale, float *out,
                       int threads);
 
@@ -47,7 +47,8 @@ typedef struct {
     float eps, attention_scale;
     const Layer *layer;
     const float *final_norm;
-    float *cache_k, *cache_v;  /* [layers, max_rows, kv_heads, max_len, head_dim] */
+    void *cache_k, *cache_v;  /* [layers, max_rows, kv_heads, max_len, head_dim] */
+    int64_t half_cache;  /* 1: the cache holds float16, else float32 */
     int64_t max_rows, max_len;
 } Decoder;
 
@@ -112,6 +113,7 @@ void decoder_step(const Decoder *d, float *x, const float *cos, const float *sin
                   const int64_t *positions, int64_t rows, int threads) {
     const int64_t hidden = d->hidden, head_dim = d->head_dim, heads = d->heads, kv = d->kv_heads;
     const int64_t qkv_width = (heads + 2 * kv) * head_dim, layer_cache = d->max_rows * kv * d->max_len * head_dim;
+    const int64_t element = d->half_cache ? 2 : 4;  /* bytes per cached value */
     float *normed = malloc(sizeof(float) * rows * hidden);
     float *qkv = malloc(sizeof(float) * rows * qkv_width);
     float *attended = malloc(sizeof(float) * rows * heads * head_dim);
@@ -126,7 +128,8 @@ void decoder_step(const Decoder *d, float *x, const float *cos, const float *sin
         decode_attention(qkv, qkv_width, head_dim,
                          qkv + heads * head_dim, qkv_width, head_dim,
                          qkv + (heads + kv) * head_dim, qkv_width, head_dim,
-                         d->cache_k + l * layer_cache, d->cache_v + l * layer_cache, positions,
+                         (char *)d->cache_k + l * layer_cache * element, (char *)d->cache_v + l * layer_cache * element,
+                         (int)d->half_cache, positions,
                          rows, heads, kv, head_dim, d->max_len, d->attention_scale, attended, threads);
         multiply(&layer->o, attended, rows, delta, threads);
         add(x, delta, rows * hidden);

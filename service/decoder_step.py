@@ -57,6 +57,7 @@ class _Decoder(ctypes.Structure):
         ("final_norm", ctypes.c_void_p),
         ("cache_k", ctypes.c_void_p),
         ("cache_v", ctypes.c_void_p),
+        ("half_cache", _C_INT64),
         ("max_rows", _C_INT64),
         ("max_len", _C_INT64),
     ]
@@ -152,6 +153,7 @@ class DecoderStep:
             final_norm=backbone.norm.weight.data_ptr(),
             cache_k=keys.data_ptr(),
             cache_v=values.data_ptr(),
+            half_cache=int(keys.dtype == torch.float16),
             max_rows=keys.shape[1],
             max_len=keys.shape[3],
         )

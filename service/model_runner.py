@@ -98,14 +98,15 @@ class _SlotAttention:
         self.values = values
         self.ctx = _StepContext()
         head_dim = keys.shape[-1]
-        # decode_attention.c: float32 on CPU, head_dim a multiple of 16 up to 256 (see there).
+        # decode_attention.c: a float32 (or float16) cache on CPU, head_dim a multiple of 16 up to 256.
         self.native = (
             native.library() is not None
             and keys.device.type == "cpu"
-            and keys.dtype == torch.float32
+            and keys.dtype in (torch.float32, torch.float16)
             and head_dim % 16 == 0
             and head_dim <= 256
         )
+        assert self.native or keys.dtype != torch.float16, "a float16 cache needs decode_attention.c"
 
     def __call__(
         self,
@@ -143,8 +144,8 @@ class _SlotAttention:
                 outs.append(
                     F.scaled_dot_product_attention(
                         query[:, :, packed],
-                        cache_k[row : row + 1, :, :end],
-                        cache_v[row : row + 1, :, :end],
+                        cache_k[row : row + 1, :, :end].to(query.dtype),  # a copy, if the cache is float16
+                        cache_v[row : row + 1, :, :end].to(query.dtype),
                         attn_mask=_prefill_mask(start, length, query.device),
                         scale=scaling,
                         enable_gqa=True,
@@ -153,6 +154,23 @@ class _SlotAttention:
                 offset += length
             out = torch.cat(outs, dim=2)
         return out.transpose(1, 2), None
+
+
+def _cache_dtype(device: torch.device, dtype: torch.dtype, activations: str) -> torch.dtype:
+    """float16 where the block layers already round their activations to 8 bits and the C attention
+    takes it (as llama.cpp keeps its cache): a decode step reads every row's keys and values, and at
+    16 rows that read is most of attention's time; float16 rounds them by ~2e-4 relative, far less
+    than 8-bit activations round. Elsewhere the model's dtype, so dense or float32 runs stay exact."""
+    lib = native.library()
+    if (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and activations == "int8"
+        and lib
+        and lib.half_kv_cache()
+    ):
+        return torch.float16
+    return dtype
 
 
 ATTENTION_BLOCK = 64  # key positions per partial product; decode key lengths are padded to a multiple
@@ -225,7 +243,7 @@ def _native_decode_attention(
         query.data_ptr(), query.stride(0), query.stride(1),
         key.data_ptr(), key.stride(0), key.stride(1),
         value.data_ptr(), value.stride(0), value.stride(1),
-        cache_k.data_ptr(), cache_v.data_ptr(), positions.data_ptr(),
+        cache_k.data_ptr(), cache_v.data_ptr(), int(cache_k.dtype == torch.float16), positions.data_ptr(),
         rows, heads, key.shape[1], head_dim, cache_k.shape[2],
         head_dim**-0.5 if scale is None else scale, out.data_ptr(), native.threads(),
     )  # fmt: skip
@@ -272,9 +290,12 @@ class ModelRunner:
         head_dim = int(getattr(config, "head_dim", config.hidden_size // config.num_attention_heads))
         # Whole attention blocks, so a decode step never pads a copy of the cache (decode_attention).
         shape = (layers, max_batch_size, kv_heads, _whole_blocks(self.context_length), head_dim)
+        # What the block layers multiply: "int8", "float32", "bfloat16"; "" when every layer is dense.
+        self.activations = block_activations(model)
         # torch.empty: pages are committed only as positions are written, so a large context is cheap.
-        keys = torch.empty(shape, dtype=self.dtype, device=self.device)
-        values = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.cache_dtype = _cache_dtype(self.device, self.dtype, self.activations)
+        keys = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
+        values = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
         self._attention = _SlotAttention(keys, values)
         # Registered by a name of its own: each runner (tests hold several) writes into its own cache.
         attention_name = f"{_ATTENTION_PREFIX}_{id(self):x}"
@@ -289,12 +310,11 @@ class ModelRunner:
         self.weights = block_format(model)
         # How a decode step runs: "c" (decoder_step.c, one call), else "torch" (ops from Python).
         self.decode_kernel = "c" if self._decoder_step is not None else "torch"
-        # What the block layers multiply: "int8", "float32", "bfloat16"; "" when every layer is dense.
-        self.activations = block_activations(model)
         log.info(
-            "weights %s (activations: %s); decode steps run in %s",
+            "weights %s (activations: %s, KV cache: %s); decode steps run in %s",
             self.weights,
             self.activations or str(self.dtype).removeprefix("torch."),
+            str(self.cache_dtype).removeprefix("torch."),
             self.decode_kernel,
         )
 

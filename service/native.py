@@ -54,12 +54,14 @@ def library() -> ctypes.CDLL | None:
     lib.q4_matmul_int8.argtypes = lib.q4_matmul.argtypes
     lib.q8_matmul_int8.argtypes = lib.q8_matmul.argtypes
     lib.int8_activations.argtypes = []
+    lib.half_kv_cache.argtypes = []
     strided: list[Any] = [ptr, i64, i64]  # base, row stride, head stride
     lib.decode_attention.argtypes = [
         *strided * 3,
-        ptr,
-        ptr,
-        ptr,
+        ptr,  # cache_k
+        ptr,  # cache_v
+        ctypes.c_int,  # half: the cache holds float16
+        ptr,  # positions
         *[i64] * 5,
         ctypes.c_float,
         ptr,

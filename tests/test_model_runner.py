@@ -266,11 +266,12 @@ async def test_default_model_greedy_matches_generate_with_seven_others(weights: 
 
 @pytest.mark.model
 async def test_default_model_on_rounded_activations_is_batch_invariant_and_picks_the_models_argmax() -> None:
-    """As the server runs by default (8-bit activations where the CPU has them): a row's tokens are
-    the same alone and with seven others; and each is what the model itself, run by plain
-    transformers over the whole sequence, ranks first, or within a near-tie of it. Not token for
-    token against `generate`: the engine's attention and norms differ from transformers' in the last
-    bit, and rounding to 8 bits can turn that into another token at a near-tie, then a new text."""
+    """As the server runs by default (8-bit activations and a float16 cache where the CPU has them):
+    a row's tokens are the same alone and with seven others; and each is what the model itself, run
+    by plain transformers over the whole sequence, ranks first, or within a near-tie of it. Not
+    token for token against `generate`: the engine's attention and norms differ from transformers'
+    in the last bit, and rounding to 8 bits can turn that into another token at a near-tie, then a
+    new text."""
     model = default_model("auto")
     runner, reference = runner_and_reference(model, max_batch_size=8)
     engine = Engine(runner, EngineConfig(max_batch_size=8))
@@ -290,6 +291,7 @@ async def test_default_model_on_rounded_activations_is_batch_invariant_and_picks
             logits = reference(torch.tensor([prompt_ids + tokens])).logits[0, len(prompt_ids) - 1 : -1]
         gaps.append(logits.max(dim=1).values - logits.gather(1, torch.tensor(tokens)[:, None])[:, 0])
     gap = torch.cat(gaps)
-    # Here: 7 of 446 tokens are not the reference's first choice, at most 0.22 below it. A wrong
-    # position, key or row would put most tokens many logits below.
-    assert float((gap == 0).float().mean()) > 0.95 and float(gap.max()) < 0.5, gap.tolist()
+    # Here: 6 of 446 tokens are not the reference's first choice, at most 0.31 below it (float16
+    # cache; 7 and 0.22 with a float32 one). A wrong position, key or row would put most tokens
+    # several logits below.
+    assert float((gap == 0).float().mean()) > 0.95 and float(gap.max()) < 1.0, gap.tolist()

@@ -238,9 +238,17 @@ def test_decode_attention_is_padding_invariant_and_matches_sdpa() -> None:
             assert torch.equal(batched[:1], alone), (length, padded)
 
 
+needs_half_cache = pytest.mark.skipif(
+    native.library() is None or not native.library().half_kv_cache(), reason="no float16 cache here"
+)
+
+
 @needs_c_kernel
 @pytest.mark.parametrize("dim", [16, 64, 128])
-def test_the_c_decode_attention_writes_the_new_key_and_is_batch_invariant(dim: int) -> None:
+@pytest.mark.parametrize("cache_dtype", [torch.float32, pytest.param(torch.float16, marks=needs_half_cache)])
+def test_the_c_decode_attention_writes_the_new_key_and_is_batch_invariant(
+    dim: int, cache_dtype: torch.dtype
+) -> None:
     g = torch.Generator().manual_seed(8)
     rows, heads, kv_heads, max_len = 5, 9, 3, 400
     # q, k and v as the decoder hands them over: strided views of one projection output
@@ -248,20 +256,22 @@ def test_the_c_decode_attention_writes_the_new_key_and_is_batch_invariant(dim: i
     query = qkv[..., : heads * dim].view(rows, 1, heads, dim).transpose(1, 2)
     key = qkv[..., heads * dim : (heads + kv_heads) * dim].view(rows, 1, kv_heads, dim).transpose(1, 2)
     value = qkv[..., (heads + kv_heads) * dim :].view(rows, 1, kv_heads, dim).transpose(1, 2)
-    cache = [torch.randn(rows, kv_heads, max_len, dim, generator=g) for _ in range(2)]
+    cache = [torch.randn(rows, kv_heads, max_len, dim, generator=g).to(cache_dtype) for _ in range(2)]
     for length in (1, 2, 15, 16, 17, 31, 64, 65, 200, 333):
         positions = torch.tensor([length - 1, 0, 399, 16, length])
         keys, values = (c.clone() for c in cache)
         out = _native_decode_attention(query, key, value, keys, values, positions, None)
         assert out.shape == (rows, heads, 1, dim)
         for row, at in enumerate(positions.tolist()):
-            assert torch.equal(keys[row, :, at], key[row, :, 0]) and torch.equal(
-                values[row, :, at], value[row, :, 0]
-            )
+            # written as the cache keeps them (float16: rounded to nearest)
+            assert torch.equal(keys[row, :, at], key[row, :, 0].to(cache_dtype))
+            assert torch.equal(values[row, :, at], value[row, :, 0].to(cache_dtype))
             sdpa = torch.nn.functional.scaled_dot_product_attention(
-                query[row : row + 1], keys[row : row + 1, :, : at + 1], values[row : row + 1, :, : at + 1],
+                query[row : row + 1],
+                keys[row : row + 1, :, : at + 1].float(),
+                values[row : row + 1, :, : at + 1].float(),
                 enable_gqa=True,
-            )  # fmt: skip
+            )
             assert torch.allclose(out[row], sdpa[0], atol=2e-6), (length, row)
         alone = _native_decode_attention(query[:1], key[:1], value[:1], keys, values, positions[:1], None)
         assert torch.equal(alone[0], out[0]), length
@@ -290,4 +300,6 @@ def test_the_default_model_runs_every_layer_on_its_gguf_blocks() -> None:
     assert q4_k.matmul.kernel == ("native" if native.library() else "torch")
     int8 = native.library() is not None and native.library().int8_activations()
     assert runner.activations == ("int8" if int8 else "float32" if native.library() else "bfloat16")
+    # with 8-bit activations the KV cache is float16, as llama.cpp keeps it
+    assert runner.cache_dtype == (torch.float16 if int8 else torch.float32)
     assert runner.decode_kernel == ("c" if native.library() else "torch")
