@@ -57,13 +57,14 @@ static inline void cache_row(void *cache, int64_t at, const float *row, int64_t 
     memcpy((float *)cache + at, row, n * sizeof(float));
 }
 
-/* One item: one row's one kv head, and the query heads that share it. */
-static inline __attribute__((always_inline)) void attend(const Attention *a, int64_t item, int half) {
+/* One item: one row's one kv head, and the query heads that share it. `half` and `chunks`
+ * (head_dim / 16) are constants after inlining, so the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void attend(const Attention *a, int64_t item, int half, int64_t chunks) {
     const float *q = a->q, *k = a->k, *v = a->v;
     const int64_t q_row = a->q_row, q_head = a->q_head, k_row = a->k_row, k_head = a->k_head;
     const int64_t v_row = a->v_row, v_head = a->v_head, heads = a->heads, kv_heads = a->kv_heads;
     const int64_t head_dim = a->head_dim, max_len = a->max_len, *positions = a->positions;
-    const int64_t group = heads / kv_heads, chunks = head_dim / LANES;
+    const int64_t group = heads / kv_heads;
     float *out = a->out;
     const float scale = a->scale;
     const int64_t r = item / kv_heads, g = item % kv_heads, length = positions[r] + 1;
@@ -99,8 +100,18 @@ static inline __attribute__((always_inline)) void attend(const Attention *a, int
     free(scores);
 }
 
-static void attend_float32(void *ctx, int64_t item) { attend(ctx, item, 0); }
-static void attend_float16(void *ctx, int64_t item) { attend(ctx, item, 1); }
+/* Common head sizes (64, 128) compiled for their size; others take the general loop. */
+#define ATTEND(name, half)                                                   \
+    static void name(void *ctx, int64_t item) {                              \
+        const Attention *a = ctx;                                            \
+        switch (a->head_dim) {                                               \
+            case 64: attend(a, item, half, 4); break;                        \
+            case 128: attend(a, item, half, 8); break;                       \
+            default: attend(a, item, half, a->head_dim / LANES); break;      \
+        }                                                                    \
+    }
+ATTEND(attend_float32, 0)
+ATTEND(attend_float16, 1)
 
 /* Whether this build takes a float16 cache. */
 int half_kv_cache(void) {
