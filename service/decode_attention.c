@@ -11,8 +11,10 @@
  * head_dim must be a multiple of 16, at most 256 (the caller checks).
  *
  * The cache holds float32, or float16 (`half`, as llama.cpp keeps its cache; AVX-512 only): at 16
- * rows a step reads every row's keys and values, ~85 MB at ~115 positions in float32, and that
- * read is what this attention's time is (the arithmetic is a few percent of it).
+ * rows a step reads every row's keys and values, ~85 MB at ~115 positions in float32, and about
+ * half of this attention's time is that read. The query heads that share a kv head are computed
+ * together, so each key and value is read and converted once for them (~25% less time with the
+ * cache in L2; 30 layers of 16 rows x 116 keys: ~6.1 ms on one thread from memory, 2.7 from L2).
  */
 #include <math.h>
 #include <stdint.h>
@@ -26,6 +28,7 @@
 #endif
 
 #define MAX_CHUNKS 16  /* head_dim <= 256 */
+#define HEAD_BLOCK 4  /* query heads computed together over one read of their kv head */
 
 typedef struct {
     const float *q, *k, *v;
@@ -57,45 +60,74 @@ static inline void cache_row(void *cache, int64_t at, const float *row, int64_t 
     memcpy((float *)cache + at, row, n * sizeof(float));
 }
 
-/* One item: one row's one kv head, and the query heads that share it. `half` and `chunks`
- * (head_dim / 16) are constants after inlining, so the accumulators stay in registers. */
-static inline __attribute__((always_inline)) void attend(const Attention *a, int64_t item, int half, int64_t chunks) {
-    const float *q = a->q, *k = a->k, *v = a->v;
-    const int64_t q_row = a->q_row, q_head = a->q_head, k_row = a->k_row, k_head = a->k_head;
-    const int64_t v_row = a->v_row, v_head = a->v_head, heads = a->heads, kv_heads = a->kv_heads;
-    const int64_t head_dim = a->head_dim, max_len = a->max_len, *positions = a->positions;
-    const int64_t group = heads / kv_heads;
-    float *out = a->out;
-    const float scale = a->scale;
-    const int64_t r = item / kv_heads, g = item % kv_heads, length = positions[r] + 1;
-    const int64_t base = (r * kv_heads + g) * max_len * head_dim;  /* this slot's keys and values */
-    cache_row(a->cache_k, base + positions[r] * head_dim, k + r * k_row + g * k_head, head_dim, half);
-    cache_row(a->cache_v, base + positions[r] * head_dim, v + r * v_row + g * v_head, head_dim, half);
-    float *scores = malloc((size_t)(length + LANES) * sizeof(float));
-    for (int64_t h = g * group; h < (g + 1) * group; h++) {
-        const float *query = q + r * q_row + h * q_head;
-        float top = -INFINITY;
-        for (int64_t j = 0; j < length; j++) {
-            v16f dot = load16(query) * cached16(a->cache_k, base + j * head_dim, half);
-            for (int64_t c = 1; c < chunks; c++)
-                dot += load16(query + c * LANES) * cached16(a->cache_k, base + j * head_dim + c * LANES, half);
-            scores[j] = sum_lanes(dot) * scale;
-            top = scores[j] > top ? scores[j] : top;
+/* Query heads h0..h0+n-1 of row r over one kv head's cached keys and values (`base`). Each key and
+ * value is read (and converted, from float16) once for all n heads; per head the arithmetic and
+ * its order are as for a head alone. `half`, `chunks` (head_dim / 16) and `n` are constants after
+ * inlining, so the n * chunks accumulators stay in registers. */
+static inline __attribute__((always_inline)) void attend_heads(
+    const Attention *a, int64_t r, int64_t h0, int n, int64_t base, int64_t length, int half, int64_t chunks,
+    float *scores)
+{
+    const int64_t head_dim = a->head_dim, stride = length + LANES;  /* scores: one row per head */
+    const float *query[HEAD_BLOCK];
+    for (int i = 0; i < n; i++) query[i] = a->q + r * a->q_row + (h0 + i) * a->q_head;
+    float top[HEAD_BLOCK];
+    for (int i = 0; i < n; i++) top[i] = -INFINITY;
+    for (int64_t j = 0; j < length; j++) {
+        v16f key[MAX_CHUNKS];
+        for (int64_t c = 0; c < chunks; c++) key[c] = cached16(a->cache_k, base + j * head_dim + c * LANES, half);
+        for (int i = 0; i < n; i++) {
+            v16f dot = load16(query[i]) * key[0];
+            for (int64_t c = 1; c < chunks; c++) dot += load16(query[i] + c * LANES) * key[c];
+            const float score = sum_lanes(dot) * a->scale;
+            scores[i * stride + j] = score;
+            top[i] = score > top[i] ? score : top[i];
         }
-        for (int64_t j = length; j < length + LANES; j++) scores[j] = -INFINITY;  /* a whole vector */
+    }
+    float inverse[HEAD_BLOCK];
+    for (int i = 0; i < n; i++) {
+        float *row = scores + i * stride;
+        for (int64_t j = length; j < length + LANES; j++) row[j] = -INFINITY;  /* a whole vector */
         v16f total = (v16f){0};
         for (int64_t j = 0; j < length; j += LANES) {
-            const v16f e = exp16(load16(scores + j) - top);
-            store16(scores + j, e);
+            const v16f e = exp16(load16(row + j) - top[i]);
+            store16(row + j, e);
             total += e;
         }
-        const float inverse = 1.0f / sum_lanes(total);
-        v16f acc[MAX_CHUNKS];
-        for (int64_t c = 0; c < chunks; c++) acc[c] = (v16f){0};
-        for (int64_t j = 0; j < length; j++)
-            for (int64_t c = 0; c < chunks; c++)
-                acc[c] += scores[j] * cached16(a->cache_v, base + j * head_dim + c * LANES, half);
-        for (int64_t c = 0; c < chunks; c++) store16(out + (r * heads + h) * head_dim + c * LANES, acc[c] * inverse);
+        inverse[i] = 1.0f / sum_lanes(total);
+    }
+    v16f acc[HEAD_BLOCK][MAX_CHUNKS];
+    for (int i = 0; i < n; i++)
+        for (int64_t c = 0; c < chunks; c++) acc[i][c] = (v16f){0};
+    for (int64_t j = 0; j < length; j++) {
+        for (int64_t c = 0; c < chunks; c++) {
+            const v16f value = cached16(a->cache_v, base + j * head_dim + c * LANES, half);
+            for (int i = 0; i < n; i++) acc[i][c] += scores[i * stride + j] * value;
+        }
+    }
+    for (int i = 0; i < n; i++)
+        for (int64_t c = 0; c < chunks; c++)
+            store16(a->out + (r * a->heads + h0 + i) * head_dim + c * LANES, acc[i][c] * inverse[i]);
+}
+
+#define HEADS(count) case count: attend_heads(a, r, h, count, base, length, half, chunks, scores); break;
+
+/* One item: one row's one kv head, and the query heads that share it, up to HEAD_BLOCK at a time
+ * (fewer for larger heads, so their accumulators fit in registers). `half` and `chunks` are
+ * constants after inlining. */
+static inline __attribute__((always_inline)) void attend(const Attention *a, int64_t item, int half, int64_t chunks) {
+    const int64_t head_dim = a->head_dim, kv_heads = a->kv_heads, group = a->heads / kv_heads;
+    const int64_t r = item / kv_heads, g = item % kv_heads, length = a->positions[r] + 1;
+    const int64_t base = (r * kv_heads + g) * a->max_len * head_dim;  /* this slot's keys and values */
+    const int64_t at = base + a->positions[r] * head_dim;
+    cache_row(a->cache_k, at, a->k + r * a->k_row + g * a->k_head, head_dim, half);
+    cache_row(a->cache_v, at, a->v + r * a->v_row + g * a->v_head, head_dim, half);
+    const int64_t block = chunks <= 4 ? HEAD_BLOCK : chunks <= 8 ? 2 : 1;  /* block * chunks <= 16 */
+    float *scores = malloc((size_t)(block * (length + LANES)) * sizeof(float));
+    for (int64_t h = g * group; h < (g + 1) * group; h += block) {
+        switch (h + block <= (g + 1) * group ? block : (g + 1) * group - h) {
+            HEADS(1) HEADS(2) HEADS(3) HEADS(4)
+        }
     }
     free(scores);
 }
