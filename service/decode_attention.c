@@ -34,7 +34,7 @@ typedef struct {
     const float *q, *k, *v;
     int64_t q_row, q_head, k_row, k_head, v_row, v_head;
     void *cache_k, *cache_v;
-    const int64_t *positions;
+    const int64_t *positions, *slots;
     int64_t heads, kv_heads, head_dim, max_len;
     float scale;
     float *out;
@@ -58,6 +58,13 @@ static inline void cache_row(void *cache, int64_t at, const float *row, int64_t 
     }
 #endif
     memcpy((float *)cache + at, row, n * sizeof(float));
+}
+
+/* Row r's new key and value for kv head g, at its position in its slot (`base`). */
+static inline void write_new(const Attention *a, int64_t r, int64_t g, int64_t base, int half) {
+    const int64_t at = base + a->positions[r] * a->head_dim;
+    cache_row(a->cache_k, at, a->k + r * a->k_row + g * a->k_head, a->head_dim, half);
+    cache_row(a->cache_v, at, a->v + r * a->v_row + g * a->v_head, a->head_dim, half);
 }
 
 /* Query heads h0..h0+n-1 of row r over one kv head's cached keys and values (`base`). Each key and
@@ -118,10 +125,9 @@ static inline __attribute__((always_inline)) void attend_heads(
 static inline __attribute__((always_inline)) void attend(const Attention *a, int64_t item, int half, int64_t chunks) {
     const int64_t head_dim = a->head_dim, kv_heads = a->kv_heads, group = a->heads / kv_heads;
     const int64_t r = item / kv_heads, g = item % kv_heads, length = a->positions[r] + 1;
-    const int64_t base = (r * kv_heads + g) * a->max_len * head_dim;  /* this slot's keys and values */
-    const int64_t at = base + a->positions[r] * head_dim;
-    cache_row(a->cache_k, at, a->k + r * a->k_row + g * a->k_head, head_dim, half);
-    cache_row(a->cache_v, at, a->v + r * a->v_row + g * a->v_head, head_dim, half);
+    const int64_t slot = a->slots ? a->slots[r] : r;
+    const int64_t base = (slot * kv_heads + g) * a->max_len * head_dim;  /* this slot's keys and values */
+    if (!a->slots) write_new(a, r, g, base, half);
     const int64_t block = chunks <= 4 ? HEAD_BLOCK : chunks <= 8 ? 2 : 1;  /* block * chunks <= 16 */
     float *scores = malloc((size_t)(block * (length + LANES)) * sizeof(float));
     for (int64_t h = g * group; h < (g + 1) * group; h += block) {
@@ -154,16 +160,22 @@ int half_kv_cache(void) {
 #endif
 }
 
+/* slots: the cache slot of each row, or NULL for slot r. Rows may share a slot (a prompt's tokens,
+ * prefilled together): then every new key and value is written before any row attends, and each row
+ * reads its slot up to its own position only, so token i sees tokens <= i, as a causal mask would. */
 void decode_attention(
     const float *q, int64_t q_row, int64_t q_head,
     const float *k, int64_t k_row, int64_t k_head,
     const float *v, int64_t v_row, int64_t v_head,
-    void *cache_k, void *cache_v, int half, const int64_t *positions,
+    void *cache_k, void *cache_v, int half, const int64_t *positions, const int64_t *slots,
     int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_len,
     float scale, float *out, int threads)
 {
     if (half && !half_kv_cache()) abort();  /* the caller asks half_kv_cache() first */
-    Attention a = {q, k, v, q_row, q_head, k_row, k_head, v_row, v_head, cache_k, cache_v, positions,
+    Attention a = {q, k, v, q_row, q_head, k_row, k_head, v_row, v_head, cache_k, cache_v, positions, slots,
                    heads, kv_heads, head_dim, max_len, scale, out};
+    if (slots)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t g = 0; g < kv_heads; g++) write_new(&a, r, g, (slots[r] * kv_heads + g) * max_len * head_dim, half);
     parallel_for(rows * kv_heads, threads, half ? attend_float16 : attend_float32, &a);
 }

@@ -25,7 +25,8 @@ void q8_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, 
                     int64_t N, float *y, int threads);
 void decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k, int64_t k_row,
                       int64_t k_head, const float *v, int64_t v_row, int64_t v_head, void *cache_k,
-                      void *cache_v, int half, const int64_t *positions, int64_t rows, int64_t heads,
+                      void *cache_v, int half, const int64_t *positions, const int64_t *slots, int64_t rows,
+                      int64_t heads,
                       int64_t kv_heads, int64_t head_dim, int64_t max_len, float scale, float *out,
                       int threads);
 
@@ -108,9 +109,12 @@ static void add(float *x, const float *y, int64_t n) {
 }
 
 /* x: [rows, hidden], the tokens' embeddings in, the final-norm hidden states out.
- * cos, sin: [rows, head_dim] for each row's position; positions: where each row's key goes. */
+ * cos, sin: [rows, head_dim] for each row's position; positions: where each row's key goes.
+ * slots: each row's cache slot, or NULL for slot r (decode: one token per sequence). A prompt's
+ * tokens may share one slot, each attending up to its own position (decode_attention.c): then this
+ * is a prefill, and a token's result is the same however its prompt is split into chunks. */
 void decoder_step(const Decoder *d, float *x, const float *cos, const float *sin,
-                  const int64_t *positions, int64_t rows, int threads) {
+                  const int64_t *positions, const int64_t *slots, int64_t rows, int threads) {
     const int64_t hidden = d->hidden, head_dim = d->head_dim, heads = d->heads, kv = d->kv_heads;
     const int64_t qkv_width = (heads + 2 * kv) * head_dim, layer_cache = d->max_rows * kv * d->max_len * head_dim;
     const int64_t element = d->half_cache ? 2 : 4;  /* bytes per cached value */
@@ -129,7 +133,7 @@ void decoder_step(const Decoder *d, float *x, const float *cos, const float *sin
                          qkv + heads * head_dim, qkv_width, head_dim,
                          qkv + (heads + kv) * head_dim, qkv_width, head_dim,
                          (char *)d->cache_k + l * layer_cache * element, (char *)d->cache_v + l * layer_cache * element,
-                         (int)d->half_cache, positions,
+                         (int)d->half_cache, positions, slots,
                          rows, heads, kv, head_dim, d->max_len, d->attention_scale, attended, threads);
         multiply(&layer->o, attended, rows, delta, threads);
         add(x, delta, rows * hidden);

@@ -159,7 +159,11 @@ class DecoderStep:
         )
         return cls(backbone, decoder, keep)
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """slots: each row's cache row (int64), for a prefill of several tokens per sequence; by
+        default row i is cache row i (a decode step)."""
         n = ids.shape[0]
         x = self.backbone.embed_tokens(ids).reshape(n, -1).contiguous()  # a fresh tensor: updated in place
         cos, sin = self.backbone.rotary_emb(x[:, None], position_ids=positions[:, None])
@@ -171,6 +175,7 @@ class DecoderStep:
             cos.data_ptr(),
             sin.data_ptr(),
             positions.data_ptr(),
+            None if slots is None else slots.data_ptr(),
             n,
             native.threads(),
         )

@@ -62,12 +62,13 @@ def library() -> ctypes.CDLL | None:
         ptr,  # cache_v
         ctypes.c_int,  # half: the cache holds float16
         ptr,  # positions
+        ptr,  # slots (NULL: row r's own)
         *[i64] * 5,
         ctypes.c_float,
         ptr,
         ctypes.c_int,
     ]
-    lib.decoder_step.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.decoder_step.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
     kernels = (lib.q4_matmul, lib.q8_matmul, lib.q4_matmul_int8, lib.q8_matmul_int8, lib.decode_attention)
     for kernel in (*kernels, lib.decoder_step):
         kernel.restype = None

@@ -85,12 +85,13 @@ async def tiny(request):
     else:
         model = tiny_q4_model(activations="float32" if request.param == "q4-float32" else "auto")
     runner, reference = runner_and_reference(model)
-    # A 16-token prefill budget, so prompts are also prefilled in chunks across steps; where
-    # activations are rounded, whole prompts, as `generate` does: a chunk's attention rounds
-    # differently in the last bit, and the rounding carries that into other tokens of this random
-    # model's near-ties.
-    budget = 256 if rounded_activations(model) else 16
-    # What these tests cover: with the C kernels, a Q4_1 model decodes in decoder_step.c.
+    # A 16-token prefill budget, so prompts are also prefilled in chunks across steps. Where the
+    # transformers layers prefill rounded activations (torch's int4 kernel), whole prompts, as
+    # `generate` does: there a chunk's attention rounds differently in the last bit, and the
+    # rounding carries that into other tokens of this random model's near-ties. decoder_step.c
+    # gives a token the same bits however its prompt is chunked.
+    budget = 256 if runner.decode_kernel != "c" and rounded_activations(model) else 16
+    # What these tests cover: with the C kernels, a Q4_1 model prefills and decodes in decoder_step.c.
     assert runner.decode_kernel == ("c" if request.param != "dense" and native.library() else "torch")
     engine = Engine(runner, EngineConfig(max_batch_size=8, prefill_tokens_per_step=budget))
     engine.start()
@@ -204,7 +205,8 @@ async def test_tiny_abort_in_every_phase_frees_rows(tiny) -> None:
     ids=["dense", "q4", "q4-float32"],
 )
 def test_tiny_fused_decode_matches_the_transformers_layers(make_model) -> None:
-    """Decode steps run decoder_step.c or `_FusedDecoder`; the transformers layers give the same tokens."""
+    """Prefill and decode run decoder_step.c (decode: or `_FusedDecoder`); the transformers layers
+    give the same tokens."""
     model = make_model()
     fused, _ = runner_and_reference(model)
     plain, _ = runner_and_reference(copy.deepcopy(model))
@@ -228,6 +230,41 @@ def test_tiny_fused_decode_matches_the_transformers_layers(make_model) -> None:
         tokens[name], logprobs[name] = out, lps
     assert tokens["fused"] == tokens["plain"]
     assert logprobs["fused"] == pytest.approx(logprobs["plain"], abs=1e-4)
+
+
+@pytest.mark.model
+@pytest.mark.skipif(native.library() is None, reason="no C kernel here")
+@pytest.mark.parametrize("activations", ["auto", "float32"])
+def test_c_prefill_gives_the_same_bits_however_a_prompt_is_chunked_or_batched(activations: str) -> None:
+    """decoder_step.c prefills each token as a row over its own sequence's cache: the first token's
+    logprob and the next steps' are bit for bit the same for one whole chunk, one token a step,
+    uneven chunks, or chunks sharing their steps with another prompt. (The transformers layers
+    fail this on the default model: a chunk's SDPA rounds differently; the tiny one passes both.)"""
+    model = default_model("auto", activations)
+    prompt, other = ids(PROMPTS[2]), ids(PROMPTS[6])
+    n = len(prompt)
+    splits = {"whole": [n], "token by token": [1] * n, "uneven": [3, 5, n - 8], "batched": [4, n - 4]}
+    results = {}
+    for name, sizes in splits.items():
+        runner, _ = runner_and_reference(model)
+        assert runner.decode_kernel == "c"
+        runner.add_sequence(0, SamplingParams(), 0, logprobs=True)
+        if name == "batched":
+            runner.add_sequence(1, SamplingParams(), 0)
+        start, samples = 0, {}
+        for i, size in enumerate(sizes):
+            last = start + size == n
+            chunks = [PrefillChunk(0, prompt[start : start + size], last)]
+            if name == "batched":
+                chunks.append(PrefillChunk(1, other[i * 4 : (i + 1) * 4], i == 1))
+            samples = runner.prefill(chunks)
+            start += size
+        trace = [(samples[0].token_id, samples[0].logprob)]
+        for _ in range(6):
+            samples = runner.decode({seq: sample.token_id for seq, sample in samples.items()})
+            trace.append((samples[0].token_id, samples[0].logprob))
+        results[name] = trace
+    assert len({tuple(trace) for trace in results.values()}) == 1, results
 
 
 @pytest.mark.model
