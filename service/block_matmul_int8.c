@@ -52,7 +52,9 @@ static void quantize(const float *x, int64_t M, int64_t K, Activations *a) {
             const float *block = x + r * K + g * GROUP;
             const __m512 lo = _mm512_loadu_ps(block), hi = _mm512_loadu_ps(block + 16);
             const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-            const float dx = amax / 127.0f;
+            /* A NaN or inf must reach the output, as in float32 (max may drop a NaN; codes are finite) */
+            const int broken = _mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q);
+            const float dx = broken || __builtin_isinf(amax) ? __builtin_nanf("") : amax / 127.0f;
             const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
             const int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
             const __m512i qlo = _mm512_cvt_roundps_epi32(_mm512_mul_ps(lo, inverse), rounding);

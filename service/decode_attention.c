@@ -68,9 +68,11 @@ static inline void write_new(const Attention *a, int64_t r, int64_t g, int64_t b
 }
 
 /* Query heads h0..h0+n-1 of row r over one kv head's cached keys and values (`base`). Each key and
- * value is read (and converted, from float16) once for all n heads; per head the arithmetic and
- * its order are as for a head alone. `half`, `chunks` (head_dim / 16) and `n` are constants after
- * inlining, so the n * chunks accumulators stay in registers. */
+ * value is read (and converted, from float16) once for all n heads, each head's sums in the same
+ * order as alone (the last bits may still differ with n, as the compiler fuses multiply-adds per
+ * instance; n depends on the model only, so a row's result does not depend on its batch). `half`,
+ * `chunks` (head_dim / 16) and `n` are constants after inlining, so the n * chunks accumulators
+ * stay in registers. */
 static inline __attribute__((always_inline)) void attend_heads(
     const Attention *a, int64_t r, int64_t h0, int n, int64_t base, int64_t length, int half, int64_t chunks,
     float *scores)

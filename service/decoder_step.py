@@ -78,9 +78,9 @@ class DecoderStep:
     def build(
         cls, backbone: Any, keys: torch.Tensor, values: torch.Tensor, *, attention_in_c: bool
     ) -> DecoderStep | None:
-        """None unless decode attention runs in C (`_SlotAttention.native`: the kernels are here,
-        float32 on CPU, a head_dim they take) and the model is a plain llama (SiLU MLP, RMSNorm),
-        every projection on native blocks, widths multiples of 16."""
+        """None unless decode attention runs in C (`_SlotAttention.native`: the kernels are here, a
+        float32 model on CPU, a head_dim they take) and the model is a plain llama (SiLU MLP,
+        RMSNorm), every projection on native blocks, widths multiples of 16."""
         config = backbone.config
         layers = list(backbone.layers)
         norms = [

@@ -96,20 +96,18 @@ class _StepContext:
 class _SlotAttention:
     """The attention function registered with transformers; holds the cache it writes into."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, model_dtype: torch.dtype) -> None:
         self.keys = keys
         self.values = values
         self.ctx = _StepContext()
-        head_dim = keys.shape[-1]
-        # decode_attention.c: a float32 (or float16) cache on CPU, head_dim a multiple of 16 up to 256.
+        # decode_attention.c: a float32 model on CPU (its cache float32, or float16 by _cache_dtype),
+        # a head_dim it takes. A float16 model keeps torch's ops: the C reads activations as float32.
         self.native = (
             native.library() is not None
             and keys.device.type == "cpu"
-            and keys.dtype in (torch.float32, torch.float16)
-            and head_dim % 16 == 0
-            and head_dim <= 256
+            and model_dtype == torch.float32
+            and _c_head_dim(keys.shape[-1])
         )
-        assert self.native or keys.dtype != torch.float16, "a float16 cache needs decode_attention.c"
 
     def __call__(
         self,
@@ -159,17 +157,24 @@ class _SlotAttention:
         return out.transpose(1, 2), None
 
 
-def _cache_dtype(device: torch.device, dtype: torch.dtype, activations: str) -> torch.dtype:
+def _c_head_dim(head_dim: int) -> bool:
+    """Whether decode_attention.c takes this head size."""
+    return head_dim % 16 == 0 and head_dim <= 256
+
+
+def _cache_dtype(device: torch.device, dtype: torch.dtype, activations: str, head_dim: int) -> torch.dtype:
     """float16 where the block layers already round their activations to 8 bits and the C attention
     takes it (as llama.cpp keeps its cache): a decode step reads every row's keys and values, and at
     16 rows that read is most of attention's time; float16 rounds them by ~2e-4 relative, far less
-    than 8-bit activations round. Elsewhere the model's dtype, so dense or float32 runs stay exact."""
+    than 8-bit activations round (values beyond 65,504 would become inf; these models' keys and
+    values stay far below). Elsewhere the model's dtype, so dense or float32 runs stay exact."""
     lib = native.library()
     if (
         device.type == "cpu"
         and dtype == torch.float32
         and activations == "int8"
-        and lib
+        and _c_head_dim(head_dim)
+        and lib is not None
         and lib.half_kv_cache()
     ):
         return torch.float16
@@ -240,6 +245,7 @@ def _native_decode_attention(
 ) -> torch.Tensor:
     """decode_attention.c: the same result as `decode_attention`, batch-invariant too, in one call."""
     rows, heads, _, head_dim = query.shape
+    assert query.dtype == key.dtype == value.dtype == torch.float32, "decode_attention.c reads float32"
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     out = torch.empty(rows, heads, 1, head_dim, dtype=torch.float32)
     native.library().decode_attention(  # type: ignore[union-attr]
@@ -298,10 +304,10 @@ class ModelRunner:
         # What the block layers multiply: "int8", "float32", "bfloat16"; "" when every layer is dense.
         self.activations = block_activations(model)
         # torch.empty: pages are committed only as positions are written, so a large context is cheap.
-        self.cache_dtype = _cache_dtype(self.device, self.dtype, self.activations)
+        self.cache_dtype = _cache_dtype(self.device, self.dtype, self.activations, head_dim)
         keys = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
         values = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
-        self._attention = _SlotAttention(keys, values)
+        self._attention = _SlotAttention(keys, values, self.dtype)
         # Registered by a name of its own: each runner (tests hold several) writes into its own cache.
         attention_name = f"{_ATTENTION_PREFIX}_{id(self):x}"
         AttentionInterface.register(attention_name, self._attention)

@@ -196,7 +196,9 @@ def _activations(lib: Any, requested: str) -> str:
     if lib is None and requested != "int8":
         return "bfloat16"  # torch's int4 kernel
     if requested == "int8" and not int8:
-        raise RuntimeError("8-bit activations need AVX512-VNNI, which this CPU or compiler lacks")
+        raise RuntimeError(
+            "8-bit activations need the C kernels built for AVX512-VNNI, and a width that is a multiple of 16"
+        )
     return "int8" if int8 and requested != "float32" else "float32"
 
 
@@ -237,7 +239,11 @@ def fuse_blocks(linears: list[Any]) -> Q4Matmul | Q8Matmul | None:
     if len({(p.format, p.matmul.activations) for p in linears}) != 1:
         return None
     blocks = [p.weight_blocks for p in linears]
-    return block_matmul(type(blocks[0]).concat(blocks), linears[0].matmul.activations)
+    first = linears[0].matmul
+    # torch's kernel has no choice to pass on (its activations are always bfloat16)
+    return block_matmul(
+        type(blocks[0]).concat(blocks), first.activations if first.kernel == "native" else "auto"
+    )
 
 
 def block_format(model: Any) -> str:

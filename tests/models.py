@@ -36,23 +36,24 @@ def tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(default_model_folder())
 
 
-def tiny_model(seed: int = 0) -> Any:
+def tiny_model(seed: int = 0, **config_overrides: Any) -> Any:
     """A 2-layer llama with the default model's vocabulary and random weights: fast and exact in float32."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer()),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        attn_implementation="sdpa",
-    )
+    settings: dict[str, Any] = {
+        "vocab_size": len(tokenizer()),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+        "attn_implementation": "sdpa",
+    }
+    config = LlamaConfig(**(settings | config_overrides))
     return LlamaForCausalLM(config).eval()
 
 
@@ -67,10 +68,10 @@ def quantize_q8_0(weight: torch.Tensor) -> Q8Weight:
     return read_q8_0(data, (weight.shape[0], weight.shape[1]))
 
 
-def tiny_q4_model(seed: int = 0, activations: str = "auto") -> Any:
+def tiny_q4_model(seed: int = 0, activations: str = "auto", **config_overrides: Any) -> Any:
     """The tiny llama as the default GGUF model runs on CPU: every decoder projection stored as Q4_1
     blocks, the tied lm_head as Q8_0 (where the C kernel runs them), on `activations`."""
-    model = tiny_model(seed)
+    model = tiny_model(seed, **config_overrides)
     weights: dict[str, BlockWeight] = {
         name: quantize_q4_1(module.weight)
         for name, module in model.named_modules()
@@ -119,10 +120,14 @@ def rounded_activations(model: Any) -> bool:
     return any(isinstance(m, BlockLinear) and m.matmul.activations != "float32" for m in model.modules())
 
 
-@functools.cache
 def default_model(weights: str = "dense", activations: str = "auto") -> Any:
     """The real default model in float32: "dense" unpacks every layer, "auto" runs it as the server
-    does on CPU (its Q4_1 layers on their 4-bit blocks, multiplying `activations`)."""
+    does on CPU (its Q4_1 layers on their 4-bit blocks, multiplying `activations`). Loaded once each."""
+    return _default_model(weights, "auto" if weights == "dense" else activations)  # dense: no choice
+
+
+@functools.cache
+def _default_model(weights: str, activations: str) -> Any:
     model, _ = load_model(resolve_model("default"), torch.device("cpu"), torch.float32, weights, activations)
     return model
 

@@ -232,6 +232,29 @@ def test_tiny_fused_decode_matches_the_transformers_layers(make_model) -> None:
     assert logprobs["fused"] == pytest.approx(logprobs["plain"], abs=1e-4)
 
 
+@pytest.mark.parametrize("setup", ["no C kernels", "float16 model", "head_dim 24"])
+def test_models_the_c_step_does_not_take_run_on_torch_ops(
+    setup: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Q4_1 models that decoder_step.c (and its float16 cache) cannot serve still prefill and decode."""
+    if setup == "no C kernels":
+        monkeypatch.setattr(native, "library", lambda: None)
+        model = tiny_q4_model()
+    elif setup == "float16 model":  # the C kernels read float32 activations
+        model = tiny_q4_model().to(torch.float16)
+    else:  # decode_attention.c takes multiples of 16
+        model = tiny_q4_model(hidden_size=96, num_attention_heads=4, num_key_value_heads=2)
+    runner, _ = runner_and_reference(model)
+    assert runner.decode_kernel == "torch"
+    assert runner.cache_dtype == runner.dtype
+    runner.add_sequence(0, SamplingParams(), 0)
+    samples = runner.prefill([PrefillChunk(0, ids(PROMPTS[0]), last=True)])
+    tokens = [samples[0].token_id]
+    for _ in range(4):
+        tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
+    assert all(0 <= t < runner.vocab_size for t in tokens)
+
+
 @pytest.mark.model
 @pytest.mark.skipif(native.library() is None, reason="no C kernel here")
 @pytest.mark.parametrize("activations", ["auto", "float32"])

@@ -151,6 +151,16 @@ def test_a_row_gives_the_same_bits_in_any_batch_and_fused_with_other_weights(ker
     assert torch.equal(fused[..., 192:], Q4Matmul(b, *kernel)(x))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_nan_or_inf_in_a_row_reaches_its_outputs_and_no_other_row(kernel: tuple[str, str]) -> None:
+    matmul = Q4Matmul(quantize_q4_1(random_weight(64, 128, 14)), *kernel)
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(15))
+    x[1, 40], x[2, 100] = float("nan"), float("inf")
+    out = matmul(x)
+    assert not out[1].isfinite().any() and not out[2].isfinite().any()
+    assert out[[0, 3]].isfinite().all()
+
+
 @pytest.mark.parametrize("activations", C_ACTIVATIONS)
 def test_native_layers_keep_only_the_kernel_layout_and_unpack_to_the_same_blocks(activations: str) -> None:
     q4, q8 = quantize_q4_1(random_weight(48, 96, 12)), quantize_q8_0(random_weight(32, 64, 13))
@@ -244,7 +254,7 @@ needs_half_cache = pytest.mark.skipif(
 
 
 @needs_c_kernel
-@pytest.mark.parametrize("dim", [16, 64, 128])
+@pytest.mark.parametrize("dim", [16, 64, 80, 128, 256])  # 64, 128: compiled for their size
 @pytest.mark.parametrize("cache_dtype", [torch.float32, pytest.param(torch.float16, marks=needs_half_cache)])
 def test_the_c_decode_attention_writes_the_new_key_and_is_batch_invariant(
     dim: int, cache_dtype: torch.dtype
