@@ -195,6 +195,8 @@ def model_info_from_pb(info: pb.ModelInfo) -> ModelInfo:
         has_chat_template=info.has_chat_template,
         server_version=info.server_version,
         weights=info.weights,
+        activations=info.activations,
+        kv_cache_dtype=info.kv_cache_dtype,
     )
 
 

@@ -222,6 +222,8 @@ class ModelInfo:
     has_chat_template: bool
     server_version: str
     weights: str = ""  # "dense" or "q4_1"; empty from servers older than the field
+    activations: str = ""  # what q4_1 layers multiply: "int8", "float32", "bfloat16"; empty when dense
+    kv_cache_dtype: str = ""  # dtype, or "float16" beside "int8" activations
 
 
 @dataclass(frozen=True)

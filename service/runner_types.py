@@ -42,6 +42,8 @@ class Runner(Protocol):
     device: Any
     dtype: Any
     weights: str  # "dense", or "q4_1" when the linear layers run on a GGUF file's 4-bit blocks
+    activations: str  # what those block layers multiply ("int8", "float32", "bfloat16"); "" if dense
+    cache_dtype: Any  # the KV cache's dtype
     vocab_size: int
     context_length: int
     max_batch_size: int

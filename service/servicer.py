@@ -259,6 +259,8 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
             has_chat_template=runner.has_chat_template,
             server_version=tokenwire.__version__,
             weights=runner.weights,
+            activations=runner.activations,
+            kv_cache_dtype=str(runner.cache_dtype).removeprefix("torch."),
         )
 
     async def Tokenize(

@@ -54,6 +54,8 @@ class FakeRunner:
     device = "cpu"
     dtype = "none"
     weights = "dense"
+    activations = ""
+    cache_dtype = "none"
     has_chat_template = True
     bos_token_id = 2
 

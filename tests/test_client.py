@@ -268,7 +268,7 @@ async def test_cancel_with_the_replica_header_for_the_proxy() -> None:
 async def test_model_info_tokenize_health(client: AsyncClient) -> None:
     info = await client.model_info()
     assert info.model == "fake" and info.vocab_size == 15 and info.eos_token_ids == (1,)
-    assert info.weights == "dense"
+    assert info.weights == "dense" and info.activations == "" and info.kv_cache_dtype == "none"
     assert info.context_length == 256 and info.has_chat_template
     tokens = await client.tokenize(" hello world")
     assert tokens.ids == (token_id("Ġhello"), token_id("Ġworld")) and tokens.tokens == (" hello", " world")

@@ -301,7 +301,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "source", "context_length", "vocab_size", "eos_token_ids", "device", "dtype", "max_batch_size", "max_live_requests", "has_chat_template", "server_version", "weights")
+    __slots__ = ("model", "source", "context_length", "vocab_size", "eos_token_ids", "device", "dtype", "max_batch_size", "max_live_requests", "has_chat_template", "server_version", "weights", "activations", "kv_cache_dtype")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -314,6 +314,8 @@ class ModelInfo(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     source: str
     context_length: int
@@ -326,7 +328,9 @@ class ModelInfo(_message.Message):
     has_chat_template: bool
     server_version: str
     weights: str
-    def __init__(self, model: _Optional[str] = ..., source: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_live_requests: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., server_version: _Optional[str] = ..., weights: _Optional[str] = ...) -> None: ...
+    activations: str
+    kv_cache_dtype: str
+    def __init__(self, model: _Optional[str] = ..., source: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_live_requests: _Optional[int] = ..., has_chat_template: _Optional[bool] = ..., server_version: _Optional[str] = ..., weights: _Optional[str] = ..., activations: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "chat")
