@@ -1,4 +1,5 @@
-"""Kernels written in C (block_matmul.c, decode_attention.c, decoder_step.c), compiled where they run.
+"""Kernels written in C (block_matmul.c and block_matmul_int8.c, decode_attention.c, decoder_step.c),
+compiled where they run.
 
 Compiled once per source, compiler and CPU into the cache (about a second with gcc) with
 -march=native, then loaded from there and called through ctypes (which releases the GIL). Their
