@@ -53,6 +53,7 @@ AFTER_SEGMENT_MAX_TOKENS = 64
 class EngineConfig:
     max_batch_size: int = 16
     prefill_tokens_per_step: int = 256  # see SchedulerConfig
+    prefill_attention_span: int = 0  # see SchedulerConfig
     max_live_requests: int = 256  # waiting + running; beyond this add_request is RESOURCE_EXHAUSTED
     output_buffer: int = 16  # deltas queued per request before a slow reader's deltas are merged
     stuck_after_s: float = 30.0  # a step running longer than this makes the engine unhealthy
@@ -144,7 +145,9 @@ class Engine:
         self.runner = runner
         self.config = config or EngineConfig()
         batch = min(self.config.max_batch_size, runner.max_batch_size)
-        self.scheduler = Scheduler(SchedulerConfig(batch, self.config.prefill_tokens_per_step))
+        self.scheduler = Scheduler(
+            SchedulerConfig(batch, self.config.prefill_tokens_per_step, self.config.prefill_attention_span)
+        )
         self.sessions = SessionStore(self.config.session_ttl_s, self.config.session_cache_bytes)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._live: dict[str, _Live] = {}  # by request id; guarded by _lock
