@@ -359,7 +359,7 @@ class ModelRunner:
         torch_device = pick_device(device)
         torch_dtype = pick_dtype(torch_device, dtype)
         model, tokenizer = load_model(source, torch_device, torch_dtype, weights, activations)
-        return cls(
+        runner = cls(
             model,
             tokenizer,
             name=source.name,
@@ -367,6 +367,23 @@ class ModelRunner:
             max_batch_size=max_batch_size,
             max_context=max_context,
         )
+        runner.release_layer_blocks()  # the model is the runner's alone
+        return runner
+
+    def release_layer_blocks(self) -> int:
+        """Free the decoder layers' own block layouts where decoder_step.c runs every prefill and
+        decode step from its fused copies (~80 MB for the default model); returns the bytes freed.
+        Only for a model no one else runs: its transformers layers no longer work."""
+        if self._decoder_step is None:
+            return 0
+        freed = sum(
+            module.release()
+            for layer in self._backbone.layers
+            for module in layer.modules()
+            if isinstance(module, BlockLinear)
+        )
+        log.info("decoder_step.c holds the layers' blocks: %.0f MB of per-layer copies freed", freed / 2**20)
+        return freed
 
     def adapt_threads(self) -> None:
         """Run on fewer torch threads while other processes keep cores busy (CPU only; see cpu_threads)."""

@@ -258,6 +258,20 @@ def block_activations(model: Any) -> str:
     return "+".join(kinds)
 
 
+@dataclass(frozen=True)
+class _Released:
+    """A released BlockLinear's matmul: says what it was, runs nothing."""
+
+    kernel: str
+    activations: str
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this layer's blocks were released: decoder_step.c runs it")
+
+    def blocks(self) -> BlockWeight:
+        raise RuntimeError("this layer's blocks were released: decoder_step.c holds them, fused")
+
+
 class BlockLinear(nn.Module):
     """Drop-in for a bias-free nn.Linear whose weight came from a Q4_1 or Q8_0 tensor."""
 
@@ -265,7 +279,7 @@ class BlockLinear(nn.Module):
         super().__init__()
         self.format = "q4_1" if isinstance(weight, Q4Weight) else "q8_0"
         self.out_features, self.in_features = weight.shape
-        self.matmul = block_matmul(weight, activations)
+        self.matmul: Q4Matmul | Q8Matmul | _Released = block_matmul(weight, activations)
         # Kept only for torch's int4 kernel, whose packing cannot be unpacked: the native layout
         # holds the same blocks, and keeping both cost ~160 MB (a byte per code) for SmolLM2.
         self._blocks = weight if self.matmul.kernel == "torch" else None
@@ -277,6 +291,14 @@ class BlockLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)
+
+    def release(self) -> int:
+        """Drop the layer's blocks, for a model whose steps all run elsewhere (decoder_step.c keeps
+        its own fused copies); returns the bytes freed. The layer then refuses to run."""
+        freed = sum(t.nbytes for t in vars(self.matmul).values() if isinstance(t, torch.Tensor))
+        self.matmul = _Released(self.matmul.kernel, self.matmul.activations)
+        self._blocks = None
+        return freed
 
     def extra_repr(self) -> str:
         return (

@@ -20,6 +20,8 @@ from tests.models import (
 )
 from tokenwire.service import native
 from tokenwire.service.engine import Engine, EngineConfig
+from tokenwire.service.model_runner import ModelRunner
+from tokenwire.service.quantized import BlockLinear, _Released
 from tokenwire.service.requests import (
     Delta,
     Finished,
@@ -288,6 +290,29 @@ def test_c_prefill_gives_the_same_bits_however_a_prompt_is_chunked_or_batched(ac
             trace.append((samples[0].token_id, samples[0].logprob))
         results[name] = trace
     assert len({tuple(trace) for trace in results.values()}) == 1, results
+
+
+@pytest.mark.model
+def test_a_loaded_runner_frees_the_layer_copies_decoder_step_holds_and_still_generates() -> None:
+    loaded = ModelRunner.load("default", max_batch_size=2)
+    layers = [m for m in loaded._backbone.layers.modules() if isinstance(m, BlockLinear)]
+    assert len(layers) == 7 * loaded.model.config.num_hidden_layers
+    if loaded.decode_kernel != "c":  # nothing holds them elsewhere: kept
+        assert not any(isinstance(m.matmul, _Released) for m in layers)
+        return
+    assert all(isinstance(m.matmul, _Released) for m in layers)
+    with pytest.raises(RuntimeError, match="released"):
+        layers[0](torch.zeros(1, layers[0].in_features))
+    shared, _ = runner_and_reference(default_model("auto"), max_batch_size=2)  # its layers intact
+    tokens = {}
+    for name, runner in (("loaded", loaded), ("shared", shared)):
+        runner.add_sequence(0, SamplingParams(), 0)
+        samples = runner.prefill([PrefillChunk(0, ids(PROMPTS[0]), last=True)])
+        out = [samples[0].token_id]
+        for _ in range(8):
+            out.append(runner.decode({0: out[-1]})[0].token_id)
+        tokens[name] = out
+    assert tokens["loaded"] == tokens["shared"]
 
 
 @pytest.mark.model
