@@ -40,6 +40,8 @@ Decode-step speed (SmolLM2-135M, 2 shared cores; a step at 16 rows is ~75% matmu
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -155,6 +157,14 @@ class _SlotAttention:
                 offset += length
             out = torch.cat(outs, dim=2)
         return out.transpose(1, 2), None
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc): after large frees it stays in the process
+    otherwise, since glibc raises its mmap threshold as big blocks are freed. Loading the default
+    model and freeing its per-layer copies: RSS 582 -> 487 MB with this, unchanged without."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _c_head_dim(head_dim: int) -> bool:
@@ -383,6 +393,7 @@ class ModelRunner:
             if isinstance(module, BlockLinear)
         )
         log.info("decoder_step.c holds the layers' blocks: %.0f MB of per-layer copies freed", freed / 2**20)
+        _return_freed_memory()
         return freed
 
     def adapt_threads(self) -> None:
