@@ -23,10 +23,6 @@
 #include "thread_pool.h"
 #include "vec16.h"
 
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
 #define MAX_CHUNKS 16  /* head_dim <= 256 */
 #define HEAD_BLOCK 4  /* query heads computed together over one read of their kv head */
 
@@ -58,6 +54,12 @@ static inline void cache_row(void *cache, int64_t at, const float *row, int64_t 
     }
 #endif
     memcpy((float *)cache + at, row, n * sizeof(float));
+}
+
+/* Where row r's keys and values for kv head g start in the cache: its slot's, for that head. */
+static inline int64_t slot_base(const Attention *a, int64_t r, int64_t g) {
+    const int64_t slot = a->slots ? a->slots[r] : r;
+    return (slot * a->kv_heads + g) * a->max_len * a->head_dim;
 }
 
 /* Row r's new key and value for kv head g, at its position in its slot (`base`). */
@@ -125,10 +127,9 @@ static inline __attribute__((always_inline)) void attend_heads(
  * (fewer for larger heads, so their accumulators fit in registers). `half` and `chunks` are
  * constants after inlining. */
 static inline __attribute__((always_inline)) void attend(const Attention *a, int64_t item, int half, int64_t chunks) {
-    const int64_t head_dim = a->head_dim, kv_heads = a->kv_heads, group = a->heads / kv_heads;
+    const int64_t kv_heads = a->kv_heads, group = a->heads / kv_heads;
     const int64_t r = item / kv_heads, g = item % kv_heads, length = a->positions[r] + 1;
-    const int64_t slot = a->slots ? a->slots[r] : r;
-    const int64_t base = (slot * kv_heads + g) * a->max_len * head_dim;  /* this slot's keys and values */
+    const int64_t base = slot_base(a, r, g);
     if (!a->slots) write_new(a, r, g, base, half);
     const int64_t block = chunks <= 4 ? HEAD_BLOCK : chunks <= 8 ? 2 : 1;  /* block * chunks <= 16 */
     float *scores = malloc((size_t)(block * (length + LANES)) * sizeof(float));
@@ -178,6 +179,6 @@ void decode_attention(
                    heads, kv_heads, head_dim, max_len, scale, out};
     if (slots)
         for (int64_t r = 0; r < rows; r++)
-            for (int64_t g = 0; g < kv_heads; g++) write_new(&a, r, g, (slots[r] * kv_heads + g) * max_len * head_dim, half);
+            for (int64_t g = 0; g < kv_heads; g++) write_new(&a, r, g, slot_base(&a, r, g), half);
     parallel_for(rows * kv_heads, threads, half ? attend_float16 : attend_float32, &a);
 }

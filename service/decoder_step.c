@@ -25,10 +25,9 @@ void q8_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, 
                     int64_t N, float *y, int threads);
 void decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k, int64_t k_row,
                       int64_t k_head, const float *v, int64_t v_row, int64_t v_head, void *cache_k,
-                      void *cache_v, int half, const int64_t *positions, const int64_t *slots, int64_t rows,
-                      int64_t heads,
-                      int64_t kv_heads, int64_t head_dim, int64_t max_len, float scale, float *out,
-                      int threads);
+                      void *cache_v, int half, const int64_t *positions, const int64_t *slots,
+                      int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_len,
+                      float scale, float *out, int threads);
 
 typedef struct {
     int64_t bits;  /* 4: Q4_1 (codes, scale, minimum); 8: Q8_0 (codes, scale) */

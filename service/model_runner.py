@@ -298,7 +298,6 @@ class ModelRunner:
         self.device: torch.device = model.device
         self.dtype: torch.dtype = model.dtype
         self.vocab_size = int(config.vocab_size)
-        self._hidden = int(config.hidden_size)
         model_context = int(getattr(config, "max_position_embeddings", 2048))
         self.context_length = min(model_context, max_context or model_context)
         self.max_batch_size = max_batch_size
@@ -524,7 +523,7 @@ class ModelRunner:
         if self._decoder_step is not None:
             # Every token as a row of decoder_step.c, each over its own sequence's cache row.
             slots = torch.tensor([s.row for c, s in zip(chunks, seqs, strict=True) for _ in c.token_ids])
-            hidden = self._decoder_step(ids.view(-1, 1), positions.view(-1), slots).view(1, -1, self._hidden)
+            hidden = self._decoder_step(ids.view(-1, 1), positions.view(-1), slots).transpose(0, 1)
         else:
             self._attention.ctx = _StepContext(
                 decode=False,

@@ -27,7 +27,7 @@ static inline float sum_lanes(v16f v) {  /* a fixed tree of additions: halves, q
     /* The same tree in registers: the halves below go through memory, and reading half of a vector
      * just stored stalls store forwarding (decode attention spent most of its time there). */
     return _mm512_reduce_add_ps((__m512)v);
-#endif
+#else
     v8f lo8, hi8;  /* halves by memcpy, not __builtin_shufflevector: GCC has that only from 12 */
     memcpy(&lo8, &v, sizeof(lo8));
     memcpy(&hi8, (const char *)&v + sizeof(lo8), sizeof(hi8));
@@ -37,6 +37,7 @@ static inline float sum_lanes(v16f v) {  /* a fixed tree of additions: halves, q
     memcpy(&hi4, (const char *)&a + sizeof(lo4), sizeof(hi4));
     const v4f b = lo4 + hi4;
     return (b[0] + b[2]) + (b[1] + b[3]);
+#endif
 }
 
 static inline v16f select16(v16i mask, v16f yes, v16f no) {
