@@ -23,7 +23,8 @@
 typedef struct {
     item_fn fn;
     void *ctx;
-    int64_t items, chunk;  /* items are claimed `chunk` at a time: ~4 claims per thread */
+    int64_t items;
+    int threads;  /* the caller and the helpers that may join */
     int helpers;  /* how many helpers may join this job */
     atomic_int joined;
     _Alignas(64) atomic_llong next;  /* each counter on its own cache line */
@@ -49,13 +50,20 @@ static inline void relax(void) {
 #endif
 }
 
+/* Items are claimed in shrinking chunks, half of what is left per thread (OpenMP's "guided"):
+ * few claims while much is left, single items at the end, so that no thread finishes a whole
+ * large chunk after the others are done. Fixed chunks of ~1/8 of a job left one thread working
+ * alone for up to that long at the end of every job. */
 static void run_items(Job *job) {
+    int64_t begin = atomic_load(&job->next);
     for (;;) {
-        const int64_t begin = atomic_fetch_add(&job->next, job->chunk);
         if (begin >= job->items) return;
-        const int64_t end = begin + job->chunk < job->items ? begin + job->chunk : job->items;
-        for (int64_t i = begin; i < end; i++) job->fn(job->ctx, i);
-        atomic_fetch_add(&job->done, end - begin);
+        int64_t chunk = (job->items - begin) / (2 * job->threads);
+        if (chunk < 1) chunk = 1;
+        if (!atomic_compare_exchange_weak(&job->next, &begin, begin + chunk)) continue;  /* reloaded */
+        for (int64_t i = begin; i < begin + chunk; i++) job->fn(job->ctx, i);
+        atomic_fetch_add(&job->done, chunk);
+        begin = atomic_load(&job->next);
     }
 }
 
@@ -116,8 +124,7 @@ void parallel_for(int64_t items, int threads, item_fn fn, void *ctx) {
         return;
     }
     if (pool.helpers < threads - 1) start_helpers(threads - 1);
-    Job job = {.fn = fn, .ctx = ctx, .items = items, .helpers = threads - 1};
-    job.chunk = (items + 4 * threads - 1) / (4 * threads);
+    Job job = {.fn = fn, .ctx = ctx, .items = items, .threads = threads, .helpers = threads - 1};
     atomic_init(&job.next, 0);
     atomic_init(&job.done, 0);
     atomic_init(&job.joined, 0);
