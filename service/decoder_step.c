@@ -48,6 +48,8 @@ typedef struct {
     float eps, attention_scale;
     const Layer *layer;
     const float *final_norm;
+    const float *embedding;  /* [vocab, hidden] */
+    const float *rope_cos, *rope_sin;  /* [max_len, head_dim] by position; NULL: the caller passes each row's */
     void *cache_k, *cache_v;  /* [layers, max_rows, kv_heads, max_len, head_dim] */
     int64_t half_cache;  /* 1: the cache holds float16, else float32 */
     int64_t max_rows, max_len;
@@ -72,7 +74,8 @@ typedef struct {
     const float *norm;  /* RMSNorm weights: of the next sublayer, or the final norm */
     int add;  /* first x += delta (the previous sublayer's output) */
     float *x, *delta, *normed, *qkv, *gate_up, *act;
-    const float *cos, *sin;
+    const float *cos, *sin;  /* each row's, or NULL: from the decoder's table, by position */
+    const int64_t *positions;
 } Rows;
 
 /* x[r] += delta[r] (when `add`), then normed[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight (LlamaRMSNorm) */
@@ -93,7 +96,8 @@ static void rotate_row(void *ctx, int64_t r) {
     const Rows *j = ctx;
     const int64_t head_dim = j->d->head_dim, half = head_dim / 2, heads = j->d->heads + j->d->kv_heads;
     const int64_t width = (j->d->heads + 2 * j->d->kv_heads) * head_dim;
-    const float *c = j->cos + r * head_dim, *s = j->sin + r * head_dim;
+    const float *c = j->cos ? j->cos + r * head_dim : j->d->rope_cos + j->positions[r] * head_dim;
+    const float *s = j->sin ? j->sin + r * head_dim : j->d->rope_sin + j->positions[r] * head_dim;
     for (int64_t h = 0; h < heads; h++) {
         float *head = j->qkv + r * width + h * head_dim;
         for (int64_t i = 0; i < half; i++) {
@@ -115,12 +119,14 @@ static void silu_times_up_row(void *ctx, int64_t r) {
     }
 }
 
-/* x: [rows, hidden], the tokens' embeddings in, the final-norm hidden states out.
- * cos, sin: [rows, head_dim] for each row's position; positions: where each row's key goes.
+/* ids: [rows] token ids; x: [rows, hidden], the final-norm hidden states out.
+ * cos, sin: [rows, head_dim] for each row's position, or NULL where the decoder has a table (then a
+ * step runs without a torch op before it, each of which would let the event loop's thread take
+ * the GIL first); positions: where each row's key goes.
  * slots: each row's cache slot, or NULL for slot r (decode: one token per sequence). A prompt's
  * tokens may share one slot, each attending up to its own position (decode_attention.c): then this
  * is a prefill, and a token's result is the same however its prompt is split into chunks. */
-void decoder_step(const Decoder *d, float *x, const float *cos, const float *sin,
+void decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *cos, const float *sin,
                   const int64_t *positions, const int64_t *slots, int64_t rows, int threads) {
     const int64_t hidden = d->hidden, head_dim = d->head_dim, heads = d->heads, kv = d->kv_heads;
     const int64_t qkv_width = (heads + 2 * kv) * head_dim, layer_cache = d->max_rows * kv * d->max_len * head_dim;
@@ -131,7 +137,8 @@ void decoder_step(const Decoder *d, float *x, const float *cos, const float *sin
     float *gate_up = malloc(sizeof(float) * rows * 2 * d->intermediate);
     float *act = malloc(sizeof(float) * rows * d->intermediate);
     float *delta = malloc(sizeof(float) * rows * hidden);
-    Rows j = {d, 0, 0, x, delta, normed, qkv, gate_up, act, cos, sin};
+    for (int64_t r = 0; r < rows; r++) memcpy(x + r * hidden, d->embedding + ids[r] * hidden, sizeof(float) * hidden);
+    Rows j = {d, 0, 0, x, delta, normed, qkv, gate_up, act, cos, sin, positions};
     for (int64_t l = 0; l < d->layers; l++) {
         const Layer *layer = d->layer + l;
         j.norm = layer->input_norm, j.add = l > 0;  /* the previous layer's MLP output, added here */

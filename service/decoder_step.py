@@ -2,15 +2,22 @@
 
 Run from torch, a decode step is ~55 small ops a layer; for one row their dispatch took ~8 of the
 step's ~15 ms here. decoder_step.c runs every layer in one call: the same matmul and attention
-kernels, with RMSNorm, the rotary embedding, SiLU and the residual adds in C between them. The
-token embedding and the rotary cos/sin (whatever rope scaling the model uses) stay in torch.
+kernels, with RMSNorm, the rotary embedding, SiLU and the residual adds in C between them.
+
+It also looks up the token embeddings, and the rotary cos/sin in a table torch computed once for
+every position (models whose rope changes with the length, "dynamic" and "longrope", get theirs
+from torch each call). So a step starts without a torch op: each releases the GIL, and in the
+server the event loop's thread, woken by the previous step's tokens, took it there and ran first
+while the step waited, its other threads idle.
 """
 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -55,6 +62,9 @@ class _Decoder(ctypes.Structure):
         ("attention_scale", ctypes.c_float),
         ("layer", ctypes.POINTER(_Layer)),
         ("final_norm", ctypes.c_void_p),
+        ("embedding", ctypes.c_void_p),
+        ("rope_cos", ctypes.c_void_p),
+        ("rope_sin", ctypes.c_void_p),
         ("cache_k", ctypes.c_void_p),
         ("cache_v", ctypes.c_void_p),
         ("half_cache", _C_INT64),
@@ -64,15 +74,20 @@ class _Decoder(ctypes.Structure):
 
 
 class DecoderStep:
-    """Callable: (token ids [n, 1], positions [n]) -> final-norm hidden states [n, 1, hidden].
+    """Callable: (token ids, positions, slots) -> final-norm hidden states [n, hidden].
 
     Writes each row's new key/value into the cache at its position, as the attention function does.
     """
 
-    def __init__(self, backbone: Any, decoder: _Decoder, keep: list[Any]) -> None:
+    def __init__(self, backbone: Any, decoder: _Decoder, keep: list[Any], *, rope_table: bool) -> None:
         self.backbone = backbone
         self._decoder = decoder
         self._keep = keep  # what the C structs point into: cache, fused matrices, the layers array
+        self._rope_table = rope_table
+        self._vocab = backbone.embed_tokens.weight.shape[0]
+        self._hidden = decoder.hidden
+        # A decode step's output, reused: allocating it would be a torch op before the step.
+        self._rows_out = torch.empty(decoder.max_rows, decoder.hidden)
 
     @classmethod
     def build(
@@ -108,7 +123,13 @@ class DecoderStep:
             or any(width % 16 for width in (config.hidden_size, config.intermediate_size))
         ):
             return None
-        keep: list[Any] = [keys, values]  # the C structs hold raw pointers into all of these
+        embedding = backbone.embed_tokens.weight.detach()
+        if embedding.dtype != torch.float32 or not embedding.is_contiguous():
+            return None
+        keep: list[Any] = [keys, values, embedding]  # the C structs hold raw pointers into all of these
+        rope = _rope_table(backbone, keys.shape[3])
+        if rope is not None:
+            keep.extend(rope)
 
         def matrix(linears: list[BlockLinear]) -> _Matrix:
             matmul = fuse_blocks(linears)
@@ -151,35 +172,62 @@ class DecoderStep:
             attention_scale=attention.scaling,
             layer=ctypes.cast(array, ctypes.POINTER(_Layer)),
             final_norm=backbone.norm.weight.data_ptr(),
+            embedding=embedding.data_ptr(),
+            rope_cos=None if rope is None else rope[0].data_ptr(),
+            rope_sin=None if rope is None else rope[1].data_ptr(),
             cache_k=keys.data_ptr(),
             cache_v=values.data_ptr(),
             half_cache=int(keys.dtype == torch.float16),
             max_rows=keys.shape[1],
             max_len=keys.shape[3],
         )
-        return cls(backbone, decoder, keep)
+        return cls(backbone, decoder, keep, rope_table=rope is not None)
 
     def __call__(
-        self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None = None
+        self, ids: Sequence[int], positions: Sequence[int], slots: Sequence[int] | None = None
     ) -> torch.Tensor:
-        """slots: each row's cache row (int64), for a prefill of several tokens per sequence; by
-        default row i is cache row i (a decode step)."""
-        n = ids.shape[0]
-        x = self.backbone.embed_tokens(ids).reshape(n, -1).contiguous()  # a fresh tensor: updated in place
-        cos, sin = self.backbone.rotary_emb(x[:, None], position_ids=positions[:, None])
-        cos, sin = cos.reshape(n, -1).contiguous(), sin.reshape(n, -1).contiguous()
+        """ids and positions per row; slots: each row's cache row, for a prefill of several tokens
+        per sequence (by default row i is cache row i: a decode step). The result of a decode step
+        is overwritten by the next one."""
+        n = len(ids)
+        if n and not (min(ids) >= 0 and max(ids) < self._vocab):
+            raise ValueError(f"token ids must be in [0, {self._vocab})")
+        # numpy, not torch: creating these releases no GIL (see the module's docstring)
+        ids_array = np.asarray(ids, dtype=np.int64)
+        positions_array = np.asarray(positions, dtype=np.int64)
+        slots_array = None if slots is None else np.asarray(slots, dtype=np.int64)
+        x = self._rows_out if slots is None and n <= len(self._rows_out) else torch.empty(n, self._hidden)
+        cos = sin = None
+        if not self._rope_table:
+            at = torch.from_numpy(positions_array)[None]
+            cos, sin = (
+                t.reshape(n, -1).contiguous() for t in self.backbone.rotary_emb(x[:n], position_ids=at)
+            )
         step = native.library().decoder_step  # type: ignore[union-attr]
         step(
             ctypes.byref(self._decoder),
+            ids_array.ctypes.data,
             x.data_ptr(),
-            cos.data_ptr(),
-            sin.data_ptr(),
-            positions.data_ptr(),
-            None if slots is None else slots.data_ptr(),
+            None if cos is None else cos.data_ptr(),
+            None if sin is None else sin.data_ptr(),
+            positions_array.ctypes.data,
+            None if slots_array is None else slots_array.ctypes.data,
             n,
             native.threads(),
         )
-        return x.view(n, 1, -1)
+        return x[:n]
+
+
+def _rope_table(backbone: Any, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rotary cos and sin [length, head_dim] of every position, as the model computes them;
+    None where its rope changes with the sequence's length."""
+    rotary = backbone.rotary_emb
+    rope_type = getattr(rotary, "rope_type", "default")
+    if not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope":
+        return None
+    dummy = torch.empty(1, dtype=torch.float32)
+    cos, sin = rotary(dummy, position_ids=torch.arange(length)[None])
+    return cos[0].contiguous(), sin[0].contiguous()
 
 
 class _Unsupported(Exception):

@@ -515,26 +515,27 @@ class ModelRunner:
         if self._governor is not None:
             self._governor.tick()
         seqs = [self._sequences[c.seq_id] for c in chunks]
+        pairs = list(zip(chunks, seqs, strict=True))
         # Packed into one row, not padded to the longest: the 4-bit matmuls cost per row, padding too.
-        ids = torch.tensor([[t for c in chunks for t in c.token_ids]], dtype=torch.long)
-        positions = torch.cat(
-            [torch.arange(s.length, s.length + len(c.token_ids)) for c, s in zip(chunks, seqs, strict=True)]
-        )[None]
+        token_ids = [t for c in chunks for t in c.token_ids]
+        token_positions = [p for c, s in pairs for p in range(s.length, s.length + len(c.token_ids))]
         if self._decoder_step is not None:
             # Every token as a row of decoder_step.c, each over its own sequence's cache row.
-            slots = torch.tensor([s.row for c, s in zip(chunks, seqs, strict=True) for _ in c.token_ids])
-            hidden = self._decoder_step(ids.view(-1, 1), positions.view(-1), slots).transpose(0, 1)
+            slots = [s.row for c, s in pairs for _ in c.token_ids]
+            hidden = self._decoder_step(token_ids, token_positions, slots)[None]
         else:
+            ids = torch.tensor([token_ids], dtype=torch.long)
+            positions = torch.tensor([token_positions], dtype=torch.long)
             self._attention.ctx = _StepContext(
                 decode=False,
-                prefill_rows=[(s.row, s.length, len(c.token_ids)) for c, s in zip(chunks, seqs, strict=True)],
+                prefill_rows=[(s.row, s.length, len(c.token_ids)) for c, s in pairs],
             )
             hidden = self._backbone(
                 input_ids=ids.to(self.device), position_ids=positions.to(self.device), use_cache=False
             ).last_hidden_state
         finishing = []
         end = 0
-        for c, seq in zip(chunks, seqs, strict=True):
+        for c, seq in pairs:
             seq.length += len(c.token_ids)
             end += len(c.token_ids)
             if c.last:
@@ -582,14 +583,14 @@ class ModelRunner:
         if self._governor is not None:
             self._governor.tick()
         seqs = [self._sequences[i] for i in self._decoding]
-        ids = torch.tensor([[token_ids[s.seq_id]] for s in seqs], dtype=torch.long, device=self.device)
         lengths = [s.length for s in seqs]
-        positions = torch.tensor(lengths, dtype=torch.long, device=self.device)
         if self._decoder_step is not None:
-            hidden = self._decoder_step(ids, positions)
+            hidden = self._decoder_step([token_ids[s.seq_id] for s in seqs], lengths)
         else:
-            hidden = self._decode_in_torch(ids, lengths, positions)
-        logits = self._lm_head(hidden[:, -1])
+            ids = torch.tensor([[token_ids[s.seq_id]] for s in seqs], dtype=torch.long, device=self.device)
+            positions = torch.tensor(lengths, dtype=torch.long, device=self.device)
+            hidden = self._decode_in_torch(ids, lengths, positions)[:, -1]
+        logits = self._lm_head(hidden)
         for s in seqs:
             s.length += 1
         samples = self._sample(logits, seqs, rows=slice(0, n))

@@ -69,7 +69,7 @@ def library() -> ctypes.CDLL | None:
         ptr,
         ctypes.c_int,
     ]
-    lib.decoder_step.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.decoder_step.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
     kernels = (lib.q4_matmul, lib.q8_matmul, lib.q4_matmul_int8, lib.q8_matmul_int8, lib.decode_attention)
     for kernel in (*kernels, lib.decoder_step):
         kernel.restype = None

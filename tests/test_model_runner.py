@@ -292,6 +292,48 @@ def test_c_prefill_gives_the_same_bits_however_a_prompt_is_chunked_or_batched(ac
     assert len({tuple(trace) for trace in results.values()}) == 1, results
 
 
+@pytest.mark.skipif(native.library() is None, reason="no C kernel here")
+@pytest.mark.parametrize(
+    "rope", [None, {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64,
+                    "low_freq_factor": 1.0, "high_freq_factor": 4.0}, {"rope_type": "dynamic", "factor": 2.0}]
+)  # fmt: skip
+def test_the_c_step_takes_rotary_cos_sin_from_a_table_with_the_bits_torch_computes(
+    rope: dict[str, object] | None,
+) -> None:
+    """decoder_step.c reads each position's cos/sin from a table computed once, where the model's rope
+    does not change with the length; the tokens' logprobs are bit for bit those of cos/sin computed by
+    torch for each step. A dynamic rope gets no table."""
+    model = tiny_q4_model(activations="float32", **({"rope_scaling": rope} if rope else {}))
+    traces = []
+    for table in (True, False):
+        runner, _ = runner_and_reference(model)
+        step = runner._decoder_step
+        assert step is not None
+        assert step._rope_table == (rope is None or rope["rope_type"] != "dynamic")
+        step._rope_table &= table
+        for seq in (0, 1):
+            runner.add_sequence(seq, SamplingParams(), 0, logprobs=True)
+        samples = runner.prefill(
+            [PrefillChunk(0, ids(PROMPTS[2]), True), PrefillChunk(1, ids(PROMPTS[4]), True)]
+        )
+        trace = []
+        for _ in range(80):  # positions past the llama3 rope's original 64
+            trace.append([(s.token_id, s.logprob) for s in samples.values()])
+            samples = runner.decode({seq: sample.token_id for seq, sample in samples.items()})
+        traces.append(trace)
+    assert traces[0] == traces[1]
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C kernel here")
+def test_the_c_step_refuses_token_ids_outside_its_embedding() -> None:
+    runner, _ = runner_and_reference(tiny_q4_model())
+    step = runner._decoder_step
+    assert step is not None
+    for bad in (-1, runner.vocab_size):
+        with pytest.raises(ValueError, match="token ids"):
+            step([5, bad], [0, 0])
+
+
 @pytest.mark.model
 def test_a_loaded_runner_frees_the_layer_copies_decoder_step_holds_and_still_generates() -> None:
     loaded = ModelRunner.load("default", max_batch_size=2)
