@@ -40,11 +40,13 @@ int int8_activations(void) { return 1; }
 #define BLOCK_ROWS 16  /* rows sharing one tile's unpacked codes: 16 accumulators + 8 code vectors */
 #define PANEL_ROWS 128  /* rows per work item, so that a long prefill's codes stay in L2 */
 
-/* The rounded activations: codes [M][K], and per row and block the scale and the sum of the codes. */
+/* The rounded activations: codes [M][K], and per row and block the scale, the sum of the codes,
+ * and scale * sum (Q4_1's minimum term takes it as it is, broadcast from memory). */
 typedef struct {
     int8_t *codes;
     float *scale;
     int32_t *sum;
+    float *scaled_sum;
 } Activations;
 
 static void quantize_row(const float *x, int64_t r, int64_t K, Activations *a) {
@@ -62,8 +64,10 @@ static void quantize_row(const float *x, int64_t r, int64_t K, Activations *a) {
         const __m512i qhi = _mm512_cvt_roundps_epi32(_mm512_mul_ps(hi, inverse), rounding);
         _mm_storeu_si128((__m128i *)(a->codes + r * K + g * GROUP), _mm512_cvtsepi32_epi8(qlo));
         _mm_storeu_si128((__m128i *)(a->codes + r * K + g * GROUP + 16), _mm512_cvtsepi32_epi8(qhi));
+        const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
         a->scale[r * groups + g] = dx;
-        a->sum[r * groups + g] = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+        a->sum[r * groups + g] = sum;
+        a->scaled_sum[r * groups + g] = dx * (float)sum;
     }
 }
 
@@ -87,6 +91,9 @@ static inline __m512i four_codes(const int8_t *codes) {  /* 4 activation bytes i
 /* Rows r0..r0+rows-1 of tile t; `rows` and `bits` are constants after inlining. */
 static inline __attribute__((always_inline)) void block(const Matmul *m, int64_t r0, int rows, int64_t t, int bits) {
     const int64_t K = m->K, groups = K / GROUP;
+    const int8_t *x_codes = m->x->codes;
+    const float *x_scale = m->x->scale, *x_scaled_sum = m->x->scaled_sum;
+    const int32_t *x_sum = m->x->sum;
     const int64_t line_k = bits == 4 ? 8 : 4;  /* k's per 64-byte line */
     const uint8_t *lines = m->codes + t * (K / line_k) * 64;
     __m512 acc[BLOCK_ROWS];
@@ -110,14 +117,13 @@ static inline __attribute__((always_inline)) void block(const Matmul *m, int64_t
         const __m512 minimum = bits == 4 ? _mm512_loadu_ps(m->minimum + (t * groups + g) * TILE) : scale;
         for (int r = 0; r < rows; r++) {
             const int64_t row = r0 + r;
-            const int8_t *qx = m->x->codes + row * K + g * GROUP;
+            const int8_t *qx = x_codes + row * K + g * GROUP;
             __m512i dot = _mm512_setzero_si512();
             for (int h = 0; h < 8; h++) dot = _mm512_dpbusd_epi32(dot, w[h], four_codes(qx + 4 * h));
-            const float dx = m->x->scale[row * groups + g];
-            const int32_t sum = m->x->sum[row * groups + g];
-            if (bits == 8) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * sum));  /* codes are qw + 128 */
+            const float dx = x_scale[row * groups + g];
+            if (bits == 8) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * x_sum[row * groups + g]));  /* codes are qw + 128 */
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, _mm512_set1_ps(dx)), acc[r]);
-            if (bits == 4) acc[r] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(dx * (float)sum), acc[r]);
+            if (bits == 4) acc[r] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(x_scaled_sum[row * groups + g]), acc[r]);
         }
     }
     for (int r = 0; r < rows; r++) _mm512_storeu_ps(m->y + (r0 + r) * m->N + t * TILE, acc[r]);
@@ -158,10 +164,12 @@ static void run(const float *x, int64_t M, int64_t K, const uint8_t *codes, cons
                 const float *minimum, int64_t N, float *y, int threads, item_fn fn)
 {
     const int64_t groups = K / GROUP;
-    char *scratch = malloc(M * groups * (sizeof(float) + sizeof(int32_t)) + M * K);
+    const int64_t per_group = M * groups;
+    char *scratch = malloc(per_group * (2 * sizeof(float) + sizeof(int32_t)) + M * K);
     if (!scratch) abort();
-    Activations a = {(int8_t *)(scratch + M * groups * (sizeof(float) + sizeof(int32_t))), (float *)scratch,
-                     (int32_t *)(scratch + M * groups * sizeof(float))};
+    Activations a = {(int8_t *)(scratch + per_group * (2 * sizeof(float) + sizeof(int32_t))), (float *)scratch,
+                     (int32_t *)(scratch + per_group * sizeof(float)),
+                     (float *)(scratch + per_group * (sizeof(float) + sizeof(int32_t)))};
     Matmul m = {x, &a, M, K, codes, scale, minimum, N, y};
     atomic_init(&m.rounded, 0);
     parallel_for(M + (M + PANEL_ROWS - 1) / PANEL_ROWS * (N / TILE), threads, fn, &m);
