@@ -111,6 +111,11 @@ class _SlotAttention:
             and _c_head_dim(keys.shape[-1])
         )
 
+    def whole_key_blocks(self, length: int) -> int:
+        """How many positions to copy so that a row's first `length` keys move whole: the C
+        attention stores keys in blocks of KEY_BLOCK positions (see keys_in_order)."""
+        return -(-length // KEY_BLOCK) * KEY_BLOCK if self.native else length
+
     def __call__(
         self,
         module: torch.nn.Module,
@@ -136,6 +141,20 @@ class _SlotAttention:
             out = decode_attention(
                 query, cache_k[:n, :, : ctx.kv_len], cache_v[:n, :, : ctx.kv_len], attention_mask, scaling
             )
+        elif self.native:  # a prefill (the C step's way, for models it does not run whole)
+            rows = [(row, start + i) for row, start, length in ctx.prefill_rows for i in range(length)]
+            tokens = query[0].transpose(0, 1)[:, :, None]  # [q_len, heads, 1, head_dim]: a row per token
+            out = _native_decode_attention(
+                tokens,
+                key[0].transpose(0, 1)[:, :, None],
+                value[0].transpose(0, 1)[:, :, None],
+                cache_k,
+                cache_v,
+                torch.tensor([at for _, at in rows]),
+                scaling,
+                slots=torch.tensor([row for row, _ in rows]),
+            )
+            out = out[:, :, 0].transpose(0, 1)[None]
         else:
             outs = []
             offset = 0
@@ -244,14 +263,26 @@ def decode_attention(
     return out.view(rows, heads, 1, head_dim)
 
 
+KEY_BLOCK = 16  # decode_attention.c's keys: blocks of 16 positions, each stored dimension-major
+
+
+def keys_in_order(cache_k: torch.Tensor) -> torch.Tensor:
+    """A key cache as decode_attention.c writes it ([..., max_len, head_dim], blocks of KEY_BLOCK
+    positions stored [head_dim][KEY_BLOCK]), by position: [..., max_len, head_dim], a copy."""
+    *lead, max_len, head_dim = cache_k.shape
+    blocked = cache_k.reshape(*lead, max_len // KEY_BLOCK, head_dim, KEY_BLOCK)
+    return blocked.transpose(-1, -2).reshape(*lead, max_len, head_dim)
+
+
 def _native_decode_attention(
     query: torch.Tensor,  # [rows, heads, 1, head_dim]
     key: torch.Tensor,  # [rows, kv_heads, 1, head_dim]: written into the cache at `positions`
     value: torch.Tensor,
-    cache_k: torch.Tensor,  # [max_rows, kv_heads, max_len, head_dim]
+    cache_k: torch.Tensor,  # [max_rows, kv_heads, max_len, head_dim], keys in decode_attention.c's blocks
     cache_v: torch.Tensor,
     positions: torch.Tensor,  # [rows] int64
     scale: float | None,
+    slots: torch.Tensor | None = None,  # [rows] int64: each row's cache row (a prefill); default row r
 ) -> torch.Tensor:
     """decode_attention.c: the same result as `decode_attention`, batch-invariant too, in one call."""
     rows, heads, _, head_dim = query.shape
@@ -263,7 +294,7 @@ def _native_decode_attention(
         key.data_ptr(), key.stride(0), key.stride(1),
         value.data_ptr(), value.stride(0), value.stride(1),
         cache_k.data_ptr(), cache_v.data_ptr(), int(cache_k.dtype == torch.float16),
-        positions.data_ptr(), None,  # slots: row r's own
+        positions.data_ptr(), None if slots is None else slots.data_ptr(),
         rows, heads, key.shape[1], head_dim, cache_k.shape[2],
         head_dim**-0.5 if scale is None else scale, out.data_ptr(), native.threads(),
     )  # fmt: skip
@@ -471,8 +502,8 @@ class ModelRunner:
 
     def _move_row(self, seq: _Sequence, row: int) -> None:
         """Copy seq's cache (its filled part) and state into `row`, and make it seq's row."""
-        length = seq.length
         cache = self._attention
+        length = cache.whole_key_blocks(seq.length)
         cache.keys[:, row, :, :length] = cache.keys[:, seq.row, :, :length]
         cache.values[:, row, :, :length] = cache.values[:, seq.row, :, :length]
         if self._seen is not None:
@@ -492,8 +523,9 @@ class ModelRunner:
         seq = self._sequences[seq_id]
         length = min(length, seq.length)
         cache = self._attention
-        keys = cache.keys[:, seq.row, :, :length].clone()
-        values = cache.values[:, seq.row, :, :length].clone()
+        stored = cache.whole_key_blocks(length)
+        keys = cache.keys[:, seq.row, :, :stored].clone()
+        values = cache.values[:, seq.row, :, :stored].clone()
         return PrefixCache(length=length, payload=(keys, values), nbytes=keys.nbytes + values.nbytes)
 
     def load_prefix(self, seq_id: int, prefix: PrefixCache, length: int) -> None:
@@ -501,8 +533,10 @@ class ModelRunner:
         seq = self._sequences[seq_id]
         keys, values = prefix.payload
         cache = self._attention
-        cache.keys[:, seq.row, :, :length] = keys[:, :, :length]
-        cache.values[:, seq.row, :, :length] = values[:, :, :length]
+        # Whole key blocks: positions past `length` in the last one are rewritten before they are read.
+        stored = cache.whole_key_blocks(length)
+        cache.keys[:, seq.row, :, :stored] = keys[:, :, :stored]
+        cache.values[:, seq.row, :, :stored] = values[:, :, :stored]
         seq.length = length
 
     # ---- the forward passes ----
@@ -565,10 +599,11 @@ class ModelRunner:
 
     def _swap_rows(self, a: _Sequence, b: _Sequence) -> None:
         cache = self._attention
+        a_length, b_length = cache.whole_key_blocks(a.length), cache.whole_key_blocks(b.length)
         for tensor in (cache.keys, cache.values):
-            saved = tensor[:, b.row, :, : b.length].clone()
-            tensor[:, b.row, :, : a.length] = tensor[:, a.row, :, : a.length]
-            tensor[:, a.row, :, : b.length] = saved
+            saved = tensor[:, b.row, :, :b_length].clone()
+            tensor[:, b.row, :, :a_length] = tensor[:, a.row, :, :a_length]
+            tensor[:, a.row, :, :b_length] = saved
         if self._seen is not None:
             self._seen[[a.row, b.row]] = self._seen[[b.row, a.row]]
         a.row, b.row = b.row, a.row

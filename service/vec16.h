@@ -44,6 +44,14 @@ static inline v16f select16(v16i mask, v16f yes, v16f no) {
     return (v16f)(((v16i)yes & mask) | ((v16i)no & ~mask));
 }
 
+static inline v16f max16(v16f a, v16f b) { return select16(a > b, a, b); }
+
+static inline float max_lanes(v16f v) {  /* exact in any order */
+    float most = v[0];
+    for (int i = 1; i < LANES; i++) most = v[i] > most ? v[i] : most;
+    return most;
+}
+
 /* e^x, as Cephes' expf: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial, times 2^n.
  * Relative error ~2e-7; 0 below -87.3 (-inf included), +inf above 88.7. Not libm's expf, which
  * would not vectorise here. */

@@ -16,7 +16,7 @@ from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from tests.models import default_model, quantize_q4_1, quantize_q8_0, runner_and_reference
 from tokenwire.service import native
-from tokenwire.service.model_runner import _native_decode_attention, decode_attention
+from tokenwire.service.model_runner import _native_decode_attention, decode_attention, keys_in_order
 from tokenwire.service.quantized import (
     BlockLinear,
     Q4Matmul,
@@ -272,13 +272,14 @@ def test_the_c_decode_attention_writes_the_new_key_and_is_batch_invariant(
         keys, values = (c.clone() for c in cache)
         out = _native_decode_attention(query, key, value, keys, values, positions, None)
         assert out.shape == (rows, heads, 1, dim)
+        ordered = keys_in_order(keys)
         for row, at in enumerate(positions.tolist()):
             # written as the cache keeps them (float16: rounded to nearest)
-            assert torch.equal(keys[row, :, at], key[row, :, 0].to(cache_dtype))
+            assert torch.equal(ordered[row, :, at], key[row, :, 0].to(cache_dtype))
             assert torch.equal(values[row, :, at], value[row, :, 0].to(cache_dtype))
             sdpa = torch.nn.functional.scaled_dot_product_attention(
                 query[row : row + 1],
-                keys[row : row + 1, :, : at + 1].float(),
+                ordered[row : row + 1, :, : at + 1].float(),
                 values[row : row + 1, :, : at + 1].float(),
                 enable_gqa=True,
             )
