@@ -79,9 +79,10 @@ class ModelConfig:
     max_live_requests: int = EngineConfig.max_live_requests
     prefill_tokens_per_step: int = EngineConfig.prefill_tokens_per_step
     # Where a prompt token's attention costs as much as the rest of its prefill: measured for the
-    # default model in decoder_step.c here (~0.43 ms a token of matmuls, ~0.67 us a position of
-    # attention). Without it a 256-token chunk at position ~8,000 stalled the running streams ~1.5 s.
-    prefill_attention_span: int = 640
+    # default model in decoder_step.c here (128-token chunks at positions 0 to 3,000: ~0.44 ms a
+    # token of matmuls, ~0.43 us a position of attention; 640 when attention took ~0.67 us).
+    # Without it a 256-token chunk at position ~8,000 stalled the running streams ~1.5 s.
+    prefill_attention_span: int = 1024
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

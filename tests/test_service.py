@@ -598,7 +598,7 @@ def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert server.host == "127.0.0.1" and server.max_message_bytes == 4 * 1024 * 1024
     assert model.engine_config().max_live_requests == 9 and model.model == "default"
-    assert model.engine_config().prefill_attention_span == 640  # the server weighs deep prompt tokens
+    assert model.engine_config().prefill_attention_span == 1024  # the server weighs deep prompt tokens
     monkeypatch.setenv("TOKENWIRE_PREFILL_ATTENTION_SPAN", "0")
     assert configs_from_args(build_parser().parse_args([]))[1].engine_config().prefill_attention_span == 0
     # A flag beats the environment.
