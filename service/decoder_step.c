@@ -48,6 +48,7 @@ typedef struct {
     float eps, attention_scale;
     const Layer *layer;
     const float *final_norm;
+    Matrix lm_head;  /* out_features 0: the caller runs its own */
     const float *embedding;  /* [vocab, hidden] */
     const float *rope_cos, *rope_sin;  /* [max_len, head_dim] by position; NULL: the caller passes each row's */
     void *cache_k, *cache_v;  /* [layers, max_rows, kv_heads, max_len, head_dim] */
@@ -119,15 +120,62 @@ static void silu_times_up_row(void *ctx, int64_t r) {
     }
 }
 
+/* Each row's argmax over the lm_head's outputs, as numpy's argmax answers (what sampling.py's
+ * greedy rows take): the first maximum, or the first NaN if there is one. */
+typedef struct {
+    const float *logits;
+    int64_t vocab;
+    int64_t *argmax;
+} Argmax;
+
+static int64_t first_argmax(const float *row, int64_t n) {
+    int64_t i = 0, best = 0;
+#ifdef __AVX512F__
+    if (n >= LANES) {  /* per lane the first maximum; a NaN ends the search */
+        __m512 most = _mm512_loadu_ps(row);
+        __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512i lanes = at;
+        for (; i + LANES <= n; i += LANES) {
+            const __m512 v = _mm512_loadu_ps(row + i);
+            const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            if (nan) return i + __builtin_ctz(nan);
+            const __mmask16 greater = _mm512_cmp_ps_mask(v, most, _CMP_GT_OQ);
+            most = _mm512_mask_mov_ps(most, greater, v);
+            at = _mm512_mask_mov_epi32(at, greater, _mm512_add_epi32(lanes, _mm512_set1_epi32((int)i)));
+        }
+        const float top = _mm512_reduce_max_ps(most);
+        const __mmask16 tied = _mm512_cmp_ps_mask(most, _mm512_set1_ps(top), _CMP_EQ_OQ);
+        best = _mm512_mask_reduce_min_epi32(tied, at);  /* the earliest of the lanes' maxima */
+    }
+#endif
+    for (; i < n; i++) {
+        if (row[i] != row[i]) return i;  /* NaN */
+        if (row[i] > row[best]) best = i;
+    }
+    return best;
+}
+
+static void argmax_row(void *ctx, int64_t r) {
+    const Argmax *a = ctx;
+    a->argmax[r] = first_argmax(a->logits + r * a->vocab, a->vocab);
+}
+
+void argmax_rows(const float *logits, int64_t rows, int64_t vocab, int64_t *argmax, int threads) {
+    Argmax a = {logits, vocab, argmax};
+    parallel_for(rows, threads, argmax_row, &a);
+}
+
 /* ids: [rows] token ids; x: [rows, hidden], the final-norm hidden states out.
  * cos, sin: [rows, head_dim] for each row's position, or NULL where the decoder has a table (then a
  * step runs without a torch op before it, each of which would let the event loop's thread take
- * the GIL first); positions: where each row's key goes.
+ * the GIL first); positions: where each row's key goes. logits: NULL, or [rows, vocab] for the
+ * lm_head's outputs too (then argmax: NULL, or [rows] for each row's argmax).
  * slots: each row's cache slot, or NULL for slot r (decode: one token per sequence). A prompt's
  * tokens may share one slot, each attending up to its own position (decode_attention.c): then this
  * is a prefill, and a token's result is the same however its prompt is split into chunks. */
 void decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *cos, const float *sin,
-                  const int64_t *positions, const int64_t *slots, int64_t rows, int threads) {
+                  const int64_t *positions, const int64_t *slots, int64_t rows, float *logits, int64_t *argmax,
+                  int threads) {
     const int64_t hidden = d->hidden, head_dim = d->head_dim, heads = d->heads, kv = d->kv_heads;
     const int64_t qkv_width = (heads + 2 * kv) * head_dim, layer_cache = d->max_rows * kv * d->max_len * head_dim;
     const int64_t element = d->half_cache ? 2 : 4;  /* bytes per cached value */
@@ -161,5 +209,9 @@ void decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *c
     j.norm = d->final_norm, j.add = d->layers > 0;
     parallel_for(rows, threads, residual_norm_row, &j);
     memcpy(x, normed, sizeof(float) * rows * hidden);
+    if (logits) {
+        multiply(&d->lm_head, x, rows, logits, threads);
+        if (argmax) argmax_rows(logits, rows, d->lm_head.out_features, argmax, threads);
+    }
     free(normed); free(qkv); free(attended); free(gate_up); free(act); free(delta);
 }

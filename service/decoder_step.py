@@ -62,6 +62,7 @@ class _Decoder(ctypes.Structure):
         ("attention_scale", ctypes.c_float),
         ("layer", ctypes.POINTER(_Layer)),
         ("final_norm", ctypes.c_void_p),
+        ("lm_head", _Matrix),
         ("embedding", ctypes.c_void_p),
         ("rope_cos", ctypes.c_void_p),
         ("rope_sin", ctypes.c_void_p),
@@ -74,7 +75,8 @@ class _Decoder(ctypes.Structure):
 
 
 class DecoderStep:
-    """Callable: (token ids, positions, slots) -> final-norm hidden states [n, hidden].
+    """Callable: (token ids, positions, slots) -> final-norm hidden states [n, hidden]; `decode`
+    runs the lm_head too, where it is on blocks, and can take each row's argmax.
 
     Writes each row's new key/value into the cache at its position, as the attention function does.
     """
@@ -86,12 +88,15 @@ class DecoderStep:
         self._rope_table = rope_table
         self._vocab = backbone.embed_tokens.weight.shape[0]
         self._hidden = decoder.hidden
-        # A decode step's output, reused: allocating it would be a torch op before the step.
+        # A decode step's outputs, reused: allocating them would be a torch op before the step.
         self._rows_out = torch.empty(decoder.max_rows, decoder.hidden)
+        self.lm_head_in_c = decoder.lm_head.out_features > 0
+        self._logits_out = torch.empty(decoder.max_rows, decoder.lm_head.out_features)
+        self._argmax_out = np.empty(decoder.max_rows, dtype=np.int64)
 
     @classmethod
     def build(
-        cls, backbone: Any, keys: torch.Tensor, values: torch.Tensor, *, attention_in_c: bool
+        cls, backbone: Any, lm_head: Any, keys: torch.Tensor, values: torch.Tensor, *, attention_in_c: bool
     ) -> DecoderStep | None:
         """None unless decode attention runs in C (`_SlotAttention.native`: the kernels are here, a
         float32 model on CPU, a head_dim they take) and the model is a plain llama (SiLU MLP,
@@ -117,7 +122,7 @@ class DecoderStep:
             or not keys.is_contiguous()
             or getattr(config, "model_type", None) != "llama"
             or getattr(config, "hidden_act", None) != "silu"
-            or not all(isinstance(p, BlockLinear) and p.matmul.kernel == "native" for p in projections)
+            or not all(_native_blocks(p) for p in projections)
             or not all(isinstance(norm, LlamaRMSNorm) for norm in norms)
             or len({norm.variance_epsilon for norm in norms}) != 1  # the C step takes one
             or any(width % 16 for width in (config.hidden_size, config.intermediate_size))
@@ -136,13 +141,7 @@ class DecoderStep:
             if matmul is None:
                 raise _Unsupported
             keep.append(matmul)
-            int8 = int(matmul.activations == "int8")
-            if isinstance(matmul, Q4Matmul):
-                return _Matrix(
-                    4, int8, matmul.out_features, matmul.in_features, *_pointers(matmul, "minimum")
-                )
-            assert isinstance(matmul, Q8Matmul)
-            return _Matrix(8, int8, matmul.out_features, matmul.in_features, *_pointers(matmul))
+            return _matrix(matmul)
 
         try:
             structs = [
@@ -172,6 +171,8 @@ class DecoderStep:
             attention_scale=attention.scaling,
             layer=ctypes.cast(array, ctypes.POINTER(_Layer)),
             final_norm=backbone.norm.weight.data_ptr(),
+            # the lm_head's own blocks (no copy); out_features 0 where they are not native
+            lm_head=_matrix(lm_head.matmul) if _native_blocks(lm_head) else _Matrix(),
             embedding=embedding.data_ptr(),
             rope_cos=None if rope is None else rope[0].data_ptr(),
             rope_sin=None if rope is None else rope[1].data_ptr(),
@@ -190,13 +191,38 @@ class DecoderStep:
         per sequence (by default row i is cache row i: a decode step). The result of a decode step
         is overwritten by the next one."""
         n = len(ids)
+        x = self._rows_out if slots is None and n <= len(self._rows_out) else torch.empty(n, self._hidden)
+        self._run(ids, positions, slots, x, None, None)
+        return x[:n]
+
+    def decode(
+        self, ids: Sequence[int], positions: Sequence[int], *, argmax: bool
+    ) -> tuple[torch.Tensor, list[int] | None]:
+        """A decode step through the lm_head (`lm_head_in_c`): the logits [n, vocab], overwritten by
+        the next step, and with `argmax` each row's, as `sampling.sample` takes it for greedy rows."""
+        assert self.lm_head_in_c, "the lm_head does not run on blocks here"
+        n = len(ids)
+        self._run(
+            ids, positions, None, self._rows_out, self._logits_out, self._argmax_out if argmax else None
+        )
+        return self._logits_out[:n], self._argmax_out[:n].tolist() if argmax else None
+
+    def _run(
+        self,
+        ids: Sequence[int],
+        positions: Sequence[int],
+        slots: Sequence[int] | None,
+        x: torch.Tensor,
+        logits: torch.Tensor | None,
+        argmax: np.ndarray | None,
+    ) -> None:
+        n = len(ids)
         if n and not (min(ids) >= 0 and max(ids) < self._vocab):
             raise ValueError(f"token ids must be in [0, {self._vocab})")
         # numpy, not torch: creating these releases no GIL (see the module's docstring)
         ids_array = np.asarray(ids, dtype=np.int64)
         positions_array = np.asarray(positions, dtype=np.int64)
         slots_array = None if slots is None else np.asarray(slots, dtype=np.int64)
-        x = self._rows_out if slots is None and n <= len(self._rows_out) else torch.empty(n, self._hidden)
         cos = sin = None
         if not self._rope_table:
             at = torch.from_numpy(positions_array)[None]
@@ -213,9 +239,25 @@ class DecoderStep:
             positions_array.ctypes.data,
             None if slots_array is None else slots_array.ctypes.data,
             n,
+            None if logits is None else logits.data_ptr(),
+            None if argmax is None else argmax.ctypes.data,
             native.threads(),
         )
-        return x[:n]
+
+
+def _native_blocks(linear: Any) -> bool:
+    return (
+        isinstance(linear, BlockLinear)
+        and isinstance(linear.matmul, Q4Matmul | Q8Matmul)
+        and linear.matmul.kernel == "native"
+    )
+
+
+def _matrix(matmul: Q4Matmul | Q8Matmul) -> _Matrix:
+    int8 = int(matmul.activations == "int8")
+    if isinstance(matmul, Q4Matmul):
+        return _Matrix(4, int8, matmul.out_features, matmul.in_features, *_pointers(matmul, "minimum"))
+    return _Matrix(8, int8, matmul.out_features, matmul.in_features, *_pointers(matmul))
 
 
 def _rope_table(backbone: Any, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -60,7 +60,7 @@ from tokenwire.service.model_loading import ModelSource, load_model, pick_device
 from tokenwire.service.quantized import BlockLinear, block_activations, block_format, fuse_blocks
 from tokenwire.service.requests import SamplingParams
 from tokenwire.service.runner_types import PrefillChunk, PrefixCache, TokenSample
-from tokenwire.service.sampling import SamplingRow, make_generator, mark_seen, sample
+from tokenwire.service.sampling import SamplingRow, argmax_only, make_generator, mark_seen, sample
 
 log = logging.getLogger("tokenwire.model")
 
@@ -355,7 +355,7 @@ class ModelRunner:
         self._backbone = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
         self._decoder_step = DecoderStep.build(
-            self._backbone, keys, values, attention_in_c=self._attention.native
+            self._backbone, self._lm_head, keys, values, attention_in_c=self._attention.native
         )
         self._fused = None if self._decoder_step else _FusedDecoder.build(self._backbone)
         self.weights = block_format(model)
@@ -619,15 +619,28 @@ class ModelRunner:
             self._governor.tick()
         seqs = [self._sequences[i] for i in self._decoding]
         lengths = [s.length for s in seqs]
-        if self._decoder_step is not None:
-            hidden = self._decoder_step([token_ids[s.seq_id] for s in seqs], lengths)
+        step = self._decoder_step
+        if step is not None and step.lm_head_in_c:
+            # Every row greedy, nothing else asked: the C step takes the argmax too, and no torch op
+            # runs in the whole step.
+            plain = all(
+                argmax_only(s.sampling.params) and not (s.banned or s.logprobs or s.top_n) for s in seqs
+            )
+            logits, argmax = step.decode([token_ids[s.seq_id] for s in seqs], lengths, argmax=plain)
         else:
-            ids = torch.tensor([[token_ids[s.seq_id]] for s in seqs], dtype=torch.long, device=self.device)
-            positions = torch.tensor(lengths, dtype=torch.long, device=self.device)
-            hidden = self._decode_in_torch(ids, lengths, positions)[:, -1]
-        logits = self._lm_head(hidden)
+            if step is not None:
+                hidden = step([token_ids[s.seq_id] for s in seqs], lengths)
+            else:
+                ids = torch.tensor(
+                    [[token_ids[s.seq_id]] for s in seqs], dtype=torch.long, device=self.device
+                )
+                positions = torch.tensor(lengths, dtype=torch.long, device=self.device)
+                hidden = self._decode_in_torch(ids, lengths, positions)[:, -1]
+            logits, argmax = self._lm_head(hidden), None
         for s in seqs:
             s.length += 1
+        if argmax is not None:
+            return {s.seq_id: TokenSample(token, None, []) for s, token in zip(seqs, argmax, strict=True)}
         samples = self._sample(logits, seqs, rows=slice(0, n))
         return {s.seq_id: sample_ for s, sample_ in zip(seqs, samples, strict=True)}
 

@@ -69,9 +69,10 @@ def library() -> ctypes.CDLL | None:
         ptr,
         ctypes.c_int,
     ]
-    lib.decoder_step.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ctypes.c_int]
+    lib.decoder_step.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int]
+    lib.argmax_rows.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
     kernels = (lib.q4_matmul, lib.q8_matmul, lib.q4_matmul_int8, lib.q8_matmul_int8, lib.decode_attention)
-    for kernel in (*kernels, lib.decoder_step):
+    for kernel in (*kernels, lib.decoder_step, lib.argmax_rows):
         kernel.restype = None
     return lib
 

@@ -170,6 +170,12 @@ def sample(
     return out
 
 
+def argmax_only(params: SamplingParams) -> bool:
+    """Whether `sample` takes a row's plain argmax (greedy, no repetition penalty): without bans,
+    logprobs or top tokens, a step of such rows needs nothing but each row's argmax."""
+    return _temperature(params) == 0.0 and _penalty(params) == 1.0
+
+
 def _temperature(params: SamplingParams) -> float:
     # Anything not > 0 (0, negative, NaN) is greedy: a negative temperature would invert the model.
     t = params.temperature

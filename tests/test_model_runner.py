@@ -190,7 +190,11 @@ async def test_tiny_abort_in_every_phase_frees_rows(tiny) -> None:
         )
         for i in range(12)  # 8 rows: 4 wait
     ]
-    await asyncio.sleep(0.05)
+    # Abort as soon as a request decodes (a fixed sleep let these fast steps reach max_tokens first):
+    # then one prompt is still prefilling in chunks, others decode, and 4 wait for a row.
+    async for item in streams[1]:
+        if isinstance(item, Delta):
+            break
     for s in streams:
         engine.abort(s.request_id, StopReason.INTERRUPTED)
     for s in streams:
@@ -375,6 +379,36 @@ def test_the_c_step_refuses_token_ids_outside_its_embedding() -> None:
     for bad in (-1, runner.vocab_size):
         with pytest.raises(ValueError, match="token ids"):
             step([5, bad], [0, 0])
+
+
+@pytest.mark.model
+@pytest.mark.skipif(native.library() is None, reason="no C kernel here")
+def test_the_c_step_runs_the_lm_head_and_greedy_argmax_as_torch_and_sample_do() -> None:
+    """Where the lm_head is on blocks, a decode step runs it in C, and for rows that only need the
+    argmax takes that too: the same tokens (and, for rows asking, logprobs) as the lm_head layer
+    and sampling.sample, in an all-greedy batch and beside a sampled row."""
+    model = default_model("auto")
+    traces = []
+    for in_c in (True, False):
+        runner, _ = runner_and_reference(model)
+        step = runner._decoder_step
+        assert step is not None and step.lm_head_in_c
+        step.lm_head_in_c = in_c
+        for seq, prompt in enumerate(PROMPTS[:3]):
+            runner.add_sequence(seq, SamplingParams(), 0, prompt_token_ids=ids(prompt))
+        samples = runner.prefill([PrefillChunk(seq, ids(p), True) for seq, p in enumerate(PROMPTS[:3])])
+        trace = []
+        for i in range(40):
+            if i == 20:  # a sampled row and one asking for logprobs join
+                runner.add_sequence(3, SamplingParams(temperature=0.9, seed=5), 5)
+                runner.add_sequence(4, SamplingParams(), 0, logprobs=True)
+                samples |= runner.prefill(
+                    [PrefillChunk(3, ids(PROMPTS[4]), True), PrefillChunk(4, ids(PROMPTS[5]), True)]
+                )
+            trace.append(sorted((seq, s.token_id, s.logprob) for seq, s in samples.items()))
+            samples = runner.decode({seq: s.token_id for seq, s in samples.items()})
+        traces.append(trace)
+    assert traces[0] == traces[1]
 
 
 @pytest.mark.model

@@ -288,6 +288,27 @@ def test_the_c_decode_attention_writes_the_new_key_and_is_batch_invariant(
         assert torch.equal(alone[0], out[0]), length
 
 
+@needs_c_kernel
+@pytest.mark.parametrize("vocab", [1, 15, 16, 49152, 49157])
+def test_the_c_argmax_answers_as_numpy_does(vocab: int) -> None:
+    """decoder_step.c's argmax for greedy rows: the first maximum, or the first NaN if any (numpy's
+    argmax, which sampling.sample takes), whatever the width."""
+    g = torch.Generator().manual_seed(vocab)
+    rows = [torch.randn(vocab, generator=g) for _ in range(8)]
+    rows[1][:] = -torch.inf
+    rows[2][vocab // 2 :] = rows[2].max() + 1  # ties: the first one
+    rows[3][vocab - 1] = torch.nan
+    rows[4][vocab // 3] = torch.nan
+    rows[4][vocab - 1] = torch.nan
+    rows[5][:] = torch.nan
+    rows[6][vocab - 1] = rows[6].max() + 1  # in the tail past whole vectors
+    rows[7][0] = torch.inf
+    logits = torch.stack(rows)
+    out = np.empty(len(rows), dtype=np.int64)
+    native.library().argmax_rows(logits.data_ptr(), len(rows), vocab, out.ctypes.data, 2)  # type: ignore[union-attr]
+    assert out.tolist() == logits.numpy().argmax(axis=-1).tolist()
+
+
 @pytest.mark.model
 def test_the_default_model_runs_every_layer_on_its_gguf_blocks() -> None:
     model = default_model("auto")
