@@ -14,12 +14,14 @@ Decode-step speed (SmolLM2-135M, 2 shared cores; a step at 16 rows is ~75% matmu
   (quantized.py, block_matmul.c): a step at 16 rows went from ~84 (float32 MKL) to ~60 (torch's
   int4 kernel) to ~45 ms, one row from ~37 to ~19 to ~16 ms.
 - With the C kernels, a llama on GGUF blocks decodes in decoder_step.c: every layer in one call
-  (DecoderStep, decoder_step.py). Measured alone: one row ~15 -> ~7 ms a step, 16 rows ~44 -> ~28 ms
-  (21 of them in the C step, 4.6 in the lm_head); with 8-bit activations and a float16 cache ~4.3
-  and ~14-16 ms. It prefills too, every prompt token a row over its own sequence's cache row: 16
-  prompts of ~13 tokens ~300 -> ~110 ms, one ~30 -> ~12 ms, 1,500 tokens ~2.0 -> ~1.55 s; and a
-  token's result no longer depends on how its prompt was chunked. The rest of this list is the
-  torch path, which serves every other model.
+  (DecoderStep, decoder_step.py), with the embedding lookup, the lm_head and, when every row is
+  greedy, the argmax: such a step runs no torch op. Measured alone: one row ~15 -> ~7 ms a step,
+  16 rows ~44 -> ~28 ms (21 of them in the C step, 4.6 in the lm_head); with 8-bit activations and
+  a float16 cache ~4.3 and ~14-16 ms, now ~3.6 and ~10.5 ms. It prefills too, every prompt token a
+  row over its own sequence's cache row: 16 prompts of ~13 tokens ~300 -> ~110 ms, one ~30 -> ~12
+  ms, 1,500 tokens ~2.0 -> ~1.55 -> ~1.16 s (keys stored in blocks of 16 positions: see
+  decode_attention.c); and a token's result no longer depends on how its prompt was chunked. The
+  rest of this list is the torch path, which serves every other model.
 - On CPU, for llama-architecture models, decode steps run `_FusedDecoder`: the same ops as the
   transformers layers, but q/k/v and gate/up each in one matmul. Q4_1 layers are fused by stacking
   their blocks (the kernels give the same bits fused or not, for any number of rows, so this also
