@@ -6,6 +6,8 @@
  * dispatch costs more than the arithmetic; here it is one ctypes call. Each row is computed on
  * its own with fixed reduction orders, so a row gets the same bits in any batch. Against the
  * transformers layers the results differ in the last bits only (the order of sums, exp).
+ * A decode step goes from token ids (their embeddings looked up here) to the lm_head's outputs,
+ * and for greedy rows their argmax, so that Python runs no torch op around it.
  *
  * Shapes: hidden, intermediate and head_dim multiples of 16 (the caller checks).
  */
