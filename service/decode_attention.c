@@ -165,6 +165,7 @@ static inline __attribute__((always_inline)) void attend(const Attention *a, int
     if (!a->slots) write_new(a, r, g, base, half);
     const int64_t block = chunks <= 4 ? HEAD_BLOCK : chunks <= 8 ? 2 : 1;  /* block * chunks <= 16 */
     float *scores = malloc((size_t)(block * (length + LANES)) * sizeof(float));
+    if (!scores) abort();  /* a few KB per thread: out of memory altogether */
     for (int64_t h = g * group; h < (g + 1) * group; h += block) {
         switch (h + block <= (g + 1) * group ? block : (g + 1) * group - h) {
             HEADS(1) HEADS(2) HEADS(3) HEADS(4)

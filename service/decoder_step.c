@@ -187,6 +187,7 @@ void decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *c
     float *gate_up = malloc(sizeof(float) * rows * 2 * d->intermediate);
     float *act = malloc(sizeof(float) * rows * d->intermediate);
     float *delta = malloc(sizeof(float) * rows * hidden);
+    if (!normed || !qkv || !attended || !gate_up || !act || !delta) abort();  /* as the int8 matmul does */
     for (int64_t r = 0; r < rows; r++) memcpy(x + r * hidden, d->embedding + ids[r] * hidden, sizeof(float) * hidden);
     Rows j = {d, 0, 0, x, delta, normed, qkv, gate_up, act, cos, sin, positions};
     for (int64_t l = 0; l < d->layers; l++) {
