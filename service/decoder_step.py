@@ -159,6 +159,8 @@ class DecoderStep:
             return None
         array = (_Layer * len(structs))(*structs)
         keep.append(array)
+        if _native_blocks(lm_head):
+            keep.append(lm_head.matmul)  # its own blocks, no copy: held here too
         attention = layers[0].self_attn
         decoder = _Decoder(
             layers=len(layers),
@@ -171,7 +173,7 @@ class DecoderStep:
             attention_scale=attention.scaling,
             layer=ctypes.cast(array, ctypes.POINTER(_Layer)),
             final_norm=backbone.norm.weight.data_ptr(),
-            # the lm_head's own blocks (no copy); out_features 0 where they are not native
+            # out_features 0 where the lm_head is not on native blocks
             lm_head=_matrix(lm_head.matmul) if _native_blocks(lm_head) else _Matrix(),
             embedding=embedding.data_ptr(),
             rope_cos=None if rope is None else rope[0].data_ptr(),
