@@ -86,8 +86,10 @@ class _StepContext:
     """What the attention function needs for the forward in flight (set by the step, read per layer)."""
 
     decode: bool = True
-    # decode: the position each row's new token takes, [n] int64
+    # decode: the position each row's new token takes, [n] int64; prefill: each prompt token's
     positions: torch.Tensor | None = None
+    # prefill, C attention: each prompt token's cache row, [q_len] int64
+    slots: torch.Tensor | None = None
     # decode, torch attention: rows 0..n-1, mask [n, 1, 1, kv_len]
     kv_len: int = 0
     # decode: offset of (row, kv_head, position) in the layer cache viewed as [-1, head_dim]
@@ -144,7 +146,7 @@ class _SlotAttention:
                 query, cache_k[:n, :, : ctx.kv_len], cache_v[:n, :, : ctx.kv_len], attention_mask, scaling
             )
         elif self.native:  # a prefill (the C step's way, for models it does not run whole)
-            rows = [(row, start + i) for row, start, length in ctx.prefill_rows for i in range(length)]
+            assert ctx.positions is not None and ctx.slots is not None
             tokens = query[0].transpose(0, 1)[:, :, None]  # [q_len, heads, 1, head_dim]: a row per token
             out = _native_decode_attention(
                 tokens,
@@ -152,9 +154,9 @@ class _SlotAttention:
                 value[0].transpose(0, 1)[:, :, None],
                 cache_k,
                 cache_v,
-                torch.tensor([at for _, at in rows]),
+                ctx.positions,
                 scaling,
-                slots=torch.tensor([row for row, _ in rows]),
+                slots=ctx.slots,
             )
             out = out[:, :, 0].transpose(0, 1)[None]
         else:
@@ -555,15 +557,18 @@ class ModelRunner:
         # Packed into one row, not padded to the longest: the 4-bit matmuls cost per row, padding too.
         token_ids = [t for c in chunks for t in c.token_ids]
         token_positions = [p for c, s in pairs for p in range(s.length, s.length + len(c.token_ids))]
+        slots = [s.row for c, s in pairs for _ in c.token_ids]  # each token's cache row
         if self._decoder_step is not None:
             # Every token as a row of decoder_step.c, each over its own sequence's cache row.
-            slots = [s.row for c, s in pairs for _ in c.token_ids]
             hidden = self._decoder_step(token_ids, token_positions, slots)[None]
         else:
             ids = torch.tensor([token_ids], dtype=torch.long)
             positions = torch.tensor([token_positions], dtype=torch.long)
+            # Built once here, not in every layer's attention call.
             self._attention.ctx = _StepContext(
                 decode=False,
+                positions=positions[0],
+                slots=torch.tensor(slots, dtype=torch.long),
                 prefill_rows=[(s.row, s.length, len(c.token_ids)) for c, s in pairs],
             )
             hidden = self._backbone(
