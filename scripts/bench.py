@@ -72,7 +72,7 @@ def started_server(extra: list[str], log_path: Path) -> Iterator[tuple[str, int]
     """A `tokenwire-server` subprocess with the default model; yields (address, pid) once SERVING.
     Its log goes to `log_path` (thread-count changes, one line per request)."""
     port = free_port()
-    command = [sys.executable, "-m", "tokenwire.service.server", "--port", str(port), *extra]
+    command = [sys.executable, "-m", "tokenwire.service.main", "--port", str(port), *extra]
     progress(f"starting {' '.join(shlex.quote(c) for c in command)}")
     started = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -293,7 +293,7 @@ def baseline_generate(
     """Plain transformers `generate`, same model and dtype: requests one after another, and a static batch."""
     import torch
 
-    from tokenwire.service.model_loading import load_model, pick_device, pick_dtype, resolve_model
+    from tokenwire.service.model.loading import load_model, pick_device, pick_dtype, resolve_model
 
     device = pick_device()
     torch_dtype = pick_dtype(device, dtype)

@@ -21,8 +21,8 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import pytest
 
 from tests.fake_runner import FakeRunner
-from tokenwire.service.engine import Engine, EngineConfig
-from tokenwire.service.server import RunningServer, ServerConfig, serve
+from tokenwire.service.engine.engine import Engine, EngineConfig
+from tokenwire.service.transport.server import RunningServer, ServerConfig, serve
 
 # What `served` runs with; tests that need other limits pass their own to `running_server`.
 FAKE_ENGINE = EngineConfig(max_batch_size=4, prefill_tokens_per_step=64, max_live_requests=32)

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from tokenwire.service.requests import SamplingParams
-from tokenwire.service.runner_types import PrefillChunk, PrefixCache, TokenSample
+from tokenwire.service.model.types import PrefillChunk, PrefixCache, SamplingParams, TokenSample
 
 WORDS = ["Ġhello", "Ġworld", "Ġthe", "Ġcat", "Ġsat", ".", "Ġon", "Ġmat", ",", "ĠDr", "ĠSmith"]
 # Only produced when scripted. "µ" is byte 0xB5 in byte-level BPE: a UTF-8 continuation byte that

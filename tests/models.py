@@ -11,10 +11,9 @@ import torch
 from transformers import AttentionInterface, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from tokenwire.service import native
-from tokenwire.service.model_loading import _cached_gguf_conversion, load_model, resolve_model
-from tokenwire.service.model_runner import ModelRunner, decode_attention
-from tokenwire.service.quantized import (
+from tokenwire.service.kernels import native
+from tokenwire.service.model.loading import _cached_gguf_conversion, load_model, resolve_model
+from tokenwire.service.model.quantized import (
     BlockLinear,
     BlockWeight,
     Q4Weight,
@@ -23,6 +22,7 @@ from tokenwire.service.quantized import (
     read_q8_0,
     swap_in_block_linears,
 )
+from tokenwire.service.model.runner import ModelRunner, decode_attention
 
 
 @functools.cache

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.conftest import wait_until_idle
 from tests.fake_runner import FakeRunner, token_id
-from tokenwire.service.server import RunningServer
+from tokenwire.service.transport.server import RunningServer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

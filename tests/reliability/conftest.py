@@ -16,8 +16,8 @@ import pytest
 
 from tests.conftest import running_server
 from tests.fake_runner import FakeRunner
-from tokenwire.service.engine import Engine, EngineConfig
-from tokenwire.service.server import RunningServer
+from tokenwire.service.engine.engine import Engine, EngineConfig
+from tokenwire.service.transport.server import RunningServer
 
 T = TypeVar("T")
 

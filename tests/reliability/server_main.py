@@ -8,8 +8,8 @@ import collections
 import signal
 
 from tests.fake_runner import FakeRunner
-from tokenwire.service.engine import Engine, EngineConfig
-from tokenwire.service.server import ServerConfig, serve
+from tokenwire.service.engine.engine import Engine, EngineConfig
+from tokenwire.service.transport.server import ServerConfig, serve
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -20,7 +20,7 @@ import grpc
 from tests.conftest import wait_until_idle
 from tests.reliability.conftest import ROOT, Leaks, engine_of, fake_server, python_env
 from tests.reliability.contract import check_generation, read_rest, start
-from tokenwire.service.server import RunningServer
+from tokenwire.service.transport.server import RunningServer
 from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
 

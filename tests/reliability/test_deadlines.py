@@ -10,7 +10,7 @@ import grpc
 from tests.conftest import wait_until_idle
 from tests.reliability.conftest import Leaks, engine_of, fake_server
 from tests.reliability.contract import check_generation, interrupt, read_first_chunk, read_until_done, start
-from tokenwire.service.engine import EngineConfig
+from tokenwire.service.engine.engine import EngineConfig
 from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
 

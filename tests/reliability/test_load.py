@@ -27,7 +27,7 @@ from tests.reliability.contract import (
     read_until_done,
     start,
 )
-from tokenwire.service.server import RunningServer
+from tokenwire.service.transport.server import RunningServer
 from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
 

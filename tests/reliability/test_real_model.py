@@ -10,8 +10,8 @@ import pytest
 
 from tests.conftest import wait_until_idle
 from tests.reliability.contract import check_generation, is_terminal, kind, read_rest, read_until_done
-from tokenwire.service.engine import Engine, EngineConfig
-from tokenwire.service.server import ServerConfig, serve
+from tokenwire.service.engine.engine import Engine, EngineConfig
+from tokenwire.service.transport.server import ServerConfig, serve
 from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
 
@@ -94,7 +94,7 @@ async def _stream(address: str, control: pb_grpc.TokenWireStub, i: int) -> str:
 
 
 async def test_eight_streams_against_the_default_model() -> None:
-    from tokenwire.service.model_runner import ModelRunner  # torch: only in this test
+    from tokenwire.service.model.runner import ModelRunner  # torch: only in this test
 
     began = time.monotonic()
     runner = await asyncio.to_thread(ModelRunner.load, "default", max_batch_size=8, max_context=1024)

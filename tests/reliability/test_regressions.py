@@ -18,7 +18,7 @@ from tests.reliability.contract import (
     read_until_done,
     start,
 )
-from tokenwire.service.engine import EngineConfig
+from tokenwire.service.engine.engine import EngineConfig
 from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
 

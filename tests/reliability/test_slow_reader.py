@@ -19,8 +19,8 @@ import pytest
 from tests.conftest import wait_until_idle
 from tests.reliability.conftest import LOAD_ENGINE, engine_of, fake_server
 from tests.reliability.contract import check_generation, interrupt, read_rest, read_until_done, start
-from tokenwire.service.server import RunningServer
-from tokenwire.service.servicer import OUTGOING_BOUND
+from tokenwire.service.transport.server import RunningServer
+from tokenwire.service.transport.servicer import OUTGOING_BOUND
 from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
 

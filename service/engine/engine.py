@@ -1,0 +1,663 @@
+"""The bridge between asyncio and the step thread: requests in, per-request output streams out.
+
+One background thread runs `step()` in a loop: apply queued aborts, let the scheduler admit and
+plan, run the prefill chunks and ONE batched decode, then hand every request its new tokens. The
+thread never touches asyncio objects directly: each step's outputs go to the event loop in one
+`call_soon_threadsafe`. Every way a request can end goes through `_finish`, exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from tokenwire.service.engine.requests import (
+    Delta,
+    ErrorCode,
+    Failure,
+    Finished,
+    GenerationRequest,
+    Output,
+    RequestError,
+    Started,
+    StopReason,
+    Timings,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from tokenwire.service.engine.runner import Runner
+from tokenwire.service.engine.scheduler import Phase, ScheduledSequence, Scheduler, SchedulerConfig
+from tokenwire.service.engine.sessions import SessionStore
+from tokenwire.service.engine.text import TextStream
+from tokenwire.service.model.types import PrefillChunk, TokenSample
+
+log = logging.getLogger("tokenwire.engine")
+
+MAX_REQUEST_ID_CHARS = 128
+# An AFTER_SEGMENT interrupt waits at most this many more tokens for the segment to end: a model
+# that never closes its sentence must still stop.
+AFTER_SEGMENT_MAX_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 16
+    prefill_tokens_per_step: int = 256  # see SchedulerConfig
+    prefill_attention_span: int = 0  # see SchedulerConfig
+    max_live_requests: int = 256  # waiting + running; beyond this add_request is RESOURCE_EXHAUSTED
+    output_buffer: int = 16  # deltas queued per request before a slow reader's deltas are merged
+    stuck_after_s: float = 30.0  # a step running longer than this makes the engine unhealthy
+    session_ttl_s: float = 600.0
+    session_cache_bytes: int = 512 * 1024 * 1024
+
+
+class RequestStream:
+    """The asyncio side of one request: a bounded buffer of outputs, iterated by the servicer.
+
+    Lives on the event loop; the step thread only reaches it through `call_soon_threadsafe`.
+    Deltas that pile up past the bound are merged into the last queued delta (a slow reader gets
+    fewer, larger chunks; memory stays bounded by the generation itself)."""
+
+    def __init__(self, request_id: str, bound: int) -> None:
+        self.request_id = request_id
+        self._bound = bound
+        self._items: deque[Output] = deque()
+        self._wakeup = asyncio.Event()
+        self.result: asyncio.Future[Finished | Failure] = asyncio.get_running_loop().create_future()
+
+    def push(self, item: Output) -> None:
+        last = self._items[-1] if self._items else None
+        if isinstance(item, Delta) and isinstance(last, Delta) and len(self._items) >= self._bound:
+            last.merge(item)
+        else:
+            self._items.append(item)
+        if isinstance(item, Finished | Failure) and not self.result.done():
+            self.result.set_result(item)
+        self._wakeup.set()
+
+    @property
+    def done(self) -> bool:
+        return self.result.done()
+
+    def __aiter__(self) -> AsyncIterator[Output]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Output]:
+        while True:
+            while not self._items:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            item = self._items.popleft()
+            yield item
+            if isinstance(item, Finished | Failure):
+                return
+
+
+@dataclass
+class _Live:
+    """The step thread's state for one request."""
+
+    request: GenerationRequest
+    seq_id: int
+    stream: RequestStream
+    text: TextStream
+    seed: int
+    max_tokens: int
+    arrival: float
+    deadline: float | None
+    cached_prompt_tokens: int = 0
+    phase_started: float = 0.0
+    first_token_at: float = 0.0
+    generated: list[int] = field(default_factory=list)
+    last_token: int = -1
+    pending_tokens: list[int] = field(default_factory=list)  # generated since the last emitted delta
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    sent_text: list[str] = field(default_factory=list)  # kept only for sessions (truncate-to-heard)
+    stop_after_segment_at: int | None = None  # token count by which an AFTER_SEGMENT interrupt stops
+    has_row: bool = False
+    announced: bool = False  # Started was sent
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+    reason: StopReason
+    after_segment: bool = False
+
+
+class Engine:
+    """Owns the step thread, the scheduler and the registry of live requests."""
+
+    def __init__(self, runner: Runner, config: EngineConfig | None = None) -> None:
+        self.runner = runner
+        self.config = config or EngineConfig()
+        batch = min(self.config.max_batch_size, runner.max_batch_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(batch, self.config.prefill_tokens_per_step, self.config.prefill_attention_span)
+        )
+        self.sessions = SessionStore(self.config.session_ttl_s, self.config.session_cache_bytes)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._live: dict[str, _Live] = {}  # by request id; guarded by _lock
+        self._by_seq: dict[int, _Live] = {}  # step thread only
+        self._incoming: queue.SimpleQueue[_Live] = queue.SimpleQueue()
+        self._aborts: queue.SimpleQueue[_Abort] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._seq_ids = itertools.count()
+        self._step_started: float | None = None
+        self._accepting = True
+        self.on_step: Callable[[float, int], None] | None = None  # (seconds, batch size): metrics hook
+        self.on_finish: Callable[[GenerationRequest, Finished | Failure], None] | None = None
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        """Start the step thread (call from the event loop; warm the runner up before)."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="tokenwire-step", daemon=True)
+        self._thread.start()
+
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Refuse new requests; let live ones run for up to grace_s, end the rest (DEADLINE)."""
+        self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while self._live and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        results = []
+        for request_id, live in list(self._live.items()):
+            self.abort(request_id, StopReason.DEADLINE)
+            results.append(live.stream.result)
+        if results:
+            await asyncio.wait(results, timeout=5.0)
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5.0)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def healthy(self) -> bool:
+        """The step thread is alive and no step has run for longer than `stuck_after_s`."""
+        if self._thread is None or not self._thread.is_alive():
+            return False
+        started = self._step_started
+        return started is None or time.monotonic() - started < self.config.stuck_after_s
+
+    # ---- introspection (tests, metrics) ----
+
+    def num_live(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    def is_idle(self) -> bool:
+        """Nothing live and every KV row free (checked, for leak tests)."""
+        return (
+            self.num_live() == 0
+            and len(self.scheduler) == 0
+            and self.runner.live_sequences == 0
+            and self.runner.free_rows == self.runner.max_batch_size
+        )
+
+    # ---- requests ----
+
+    def add_request(self, request: GenerationRequest) -> RequestStream:
+        """Register a request and queue it; call on the event loop. Raises RequestError."""
+        if not self._accepting:
+            raise RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down")
+        if not self.healthy():
+            raise RequestError(ErrorCode.UNAVAILABLE, "the engine is not running")
+        request_id = request.request_id or uuid.uuid4().hex
+        request.request_id = request_id
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters",
+                "start.request_id",
+            )
+        request.prompt_token_ids = self._tokenize(request)
+        max_tokens = self._check_tokens(request)
+        now = time.monotonic()
+        limit = request.stopping.time_limit_s
+        stream = RequestStream(request_id, self.config.output_buffer)
+        live = _Live(
+            request=request,
+            seq_id=next(self._seq_ids),
+            stream=stream,
+            text=TextStream(
+                self.runner.backend_tokenizer,
+                stop=request.stopping.stop,
+                chunking=request.output.chunking,
+                min_segment_chars=request.output.min_segment_chars,
+                fast_first_segment=request.output.fast_first_segment,
+                prompt_token_ids=request.prompt_token_ids[-8:],
+            ),
+            seed=request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63),
+            max_tokens=max_tokens,
+            arrival=now,
+            deadline=now + limit if limit else None,
+        )
+        with self._lock:
+            if request_id in self._live:
+                raise RequestError(
+                    ErrorCode.ALREADY_EXISTS,
+                    f"request_id {request_id!r} is already live",
+                    "start.request_id",
+                )
+            if len(self._live) >= self.config.max_live_requests:
+                raise RequestError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"the server is at its limit of {self.config.max_live_requests} live requests",
+                )
+            if request.session_id and any(
+                other.request.session_id == request.session_id for other in self._live.values()
+            ):
+                raise RequestError(
+                    ErrorCode.FAILED_PRECONDITION,
+                    f"session {request.session_id!r} already has a live request",
+                    "start.session_id",
+                )
+            self._live[request_id] = live
+        self._incoming.put(live)
+        self._wake.set()
+        return stream
+
+    def _tokenize(self, request: GenerationRequest) -> list[int]:
+        try:
+            return self.sessions.prompt_ids(request, self.runner)
+        except RequestError:
+            raise
+        except Exception as error:  # a chat template that rejects the messages, say
+            field = "start.chat" if request.input.chat is not None else "start.input"
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT, f"cannot tokenize the input: {error}", field
+            ) from error
+
+    def tokenize_text(self, text: str) -> list[int]:
+        return self.runner.encode(text)
+
+    def tokenize_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+        try:
+            return self.runner.encode_chat(messages)
+        except Exception as error:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT, f"cannot apply the chat template: {error}", "chat"
+            ) from error
+
+    def _check_tokens(self, request: GenerationRequest) -> int:
+        """Validate the prompt against the model; return the most tokens this request may generate."""
+        runner = self.runner
+        ids = request.prompt_token_ids
+        if not ids:
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, "the input is empty", "start.input")
+        bad = next((t for t in ids if not 0 <= t < runner.vocab_size), None)
+        if bad is not None:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"token id {bad} is outside the vocabulary [0, {runner.vocab_size})",
+                "start.token_ids.ids",
+            )
+        for t in request.stopping.stop_token_ids:
+            if not 0 <= t < runner.vocab_size:
+                raise RequestError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"stop token id {t} is outside the vocabulary [0, {runner.vocab_size})",
+                    "start.stopping.stop_token_ids",
+                )
+        room = runner.context_length - len(ids)
+        if room < 1:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"the prompt has {len(ids)} tokens; the context holds {runner.context_length}",
+                "start.input",
+            )
+        asked = request.stopping.max_tokens
+        if asked is not None and asked > room:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"prompt ({len(ids)} tokens) plus max_tokens ({asked}) exceeds the context length "
+                f"({runner.context_length})",
+                "start.stopping.max_tokens",
+            )
+        return asked if asked is not None else room
+
+    def abort(self, request_id: str, reason: StopReason, *, after_segment: bool = False) -> bool:
+        """Stop a live request at the next step. Idempotent, safe from any thread.
+        Returns whether the request was live."""
+        with self._lock:
+            found = request_id in self._live
+        if found:
+            self._aborts.put(_Abort(request_id, reason, after_segment))
+            self._wake.set()
+        return found
+
+    async def cancel(self, request_id: str) -> Finished | None:
+        """Stop a live request and return what it had produced (None when it was not live)."""
+        with self._lock:
+            live = self._live.get(request_id)
+        if live is None or not self.abort(request_id, StopReason.CANCELLED):
+            return None
+        result = await asyncio.shield(live.stream.result)
+        if isinstance(result, Failure):  # it was found; it ended by failing before it could stop
+            return Finished(reason=StopReason.ERROR)
+        return result
+
+    def stream_of(self, request_id: str) -> RequestStream | None:
+        with self._lock:
+            live = self._live.get(request_id)
+        return live.stream if live else None
+
+    # ---- the step thread ----
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            if not self.scheduler.has_work() and self._incoming.empty() and self._aborts.empty():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            started = self._step_started = time.monotonic()
+            outputs: list[tuple[RequestStream, Output]] = []
+            try:
+                self.step(outputs)
+            except Exception:
+                log.exception("engine step failed; ending every live request")
+                self._fail_all(outputs)
+            finally:
+                self._step_started = None
+                if outputs:
+                    self._deliver(outputs)
+            self._call_hook(self.on_step, time.monotonic() - started, self.scheduler.num_decoding)
+
+    @staticmethod
+    def _call_hook(hook: Callable[..., None] | None, *args: object) -> None:
+        """Observers (metrics, logs) must never take the step loop down."""
+        if hook is None:
+            return
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("engine hook %r failed", hook)
+
+    def step(self, outputs: list[tuple[RequestStream, Output]]) -> None:
+        """One engine step. Outputs for the event loop are appended to `outputs`."""
+        now = time.monotonic()
+        self._take_incoming(now)
+        self._apply_aborts(now, outputs)
+        self._apply_deadlines(now, outputs)
+        for seq_id in self.scheduler.admit():
+            self._admit(self._by_seq[seq_id], outputs)
+        plan = self.scheduler.plan()
+        if plan.prefill:
+            chunks = []
+            for piece in plan.prefill:
+                live = self._by_seq[piece.seq_id]
+                ids = live.request.prompt_token_ids[piece.start : piece.end]
+                chunks.append(PrefillChunk(piece.seq_id, ids, piece.last))
+            samples = self.runner.prefill(chunks)
+            self.scheduler.complete_prefill(plan)
+            now = time.monotonic()
+            for seq_id, token in samples.items():
+                self._on_token(self._by_seq[seq_id], token, now, outputs)
+        else:
+            self.scheduler.complete_prefill(plan)
+        decoding = [self._by_seq[s] for s in plan.decode if s in self._by_seq]
+        decoding = [live for live in decoding if not live.finished and live.generated]
+        if decoding:
+            samples = self.runner.decode({live.seq_id: live.last_token for live in decoding})
+            now = time.monotonic()
+            for live in decoding:
+                self._on_token(live, samples[live.seq_id], now, outputs)
+
+    def _take_incoming(self, now: float) -> None:
+        while True:
+            try:
+                live = self._incoming.get_nowait()
+            except queue.Empty:
+                return
+            self._by_seq[live.seq_id] = live
+            self.scheduler.add(ScheduledSequence(live.seq_id, len(live.request.prompt_token_ids)))
+
+    def _admit(self, live: _Live, outputs: list[tuple[RequestStream, Output]]) -> None:
+        request = live.request
+        self.runner.add_sequence(
+            live.seq_id,
+            request.sampling,
+            live.seed,
+            prompt_token_ids=request.prompt_token_ids,
+            logprobs=request.output.logprobs or request.output.top_logprobs > 0,
+            top_n=request.output.top_logprobs,
+        )
+        live.has_row = True
+        live.phase_started = time.monotonic()
+        if request.session_id:
+            reused = self.sessions.restore(request, self.runner, live.seq_id)
+            if reused:
+                live.cached_prompt_tokens = reused
+                self.scheduler.restart_prefill_at(live.seq_id, reused)
+        self._update_bans(live)
+        self._announce(live, outputs)
+
+    def _announce(self, live: _Live, outputs: list[tuple[RequestStream, Output]]) -> None:
+        live.announced = True
+        outputs.append(
+            (
+                live.stream,
+                Started(
+                    prompt_tokens=len(live.request.prompt_token_ids),
+                    cached_prompt_tokens=live.cached_prompt_tokens,
+                    seed=live.seed,
+                    max_tokens=live.max_tokens,
+                    queue_s=time.monotonic() - live.arrival,
+                ),
+            )
+        )
+
+    def _update_bans(self, live: _Live) -> None:
+        """Below min_tokens, EOS and stop token ids may not be sampled."""
+        stopping = live.request.stopping
+        if stopping.min_tokens and len(live.generated) < stopping.min_tokens:
+            banned = set(stopping.stop_token_ids)
+            if not stopping.ignore_eos:
+                banned.update(self.runner.eos_token_ids)
+            self.runner.ban_tokens(live.seq_id, sorted(banned))
+        elif stopping.min_tokens and len(live.generated) == stopping.min_tokens:
+            self.runner.ban_tokens(live.seq_id, [])
+
+    def _on_token(
+        self, live: _Live, sample: TokenSample, now: float, outputs: list[tuple[RequestStream, Output]]
+    ) -> None:
+        if live.finished:
+            return
+        token = sample.token_id
+        if not live.generated:
+            live.first_token_at = now
+        live.generated.append(token)
+        live.last_token = token
+        live.pending_tokens.append(token)
+        request = live.request
+        if request.output.logprobs or request.output.top_logprobs:
+            live.pending_logprobs.append(self._logprob(sample))
+        if request.stopping.min_tokens:
+            self._update_bans(live)
+
+        stopping = request.stopping
+        if token in stopping.stop_token_ids:
+            self._finish(live, StopReason.STOP_SEQUENCE, outputs, stop_sequence=str(token))
+            return
+        if not stopping.ignore_eos and token in self.runner.eos_token_ids:
+            self._finish(live, StopReason.EOS, outputs)
+            return
+        update = live.text.push(token)
+        for piece in update.pieces:
+            self._emit(live, piece.text, piece.segment_end, outputs)
+            if live.stop_after_segment_at is not None and piece.segment_end:
+                self._finish(live, StopReason.INTERRUPTED, outputs, flush=False)
+                return
+        if update.stop_sequence is not None:
+            self._finish(live, StopReason.STOP_SEQUENCE, outputs, stop_sequence=update.stop_sequence)
+        elif live.stop_after_segment_at is not None and len(live.generated) >= live.stop_after_segment_at:
+            self._finish(live, StopReason.INTERRUPTED, outputs, flush=False)
+        elif len(live.generated) >= live.max_tokens:
+            reason = StopReason.MAX_TOKENS if stopping.max_tokens is not None else StopReason.CONTEXT_LENGTH
+            self._finish(live, reason, outputs)
+
+    def _logprob(self, sample: TokenSample) -> TokenLogprob:
+        texts = self.runner.token_texts([sample.token_id, *(t for t, _ in sample.top)])
+        top = tuple(TopLogprob(t, text, lp) for (t, lp), text in zip(sample.top, texts[1:], strict=True))
+        return TokenLogprob(sample.token_id, texts[0], sample.logprob or 0.0, top)
+
+    def _emit(
+        self, live: _Live, text: str, segment_end: bool, outputs: list[tuple[RequestStream, Output]]
+    ) -> None:
+        if not text and not segment_end:
+            return
+        delta = Delta(
+            text=text,
+            token_ids=live.pending_tokens,
+            index=live.sent_tokens,
+            logprobs=live.pending_logprobs,
+            segment_end=segment_end,
+            time=time.time(),
+        )
+        live.sent_tokens += len(live.pending_tokens)
+        live.sent_chars += len(text)
+        if live.request.session_id:
+            live.sent_text.append(text)
+        live.pending_tokens = []
+        live.pending_logprobs = []
+        outputs.append((live.stream, delta))
+
+    def _finish(
+        self,
+        live: _Live,
+        reason: StopReason,
+        outputs: list[tuple[RequestStream, Output]],
+        *,
+        stop_sequence: str = "",
+        flush: bool | None = None,
+    ) -> None:
+        """The one way a request ends: release its row, flush or report held text, send Finished."""
+        if live.finished:
+            return
+        live.finished = True
+        natural = reason in (
+            StopReason.MAX_TOKENS,
+            StopReason.EOS,
+            StopReason.CONTEXT_LENGTH,
+            StopReason.STOP_SEQUENCE,
+        )
+        tail = ""
+        if flush if flush is not None else natural:
+            whole = reason in (StopReason.EOS, StopReason.STOP_SEQUENCE)
+            for piece in live.text.finish(complete=whole):
+                self._emit(live, piece.text, piece.segment_end, outputs)
+        else:
+            tail = live.text.held_text()
+        self._release(live, keep_session=reason is not StopReason.ERROR)
+        now = time.monotonic()
+        first = live.first_token_at
+        decode_s = now - first if first else 0.0
+        finished = Finished(
+            reason=reason,
+            stop_sequence=stop_sequence,
+            usage=Usage(
+                prompt_tokens=len(live.request.prompt_token_ids),
+                completion_tokens=len(live.generated),
+                cached_prompt_tokens=live.cached_prompt_tokens,
+            ),
+            timings=Timings(
+                queue_s=(live.phase_started or now) - live.arrival,
+                time_to_first_token_s=(first - live.arrival) if first else 0.0,
+                total_s=now - live.arrival,
+                decode_tokens_per_second=(len(live.generated) - 1) / decode_s if decode_s > 0 else 0.0,
+            ),
+            sent_text_chars=live.sent_chars,
+            sent_tokens=live.sent_tokens,
+            tail_text=tail,
+        )
+        if not live.announced:  # stopped while still waiting: the contract puts Started before Finished
+            self._announce(live, outputs)
+        outputs.append((live.stream, finished))
+        self._call_hook(self.on_finish, live.request, finished)
+
+    def _release(self, live: _Live, *, keep_session: bool) -> None:
+        """Free everything the request holds: scheduler entry, KV row, registry entry."""
+        phase = self.scheduler.remove(live.seq_id)
+        if live.has_row:
+            if keep_session and live.request.session_id and phase is Phase.DECODE:
+                self.sessions.save(live.request, live.generated, live.sent_text, self.runner, live.seq_id)
+            self.runner.remove_sequence(live.seq_id)
+            live.has_row = False
+        self._by_seq.pop(live.seq_id, None)
+        with self._lock:
+            if self._live.get(live.request.request_id) is live:
+                del self._live[live.request.request_id]
+
+    def _apply_aborts(self, now: float, outputs: list[tuple[RequestStream, Output]]) -> None:
+        while True:
+            try:
+                abort = self._aborts.get_nowait()
+            except queue.Empty:
+                return
+            with self._lock:
+                live = self._live.get(abort.request_id)
+            if live is None or live.finished or live.seq_id not in self._by_seq:
+                continue
+            if abort.after_segment and live.text.in_segment:
+                live.stop_after_segment_at = len(live.generated) + AFTER_SEGMENT_MAX_TOKENS
+            else:
+                self._finish(live, abort.reason, outputs)
+
+    def _apply_deadlines(self, now: float, outputs: list[tuple[RequestStream, Output]]) -> None:
+        for live in list(self._by_seq.values()):
+            if live.deadline is not None and now >= live.deadline:
+                self._finish(live, StopReason.DEADLINE, outputs)
+
+    def _fail_all(self, outputs: list[tuple[RequestStream, Output]]) -> None:
+        for live in list(self._by_seq.values()):
+            try:
+                self._finish(live, StopReason.ERROR, outputs, flush=False)
+            except Exception:
+                log.exception("could not end request %s cleanly", live.request.request_id)
+                with self._lock:
+                    self._live.pop(live.request.request_id, None)
+                self._by_seq.pop(live.seq_id, None)
+                self.scheduler.remove(live.seq_id)
+                outputs.append((live.stream, Finished(reason=StopReason.ERROR)))
+
+    def _deliver(self, outputs: list[tuple[RequestStream, Output]]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
+            loop.call_soon_threadsafe(_push_all, outputs)
+
+
+def _push_all(outputs: list[tuple[RequestStream, Output]]) -> None:
+    for stream, item in outputs:
+        stream.push(item)

@@ -1,0 +1,196 @@
+"""Internal request and output types passed between the servicer, the engine and the scheduler.
+
+Plain dataclasses: no grpc, no protobuf, no torch. The servicer converts protobuf to these at the
+edge (and back), so everything below it can be tested without a network or a model.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from tokenwire.service.model.types import SamplingParams
+
+
+class Chunking(enum.Enum):
+    """How generated text is cut into chunks."""
+
+    TOKEN = "token"
+    WORD = "word"
+    SENTENCE = "sentence"
+    CLAUSE = "clause"
+
+
+class StopReason(enum.Enum):
+    """Why a generation ended (mirrors tokenwire.v1.StopReason)."""
+
+    MAX_TOKENS = "max_tokens"
+    EOS = "eos"
+    STOP_SEQUENCE = "stop_sequence"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    DEADLINE = "deadline"
+    CONTEXT_LENGTH = "context_length"
+    ERROR = "error"
+
+
+class ErrorCode(enum.Enum):
+    """The gRPC status a per-request failure maps to (named like grpc.StatusCode)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    UNAVAILABLE = "UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+
+
+class RequestError(Exception):
+    """A request that cannot be served, with the status code and the field at fault."""
+
+    def __init__(self, code: ErrorCode, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+@dataclass(frozen=True)
+class StoppingParams:
+    """When a generation ends. max_tokens None means: as many as the context allows."""
+
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    time_limit_s: float | None = None
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What outputs carry and how text is chunked."""
+
+    chunking: Chunking = Chunking.TOKEN
+    logprobs: bool = False
+    top_logprobs: int = 0
+    token_ids: bool = False
+    timestamps: bool = False
+    min_segment_chars: int = 0
+    fast_first_segment: bool = False
+
+
+@dataclass(frozen=True)
+class SessionTruncation:
+    """Cut a session's last reply to what was heard: by characters or by tokens (one of them)."""
+
+    reply_chars: int | None = None
+    reply_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    """What to continue: exactly one of text, chat messages (role, content) or token ids."""
+
+    text: str | None = None
+    chat: tuple[tuple[str, str], ...] | None = None
+    token_ids: tuple[int, ...] | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One generation as the engine sees it. The engine tokenizes `input` (with the session's history
+    when session_id is set) into prompt_token_ids."""
+
+    request_id: str
+    input: PromptInput
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stopping: StoppingParams = field(default_factory=StoppingParams)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    session_id: str = ""
+    truncation: SessionTruncation | None = None
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+
+# ---- outputs, in the order a request produces them: Started, Delta*, then Finished or Failure ----
+
+
+@dataclass(frozen=True)
+class Started:
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    seed: int
+    max_tokens: int
+    queue_s: float = 0.0  # from the request's arrival to its admission (or its end, if never admitted)
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass
+class Delta:
+    """New text for the client. Deltas waiting for a slow reader are merged (see `merge`)."""
+
+    text: str
+    token_ids: list[int]
+    index: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    segment_end: bool = False
+    time: float = 0.0  # wall-clock seconds since the epoch when it was produced
+
+    def merge(self, later: Delta) -> None:
+        """Append a later delta to this one (its tokens follow this one's)."""
+        self.text += later.text
+        self.token_ids.extend(later.token_ids)
+        self.logprobs.extend(later.logprobs)
+        self.segment_end = later.segment_end
+        self.time = later.time
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    total_s: float = 0.0
+    decode_tokens_per_second: float = 0.0
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: StopReason
+    stop_sequence: str = ""
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+    sent_text_chars: int = 0
+    sent_tokens: int = 0
+    tail_text: str = ""
+
+
+@dataclass(frozen=True)
+class Failure:
+    code: ErrorCode
+    message: str
+    field: str = ""
+
+
+Output = Started | Delta | Finished | Failure

@@ -1,0 +1,169 @@
+"""Conversation sessions: history kept server-side and the KV cache of its tokens, reused next turn.
+
+A session remembers its conversation (chat messages, or raw token ids) and the KV cache of the
+tokens it last computed. A new turn's prompt is the history plus the turn's new input; the longest
+common token prefix with the cached tokens is copied into the new row instead of being prefilled.
+Truncation cuts the last reply to what the user heard, so the unheard text leaves the context.
+
+Sessions are keyed by id only (one session never reads another's cache), expire after an idle TTL,
+and are evicted least recently used first beyond a byte budget. Plain Python: the KV payload is
+opaque (the runner's own).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from tokenwire.service.engine.requests import GenerationRequest, SessionTruncation
+from tokenwire.service.engine.runner import Runner
+from tokenwire.service.model.types import PrefixCache
+
+
+@dataclass
+class _Session:
+    chat: list[tuple[str, str]] | None  # history as messages (chat turns), or None for raw token turns
+    history_ids: list[int]  # raw turns: the token history
+    reply_ids: list[int]  # the last reply's tokens (as generated)
+    cached_ids: list[int] = field(default_factory=list)  # tokens whose KV `kv` holds, in order
+    kv: PrefixCache | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class SessionStore:
+    def __init__(self, ttl_s: float, max_bytes: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_bytes = max_bytes
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._expire(time.monotonic())
+            return len(self._sessions)
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(s.kv.nbytes for s in self._sessions.values() if s.kv is not None)
+
+    def drop(self, session_id: str) -> bool:
+        with self._lock:
+            return self._sessions.pop(session_id, None) is not None
+
+    # ---- building a turn's prompt (event loop thread) ----
+
+    def prompt_ids(self, request: GenerationRequest, runner: Runner) -> list[int]:
+        """Tokenize the request's input, after the session's history when it has one."""
+        given = request.input
+        with self._lock:
+            self._expire(time.monotonic())
+            session = self._sessions.get(request.session_id) if request.session_id else None
+            if session is not None and request.truncation is not None:
+                _truncate(session, request.truncation, runner)
+            history_chat = list(session.chat) if session and session.chat is not None else None
+            history_ids = list(session.history_ids) if session and session.chat is None else []
+        if given.chat is not None:
+            return runner.encode_chat([*(history_chat or []), *given.chat])
+        if given.text is not None:
+            ids = runner.encode(given.text) if not history_ids else _encode_plain(runner, given.text)
+            return history_ids + ids
+        return history_ids + list(given.token_ids or ())
+
+    # ---- reuse and save (step thread) ----
+
+    def restore(self, request: GenerationRequest, runner: Runner, seq_id: int) -> int:
+        """Copy the longest cached prefix of the prompt into the sequence's row; return its length.
+        At least the prompt's last token is always left to prefill (its logits start the reply)."""
+        with self._lock:
+            session = self._sessions.get(request.session_id)
+            if session is None or session.kv is None:
+                return 0
+            self._sessions.move_to_end(request.session_id)
+            session.last_used = time.monotonic()
+            prompt = request.prompt_token_ids
+            limit = min(len(session.cached_ids), session.kv.length, len(prompt) - 1)
+            reuse = 0
+            while reuse < limit and session.cached_ids[reuse] == prompt[reuse]:
+                reuse += 1
+            if reuse:
+                runner.load_prefix(seq_id, session.kv, reuse)
+            return reuse
+
+    def save(
+        self,
+        request: GenerationRequest,
+        generated: list[int],
+        sent_text: list[str],
+        runner: Runner,
+        seq_id: int,
+    ) -> None:
+        """Keep the finished turn: its history (the reply as sent) and the KV of prompt + reply."""
+        prompt = request.prompt_token_ids
+        # The last generated token was never fed back, so its KV does not exist.
+        cached = prompt + generated[:-1]
+        kv = runner.save_prefix(seq_id, len(cached))
+        reply_text = "".join(sent_text)
+        with self._lock:
+            previous = self._sessions.get(request.session_id)
+            if request.input.chat is not None:
+                history = list(previous.chat or []) if previous and previous.chat is not None else []
+                chat: list[tuple[str, str]] | None = [
+                    *history,
+                    *request.input.chat,
+                    ("assistant", reply_text),
+                ]
+                history_ids: list[int] = []
+            else:
+                chat = None
+                history_ids = prompt + [t for t in generated if t not in runner.eos_token_ids]
+            self._sessions[request.session_id] = _Session(
+                chat=chat,
+                history_ids=history_ids,
+                reply_ids=list(generated),
+                cached_ids=cached[: kv.length],
+                kv=kv,
+            )
+            self._sessions.move_to_end(request.session_id)
+            self._evict()
+
+    def _expire(self, now: float) -> None:
+        for session_id in [k for k, s in self._sessions.items() if now - s.last_used > self.ttl_s]:
+            del self._sessions[session_id]
+
+    def _evict(self) -> None:
+        total = sum(s.kv.nbytes for s in self._sessions.values() if s.kv is not None)
+        while total > self.max_bytes and self._sessions:
+            _, oldest = self._sessions.popitem(last=False)
+            total -= oldest.kv.nbytes if oldest.kv is not None else 0
+
+
+def _truncate(session: _Session, truncation: SessionTruncation, runner: Runner) -> None:
+    """Cut the session's last reply to what was heard (characters or tokens)."""
+    reply_ids = [t for t in session.reply_ids if t not in runner.eos_token_ids]
+    tokenizer = runner.backend_tokenizer
+    if truncation.reply_tokens is not None:
+        keep_ids = reply_ids[: truncation.reply_tokens]
+        heard = tokenizer.decode(keep_ids)
+    else:
+        chars = truncation.reply_chars or 0
+        full = session.chat[-1][1] if session.chat else tokenizer.decode(reply_ids)
+        heard = full[:chars]
+        keep_ids = reply_ids
+        while keep_ids and len(tokenizer.decode(keep_ids)) > chars:
+            keep_ids = keep_ids[:-1]
+    session.reply_ids = keep_ids
+    if session.chat is not None and session.chat and session.chat[-1][0] == "assistant":
+        session.chat[-1] = ("assistant", heard)
+    elif session.chat is None:
+        cut = len(session.history_ids) - len(reply_ids)
+        session.history_ids = session.history_ids[:cut] + keep_ids
+
+
+def _encode_plain(runner: Runner, text: str) -> list[int]:
+    """Tokens of text appended to a history (no BOS in the middle of a conversation)."""
+    ids = runner.encode(text)
+    bos = getattr(runner, "bos_token_id", None)
+    return ids[1:] if ids and bos is not None and ids[0] == bos else ids

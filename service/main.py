@@ -1,0 +1,435 @@
+"""The tokenwire-server command: flags (each with a TOKENWIRE_* environment fallback), logging set-up,
+loading the model runner, signals, and the server's life from start to drain.
+
+It sits above the floors and imports the model (torch) only once a model is to be loaded, so
+`--help` and a busy port answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import tokenwire
+from tokenwire.service.engine.engine import Engine, EngineConfig
+from tokenwire.service.engine.runner import Runner
+from tokenwire.service.transport.server import ServerConfig, host_port, serve
+
+log = logging.getLogger("tokenwire.server")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to load and how the engine runs it."""
+
+    model: str = "default"
+    device: str = "auto"
+    dtype: str = "auto"
+    weights: str = "auto"
+    activations: str = "auto"
+    max_batch_size: int = EngineConfig.max_batch_size
+    max_context: int | None = None
+    threads: int = 0  # torch intra-op threads; 0: one per core, fewer while other processes hold cores
+    max_live_requests: int = EngineConfig.max_live_requests
+    prefill_tokens_per_step: int = EngineConfig.prefill_tokens_per_step
+    # Where a prompt token's attention costs as much as the rest of its prefill: measured for the
+    # default model in decoder_step.c here (128-token chunks at positions 0 to 3,000: ~0.44 ms a
+    # token of matmuls, ~0.43 us a position of attention; 640 when attention took ~0.67 us).
+    # Without it a 256-token chunk at position ~8,000 stalled the running streams ~1.5 s.
+    prefill_attention_span: int = 1024
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_batch_size=self.max_batch_size,
+            prefill_tokens_per_step=self.prefill_tokens_per_step,
+            prefill_attention_span=self.prefill_attention_span,
+            max_live_requests=self.max_live_requests,
+        )
+
+
+# ---- logging ----
+
+_RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; `extra=` fields (request_id, reason, ...) become keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        data.update((k, v) for k, v in record.__dict__.items() if k not in _RECORD_ATTRS)
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# ---- the tokenwire-server command ----
+
+
+def load_runner(config: ModelConfig) -> Runner:
+    """Load and warm up the model (blocking: run it off the event loop)."""
+    from tokenwire.service.model.runner import ModelRunner  # torch: only when a model is loaded
+
+    started = time.monotonic()
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    runner = ModelRunner.load(
+        config.model,
+        device=config.device,
+        dtype=config.dtype,
+        weights=config.weights,
+        activations=config.activations,
+        max_batch_size=config.max_batch_size,
+        max_context=config.max_context,
+    )
+    if not config.threads:
+        runner.adapt_threads()
+    runner.warm_up()
+    log.info(
+        "model %s loaded from %s in %.1f s (device %s, dtype %s, weights %s, context %d, batch %d)",
+        runner.name,
+        runner.source,
+        time.monotonic() - started,
+        runner.device,
+        runner.dtype,
+        runner.weights,
+        runner.context_length,
+        runner.max_batch_size,
+    )
+    return runner
+
+
+async def _in_daemon_thread(fn: Callable[[], T]) -> T:
+    """Like asyncio.to_thread, but a signal during a slow model load can end the process at once
+    (asyncio.run waits for the default executor's threads on the way out)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as error:
+            loop.call_soon_threadsafe(settle, None, error)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="tokenwire-load", daemon=True).start()
+    return await future
+
+
+async def run_server(server_config: ServerConfig, model_config: ModelConfig) -> int:
+    """Serve until SIGTERM/SIGINT, then drain. Returns the process exit code."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("received %s: shutting down (send it again to exit at once)", sig.name)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(s)  # the default action ends the process on a second signal
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    server = await serve(None, server_config)
+    log.info("listening on %s (NOT_SERVING while model %r loads)", server.address, model_config.model)
+    if server.metrics_port:
+        log.info(
+            "metrics on http://%s/metrics",
+            host_port(server_config.metrics_host or server_config.host, server.metrics_port),
+        )
+    loading = asyncio.ensure_future(_in_daemon_thread(lambda: load_runner(model_config)))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not loading.done():
+        loading.cancel()
+        await server.stop(0)
+        return 0
+    try:
+        runner = loading.result()
+    except Exception:
+        log.exception("could not load model %r", model_config.model)
+        stopping.cancel()
+        await server.stop(0)
+        return 1
+    engine = Engine(runner, model_config.engine_config())
+    engine.start()
+    await server.attach(engine)
+    log.info("SERVING on %s", server.address)
+    await stopping
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+class _Flags:
+    """argparse flags that each also read TOKENWIRE_<NAME> from the environment (shown in --help)."""
+
+    def __init__(self, parser: argparse.ArgumentParser | Any) -> None:
+        self.parser = parser
+
+    def add(self, flag: str, help: str = "", *, secret: bool = False, **kwargs: Any) -> None:
+        env = "TOKENWIRE_" + flag.lstrip("-").replace("-", "_").upper()
+        value = os.environ.get(env)
+        if kwargs.get("action") == "store_true":
+            if value is not None:
+                kwargs["default"] = value.strip().lower() in _TRUE
+            self.parser.add_argument(flag, help=f"{help} [env {env}=1]", **kwargs)
+            return
+        if value is not None:
+            kwargs["default"] = value  # a string default goes through `type`, so it is validated too
+        if "metavar" not in kwargs and "choices" not in kwargs:
+            kwargs["metavar"] = {int: "N", float: "SECONDS"}.get(kwargs.get("type", str), "TEXT")
+        shown = "" if secret else "; default: %(default)s"
+        self.parser.add_argument(flag, help=f"{help} [env {env}{shown}]", **kwargs)
+
+
+_EPILOG = """\
+Keepalive: the server pings a connection after --keepalive-time seconds without traffic and drops it
+when no answer comes within --keepalive-timeout, so requests of vanished clients are aborted and
+NAT/load-balancer idle timers do not cut a stream that is silent during a long prefill. Clients may
+ping as often as every --min-client-ping-interval seconds (also with no call in flight) without being
+told GOAWAY: set the client's grpc.keepalive_time_ms to at least that. Streams are never cut for age.
+Behind a proxy, raise its stream idle timeout above the longest expected silence.
+
+Signals: SIGTERM or SIGINT drains (health NOT_SERVING, new Starts refused with UNAVAILABLE, running
+generations get --grace-period seconds, then end with STOP_REASON_DEADLINE) and exits 0; a second
+signal exits at once.
+
+Auth: with --auth-token every RPC but grpc.health.v1.Health (reflection and Cancel included) needs the
+metadata "authorization: Bearer <token>"; prefer the TOKENWIRE_AUTH_TOKEN variable to the flag, which
+other users can see in the process list.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenwire-server",
+        description="Serve a language model over gRPC (tokenwire.v1.TokenWire), streaming tokens.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"tokenwire {tokenwire.__version__}")
+    listen = _Flags(parser.add_argument_group("listening"))
+    listen.add("--host", metavar="ADDRESS", help="address to listen on", default="127.0.0.1")
+    listen.add("--port", "port to listen on (0: any free port, logged)", type=int, default=50051)
+    listen.add("--no-reflection", "turn off gRPC server reflection", action="store_true")
+    listen.add(
+        "--max-message-bytes", "largest request or response message", type=int, default=4 * 1024 * 1024
+    )
+    listen.add("--metrics-port", "serve Prometheus metrics on this port (0: off)", type=int, default=0)
+    listen.add(
+        "--metrics-host",
+        metavar="ADDRESS",
+        help="address for the metrics endpoint (default: --host)",
+        default=None,
+    )
+    listen.add("--grace-period", "seconds running generations get on shutdown", type=float, default=30.0)
+    listen.add(
+        "--keepalive-time",
+        "seconds of silence before the server pings a connection",
+        type=float,
+        default=30.0,
+    )
+    listen.add("--keepalive-timeout", "seconds to wait for a ping's answer", type=float, default=10.0)
+    listen.add(
+        "--min-client-ping-interval",
+        "shortest interval between client pings allowed",
+        type=float,
+        default=10.0,
+    )
+    listen.add(
+        "--max-connection-idle",
+        "close connections idle this long (seconds; 0: never)",
+        type=float,
+        default=0.0,
+    )
+
+    security = _Flags(parser.add_argument_group("security"))
+    security.add(
+        "--tls-cert", metavar="PEM", help="server certificate chain (PEM); turns TLS on", default=None
+    )
+    security.add("--tls-key", metavar="PEM", help="server private key (PEM)", default=None)
+    security.add(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="CA bundle (PEM) for client certificates: mutual TLS",
+        default=None,
+    )
+    security.add(
+        "--replica-id",
+        metavar="ID",
+        help="this replica's name behind a load balancer: sent as the x-tokenwire-replica header on "
+        "Generate and put in front of server-assigned request ids, so a proxy can route Cancel to "
+        "the replica that holds the request (see the README)",
+        default="",
+    )
+    security.add(
+        "--auth-token",
+        metavar="TOKEN",
+        help="bearer token required on every RPC but health",
+        default=None,
+        secret=True,
+    )
+
+    model = _Flags(parser.add_argument_group("model and engine"))
+    model.add(
+        "--model",
+        "'default' (embedded SmolLM2-135M-Instruct), a model folder or a .gguf file",
+        metavar="SPEC",
+        default="default",
+    )
+    model.add("--device", metavar="DEVICE", help="auto, cpu, cuda or cuda:N", default="auto")
+    model.add("--dtype", "model dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    model.add(
+        "--weights",
+        "auto: a GGUF file's 4-bit (Q4_1) layers run on their own blocks on CPU; dense: unpack every layer",
+        default="auto",
+        choices=["auto", "dense"],
+    )
+    model.add(
+        "--activations",
+        "what those 4-bit layers multiply: auto: rounded to 8 bits per block of 32 where the CPU has "
+        "AVX512-VNNI (as llama.cpp does; ~2x faster); float32: as they are",
+        default="auto",
+        choices=["auto", "float32"],
+    )
+    model.add(
+        "--max-batch-size",
+        "sequences decoded at once (KV cache slots)",
+        type=int,
+        default=EngineConfig.max_batch_size,
+    )
+    model.add(
+        "--max-context", "cap on prompt plus generated tokens (default: the model's)", type=int, default=None
+    )
+    model.add(
+        "--threads",
+        "torch threads for the model (0: one per core, one fewer for each core other processes keep "
+        "busy, so waiting threads never spin on a core another process holds)",
+        type=int,
+        default=0,
+    )
+    model.add(
+        "--max-live-requests",
+        "live requests before RESOURCE_EXHAUSTED",
+        type=int,
+        default=EngineConfig.max_live_requests,
+    )
+    model.add(
+        "--prefill-tokens-per-step",
+        "prompt tokens prefilled per engine step (bounds how long a long prompt stalls running streams)",
+        type=int,
+        default=EngineConfig.prefill_tokens_per_step,
+    )
+    model.add(
+        "--prefill-attention-span",
+        "prompt position at which a token's attention costs as much as the rest of its prefill: deeper "
+        "tokens count for more of --prefill-tokens-per-step, so deep chunks stall streams no longer (0: off)",
+        type=int,
+        default=ModelConfig.prefill_attention_span,
+    )
+
+    logs = _Flags(parser.add_argument_group("logging"))
+    logs.add(
+        "--log-level",
+        "log level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+    )
+    logs.add("--log-format", "text or json (one object per line)", default="text", choices=["text", "json"])
+    return parser
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, ModelConfig]:
+    server = ServerConfig(
+        host=args.host,
+        port=args.port,
+        reflection=not args.no_reflection,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token=args.auth_token or None,
+        replica_id=args.replica_id,
+        max_message_bytes=args.max_message_bytes,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        grace_period_s=args.grace_period,
+        keepalive_time_s=args.keepalive_time,
+        keepalive_timeout_s=args.keepalive_timeout,
+        min_client_ping_interval_s=args.min_client_ping_interval,
+        max_connection_idle_s=args.max_connection_idle,
+    )
+    model = ModelConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        weights=args.weights,
+        activations=args.activations,
+        max_batch_size=args.max_batch_size,
+        max_context=args.max_context,
+        threads=args.threads,
+        max_live_requests=args.max_live_requests,
+        prefill_tokens_per_step=args.prefill_tokens_per_step,
+        prefill_attention_span=args.prefill_attention_span,
+    )
+    return server, model
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    server_config, model_config = configs_from_args(args)
+    if bool(server_config.tls_cert) != bool(server_config.tls_key) or (
+        server_config.tls_client_ca and not server_config.tls_cert
+    ):
+        parser.error("TLS needs --tls-cert and --tls-key (and both for --tls-client-ca)")
+    configure_logging(args.log_level, args.log_format)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download a model at run time
+    return asyncio.run(run_server(server_config, model_config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""Linear layers that keep a GGUF file's Q4_1 blocks and multiply on them directly.
+
+A Q4_1 block holds 32 weights of one output row as `w = d * q + m` (q in 0..15, d and m float16).
+These are the weights the GGUF file ships, not a second quantization of them: each layer is checked
+against the dense float32 unpacking before it is used. Two kernels take them:
+
+- "native", the C kernels compiled on this machine (native.py), on the file's weights exactly:
+  - block_matmul_int8.c, where the CPU has AVX512-VNNI (the default there): activations rounded to
+    8 bits per block of 32, as llama.cpp does, and integer dot products. A decode step of the
+    default model ~13.6 ms instead of ~30 at 16 rows, ~3.9 instead of ~6.7 for one; NLL +0.005.
+  - block_matmul.c: float32 activations as they are, one multiply-add chain per output. ~200
+    GFLOP/s at 16 rows here against the torch kernel's ~110; gate+up (576 -> 3072) 0.37-0.43 ms
+    instead of 0.66-0.70 at 16 rows, ~0.10 ms for one row either way.
+- "torch", `_weight_int4pack_mm_for_cpu`, where no C compiler is available. It computes groups of
+  32 as `w = (q - 8) * scale + zero`, so the blocks map onto it exactly (scale = d, zero = m + 8d)
+  but rounded to bfloat16, as are its activations, the only dtype it vectorises (float16 inputs
+  took 50 ms instead of 0.44). It dequantizes the weights again for every 4 rows.
+
+Both compute every output element in the same order whatever the number of rows or columns, so a
+row's result does not depend on its batch (checked in tests), and fusing q/k/v or gate/up into one
+matrix gives the same bits as separate matmuls. Against float32 MKL on the layers' weights they
+are faster (gate+up for one row 0.064-0.10 ms instead of ~0.35) and the packed weights take a
+sixth of the memory (the blocks are unpacked from the native layout when layers are fused or checked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tokenwire.service.kernels import native
+
+log = logging.getLogger("tokenwire.model")
+
+GROUP = 32  # weights per Q4_1 block, and the kernel's group size
+_KERNEL_DTYPE = torch.bfloat16
+
+
+@dataclass
+class Q4Weight:
+    """A [out, in] weight as 4-bit codes with per-group scale and minimum (float32)."""
+
+    codes: torch.Tensor  # [out, in] uint8, values 0..15
+    scale: torch.Tensor  # [out, in / GROUP]
+    minimum: torch.Tensor  # [out, in / GROUP]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+    def dequantize(self) -> torch.Tensor:
+        out, inp = self.shape
+        blocks = self.codes.view(out, inp // GROUP, GROUP).float()
+        weight = blocks * self.scale[..., None] + self.minimum[..., None]
+        return weight.view(out, inp)
+
+    @staticmethod
+    def concat(parts: list[Q4Weight]) -> Q4Weight:
+        """Stack along the output dimension (fused q/k/v or gate/up)."""
+        return Q4Weight(
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            torch.cat([p.minimum for p in parts]),
+        )
+
+
+@dataclass
+class Q8Weight:
+    """A [out, in] weight as 8-bit signed codes with a scale per group (GGUF Q8_0: w = d * q)."""
+
+    codes: torch.Tensor  # [out, in] int8
+    scale: torch.Tensor  # [out, in / GROUP] float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+    def dequantize(self) -> torch.Tensor:
+        out, inp = self.shape
+        return (self.codes.view(out, inp // GROUP, GROUP).float() * self.scale[..., None]).view(out, inp)
+
+    @staticmethod
+    def concat(parts: list[Q8Weight]) -> Q8Weight:
+        return Q8Weight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]))
+
+
+BlockWeight = Q4Weight | Q8Weight
+
+
+class Q4Matmul:
+    """`x @ weight.T` on Q4_1 blocks: x of any leading shape, result in x's dtype.
+
+    kernel "native" is the C kernels, "torch" is torch's int4 kernel; "auto" takes native where
+    it could be built. activations: what the weights multiply (`.activations` says which ran):
+    "int8" (block_matmul_int8.c, rounded per block of 32 as llama.cpp does, ~2-3x faster again),
+    "float32" (block_matmul.c, x as it is), "auto" int8 where the CPU has the instructions for it;
+    torch's kernel always rounds them to bfloat16.
+    """
+
+    def __init__(self, weight: Q4Weight, kernel: str = "auto", activations: str = "auto") -> None:
+        out, inp = weight.shape
+        self.out_features = out
+        self.in_features = inp
+        lib = native.library() if kernel in ("auto", "native") and out % native.TILE == 0 else None
+        if kernel == "native" and lib is None:
+            raise RuntimeError("the native kernel is not available here")
+        self.kernel = "native" if lib is not None else "torch"
+        self.activations = _activations(lib, activations)
+        if self.activations == "int8":  # block_matmul_int8.c's layout (see there)
+            lines = weight.codes.view(out // native.TILE, native.TILE, inp // 8, 2, 4).permute(0, 2, 1, 4, 3)
+            self.codes = (lines[..., 0] | (lines[..., 1] << 4)).contiguous()  # [tiles, in / 8, 16, 4]
+        elif lib is not None:  # block_matmul.c's layout (see there)
+            codes = weight.codes.view(out // native.TILE, native.TILE, inp // 2, 2).permute(0, 2, 3, 1)
+            self.codes = (codes[:, :, 0] | (codes[:, :, 1] << 4)).contiguous()  # [tiles, in / 2, 16]
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), 1)
+            zero = weight.minimum + 8 * weight.scale  # the kernel subtracts 8 from every code
+            self.scales_and_zeros = (
+                torch.stack([weight.scale, zero], dim=-1).transpose(0, 1).contiguous().to(_KERNEL_DTYPE)
+            )  # [in / GROUP, out, 2]
+        if lib is not None:
+            self.scale, self.minimum = _tiled(weight.scale), _tiled(weight.minimum)
+
+    def blocks(self) -> Q4Weight:
+        """The weight unpacked from the native layout (torch's int4 packing cannot be unpacked)."""
+        assert self.kernel == "native"
+        out, inp = self.out_features, self.in_features
+        if self.activations == "int8":
+            nibbles = torch.stack([self.codes & 0x0F, self.codes >> 4], dim=-1)  # [tiles, in / 8, 16, 4, 2]
+            codes = nibbles.permute(0, 2, 1, 4, 3).reshape(out, inp)
+        else:
+            pairs = torch.stack([self.codes & 0x0F, self.codes >> 4], dim=2)  # [tiles, in / 2, 2, 16]
+            codes = pairs.permute(0, 3, 1, 2).reshape(out, inp)
+        return Q4Weight(codes, _untiled(self.scale), _untiled(self.minimum))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "native":
+            name = "q4_matmul_int8" if self.activations == "int8" else "q4_matmul"
+            return _native_matmul(name, x, self.out_features, self.codes, self.scale, self.minimum)
+        flat = x.reshape(-1, self.in_features).to(_KERNEL_DTYPE)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_and_zeros)
+        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class Q8Matmul:
+    """`x @ weight.T` on Q8_0 blocks, through the C kernels (torch has none for them); activations
+    as for Q4Matmul."""
+
+    def __init__(self, weight: Q8Weight, activations: str = "auto") -> None:
+        out, inp = weight.shape
+        lib = native.library()
+        if lib is None or out % native.TILE:
+            raise RuntimeError("Q8_0 blocks need the native kernel, for a multiple of 16 outputs")
+        self.out_features = out
+        self.in_features = inp
+        self.kernel = "native"
+        self.activations = _activations(lib, activations)
+        if self.activations == "int8":  # block_matmul_int8.c's layout: [tiles, in / 4, 16, 4], code + 128
+            shifted = weight.codes.view(torch.uint8) ^ 0x80
+            self.codes = (
+                shifted.view(out // native.TILE, native.TILE, inp // 4, 4).transpose(1, 2).contiguous()
+            )
+        else:  # block_matmul.c's layout: [tiles, in, 16]
+            self.codes = weight.codes.view(out // native.TILE, native.TILE, inp).transpose(1, 2).contiguous()
+        self.scale = _tiled(weight.scale)
+
+    def blocks(self) -> Q8Weight:
+        """The weight unpacked from the native layout."""
+        if self.activations == "int8":
+            shifted = self.codes.transpose(1, 2).reshape(self.out_features, self.in_features)
+            codes = (shifted ^ 0x80).view(torch.int8)
+        else:
+            codes = self.codes.transpose(1, 2).reshape(self.out_features, self.in_features)
+        return Q8Weight(codes, _untiled(self.scale))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        name = "q8_matmul_int8" if self.activations == "int8" else "q8_matmul"
+        return _native_matmul(name, x, self.out_features, self.codes, self.scale)
+
+
+ACTIVATIONS = ("auto", "int8", "float32")
+
+
+def _activations(lib: Any, requested: str) -> str:
+    """What a matmul's activations will be: see Q4Matmul."""
+    if requested not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, not {requested!r}")
+    int8 = lib is not None and bool(lib.int8_activations())
+    if lib is None and requested != "int8":
+        return "bfloat16"  # torch's int4 kernel
+    if requested == "int8" and not int8:
+        raise RuntimeError(
+            "8-bit activations need the C kernels built for AVX512-VNNI, and a width that is a multiple of 16"
+        )
+    return "int8" if int8 and requested != "float32" else "float32"
+
+
+def _tiled(per_group: torch.Tensor) -> torch.Tensor:
+    """[out, groups] -> [out / 16, groups, 16]: a tile's 16 columns side by side, per group."""
+    out, groups = per_group.shape
+    return per_group.view(out // native.TILE, native.TILE, groups).transpose(1, 2).contiguous()
+
+
+def _untiled(tiled: torch.Tensor) -> torch.Tensor:
+    """The inverse of _tiled."""
+    tiles, groups, tile = tiled.shape
+    return tiled.transpose(1, 2).reshape(tiles * tile, groups)
+
+
+def _native_matmul(kernel: str, x: torch.Tensor, out_features: int, *weight: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    out = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
+    # Looked up per call, not kept: a module holding ctypes functions cannot be deep-copied.
+    getattr(native.library(), kernel)(
+        flat.data_ptr(), flat.shape[0], flat.shape[1], *(w.data_ptr() for w in weight),
+        out_features, out.data_ptr(), native.threads(),
+    )  # fmt: skip
+    return out.to(x.dtype).view(*x.shape[:-1], out_features)
+
+
+def block_matmul(weight: BlockWeight, activations: str = "auto") -> Q4Matmul | Q8Matmul:
+    if isinstance(weight, Q4Weight):
+        return Q4Matmul(weight, activations=activations)
+    return Q8Matmul(weight, activations)
+
+
+def fuse_blocks(linears: list[Any]) -> Q4Matmul | Q8Matmul | None:
+    """One matmul over several block layers of the same input, outputs side by side (the same bits
+    as separate matmuls); None unless all are BlockLinear of one format and activations."""
+    if not all(isinstance(p, BlockLinear) for p in linears):
+        return None
+    if len({(p.format, p.matmul.activations) for p in linears}) != 1:
+        return None
+    blocks = [p.weight_blocks for p in linears]
+    first = linears[0].matmul
+    # torch's kernel has no choice to pass on (its activations are always bfloat16)
+    return block_matmul(
+        type(blocks[0]).concat(blocks), first.activations if first.kernel == "native" else "auto"
+    )
+
+
+def block_format(model: Any) -> str:
+    """What GetModelInfo reports: "q4_1" if any layer runs on Q4_1 blocks, else "q8_0", else "dense"."""
+    kinds = {m.format for m in model.modules() if isinstance(m, BlockLinear)}
+    return "q4_1" if "q4_1" in kinds else "q8_0" if "q8_0" in kinds else "dense"
+
+
+def block_activations(model: Any) -> str:
+    """What the block layers multiply ("int8", "float32", "bfloat16"), or "" if there are none."""
+    kinds = sorted({m.matmul.activations for m in model.modules() if isinstance(m, BlockLinear)})
+    return "+".join(kinds)
+
+
+@dataclass(frozen=True)
+class _Released:
+    """A released BlockLinear's matmul: says what it was, runs nothing."""
+
+    kernel: str
+    activations: str
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this layer's blocks were released: decoder_step.c runs it")
+
+    def blocks(self) -> BlockWeight:
+        raise RuntimeError("this layer's blocks were released: decoder_step.c holds them, fused")
+
+
+class BlockLinear(nn.Module):
+    """Drop-in for a bias-free nn.Linear whose weight came from a Q4_1 or Q8_0 tensor."""
+
+    def __init__(self, weight: BlockWeight, activations: str = "auto") -> None:
+        super().__init__()
+        self.format = "q4_1" if isinstance(weight, Q4Weight) else "q8_0"
+        self.out_features, self.in_features = weight.shape
+        self.matmul: Q4Matmul | Q8Matmul | _Released = block_matmul(weight, activations)
+        # Kept only for torch's int4 kernel, whose packing cannot be unpacked: the native layout
+        # holds the same blocks, and keeping both cost ~160 MB (a byte per code) for SmolLM2.
+        self._blocks = weight if self.matmul.kernel == "torch" else None
+
+    @property
+    def weight_blocks(self) -> BlockWeight:
+        """The layer's blocks (to fuse layers, or to check them)."""
+        return self._blocks if self._blocks is not None else self.matmul.blocks()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x)
+
+    def release(self) -> int:
+        """Drop the layer's blocks, for a model whose steps all run elsewhere (decoder_step.c keeps
+        its own fused copies); returns the bytes freed. The layer then refuses to run."""
+        freed = sum(t.nbytes for t in vars(self.matmul).values() if isinstance(t, torch.Tensor))
+        self.matmul = _Released(self.matmul.kernel, self.matmul.activations)
+        self._blocks = None
+        return freed
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {self.format}, "
+            f"{self.matmul.activations} activations"
+        )
+
+
+def read_q4_1(data: np.ndarray, shape: tuple[int, int]) -> Q4Weight:
+    """Split a GGUF Q4_1 tensor's bytes ([out, blocks * 20]) into codes, scales and minimums."""
+    out, inp = shape
+    blocks = np.ascontiguousarray(data).reshape(out, inp // GROUP, 20)
+    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    minimum = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    packed = blocks[..., 4:20]  # byte i: code of weight i (low nibble) and of weight i + 16 (high)
+    codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(out, inp)
+    return Q4Weight(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(minimum))
+
+
+def read_q8_0(data: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
+    """Split a GGUF Q8_0 tensor's bytes ([out, blocks * 34]) into codes and scales."""
+    out, inp = shape
+    blocks = np.ascontiguousarray(data).reshape(out, inp // GROUP, 34)
+    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    codes = blocks[..., 2:34].copy().view(np.int8).reshape(out, inp)
+    return Q8Weight(torch.from_numpy(codes), torch.from_numpy(scale))
+
+
+def _unpermute_rows(weight: BlockWeight, heads: int) -> BlockWeight:
+    """Undo llama.cpp's rotary row permutation of q/k (as transformers does when it loads GGUF)."""
+
+    def unpermute(t: torch.Tensor) -> torch.Tensor:
+        rows = t.shape[0]
+        return t.reshape(heads, rows // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+    return type(weight)(*(unpermute(getattr(weight, f.name)) for f in dataclasses.fields(weight)))
+
+
+def extract_blocks(model: Any, gguf_path: Path) -> dict[str, BlockWeight]:
+    """The blocks of every bias-free nn.Linear of `model` that the GGUF file stores as Q4_1 or Q8_0.
+
+    A layer is taken only when its blocks dequantize to the model's (float32) weight exactly, so a
+    name or layout this code does not know keeps its dense layer instead of running wrong weights.
+    A tied lm_head is read from the token embedding (SmolLM2's is Q8_0).
+    Slow (the reader parses the whole vocabulary): run it once, when the file is first unpacked.
+    """
+    import gguf
+
+    config = model.config
+    arch = getattr(gguf.MODEL_ARCH, str(config.model_type).upper(), None)
+    if arch is None:
+        return {}
+    reader = gguf.GGUFReader(str(gguf_path))
+    tensors = {t.name: t for t in reader.tensors}
+    name_map = gguf.get_tensor_name_map(arch, int(config.num_hidden_layers))
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", heads))
+    readers = {gguf.GGMLQuantizationType.Q4_1: read_q4_1, gguf.GGMLQuantizationType.Q8_0: read_q8_0}
+    found: dict[str, BlockWeight] = {}
+    for module_name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module.bias is not None or module.in_features % GROUP:
+            continue
+        gguf_name = name_map.get_name(module_name)
+        tensor = tensors.get(f"{gguf_name}.weight") if gguf_name else None
+        if tensor is None and module is model.get_output_embeddings() and config.tie_word_embeddings:
+            gguf_name, tensor = "token_embd", tensors.get("token_embd.weight")
+        read = readers.get(tensor.tensor_type) if tensor is not None else None
+        if tensor is None or read is None:
+            continue
+        weight = read(tensor.data, (module.out_features, module.in_features))
+        if config.model_type == "llama" and gguf_name.endswith(".attn_q"):
+            weight = _unpermute_rows(weight, heads)
+        elif config.model_type == "llama" and gguf_name.endswith(".attn_k"):
+            weight = _unpermute_rows(weight, kv_heads)
+        if not torch.equal(weight.dequantize(), module.weight.detach().float()):
+            log.warning("%s: its blocks do not match the unpacked weight; it stays dense", module_name)
+            continue
+        found[module_name] = weight
+    return found
+
+
+def save_blocks(weights: dict[str, BlockWeight], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, w in weights.items():
+        for f in dataclasses.fields(w):
+            tensors[f"{name}.{f.name}"] = getattr(w, f.name)
+    save_file(tensors, str(path))
+
+
+def load_blocks(path: Path) -> dict[str, BlockWeight]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    names = {key.rpartition(".")[0] for key in tensors}
+    return {
+        n: Q4Weight(tensors[f"{n}.codes"], tensors[f"{n}.scale"], tensors[f"{n}.minimum"])
+        if f"{n}.minimum" in tensors
+        else Q8Weight(tensors[f"{n}.codes"], tensors[f"{n}.scale"])
+        for n in names
+    }
+
+
+def swap_in_block_linears(model: Any, weights: dict[str, BlockWeight], activations: str = "auto") -> int:
+    """Replace the named nn.Linear layers by BlockLinear; return how many were replaced.
+
+    Q8_0 layers only where the native kernel takes them (torch has none): others stay dense.
+    `activations` as for Q4Matmul.
+    """
+    replaced = 0
+    for module_name, weight in weights.items():
+        if isinstance(weight, Q8Weight) and (native.library() is None or weight.shape[0] % native.TILE):
+            continue  # no kernel takes it: it stays dense
+        parent_name, _, attr = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        current = getattr(parent, attr, None)
+        if isinstance(current, nn.Linear) and (current.out_features, current.in_features) == weight.shape:
+            setattr(parent, attr, BlockLinear(weight, activations))
+            replaced += 1
+    return replaced

@@ -1,0 +1,300 @@
+"""Protobuf <-> internal types at the service edge: validate what comes in, render what goes out."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+
+from tokenwire.service.engine.requests import (
+    Chunking,
+    Delta,
+    ErrorCode,
+    Failure,
+    Finished,
+    GenerationRequest,
+    Output,
+    OutputOptions,
+    PromptInput,
+    RequestError,
+    SamplingParams,
+    SessionTruncation,
+    Started,
+    StoppingParams,
+    StopReason,
+    TokenLogprob,
+)
+from tokenwire.v1 import tokenwire_pb2 as pb
+
+# Limits documented in tokenwire.proto.
+MAX_ID_CHARS = 128
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOP_LOGPROBS = 20
+MAX_MIN_SEGMENT_CHARS = 1000
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 10.0
+
+_CHUNKING = {
+    pb.CHUNKING_UNSPECIFIED: Chunking.TOKEN,
+    pb.CHUNKING_TOKEN: Chunking.TOKEN,
+    pb.CHUNKING_WORD: Chunking.WORD,
+    pb.CHUNKING_SENTENCE: Chunking.SENTENCE,
+    pb.CHUNKING_CLAUSE: Chunking.CLAUSE,
+}
+_STOP_REASON = {reason: pb.StopReason.Value(f"STOP_REASON_{reason.name}") for reason in StopReason}
+_STATUS = {code: grpc.StatusCode[code.name] for code in ErrorCode}
+
+
+def _invalid(field: str, message: str) -> RequestError:
+    return RequestError(ErrorCode.INVALID_ARGUMENT, f"{field}: {message}", field)
+
+
+# ---- in ----
+
+
+def start_to_request(start: pb.Start) -> GenerationRequest:
+    """Validate a Start and convert it; raises RequestError(INVALID_ARGUMENT) naming the field.
+
+    Checks that need the model (vocabulary, context length, chat template) are the engine's."""
+    if len(start.request_id) > MAX_ID_CHARS:
+        raise _invalid("start.request_id", f"at most {MAX_ID_CHARS} characters")
+    if len(start.session_id) > MAX_ID_CHARS:
+        raise _invalid("start.session_id", f"at most {MAX_ID_CHARS} characters")
+    return GenerationRequest(
+        request_id=start.request_id,
+        input=_input(start),
+        sampling=_sampling(start.sampling) if start.HasField("sampling") else SamplingParams(),
+        stopping=_stopping(start.stopping) if start.HasField("stopping") else StoppingParams(),
+        output=_output(start.output) if start.HasField("output") else OutputOptions(),
+        session_id=start.session_id,
+        truncation=_truncation(start.truncate_session) if start.HasField("truncate_session") else None,
+    )
+
+
+def _input(start: pb.Start) -> PromptInput:
+    kind = start.WhichOneof("input")
+    if kind == "prompt":
+        if not start.prompt:
+            raise _invalid("start.input", "prompt must not be empty")
+        return PromptInput(text=start.prompt)
+    if kind == "chat":
+        return PromptInput(chat=chat_to_messages(start.chat, "start.chat"))
+    if kind == "token_ids":
+        if not start.token_ids.ids:
+            raise _invalid("start.input", "token_ids needs at least one token id")
+        return PromptInput(token_ids=tuple(start.token_ids.ids))
+    raise _invalid("start.input", "exactly one of prompt, chat or token_ids is required")
+
+
+def chat_to_messages(chat: pb.Chat, field: str) -> tuple[tuple[str, str], ...]:
+    """(role, content) pairs; `field` is the Chat's path. Errors name the repeated field itself (a path
+    without an index, so clients can match it) and give the index in the message."""
+    if not chat.messages:
+        raise _invalid(f"{field}.messages", "at least one message is required")
+    for i, message in enumerate(chat.messages):
+        if not message.role:
+            raise _invalid(f"{field}.messages", f"messages[{i}] has no role")
+    return tuple((m.role, m.content) for m in chat.messages)
+
+
+def _float(value: float, field: str, low: float, high: float, *, low_open: bool = False) -> float:
+    """Check a float against [low, high] (or (low, high]); NaN and infinities never pass."""
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise _invalid(field, f"must be a finite number in {bracket}{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def _sampling(sampling: pb.SamplingParams) -> SamplingParams:
+    path = "start.sampling"
+    defaults = SamplingParams()
+    return SamplingParams(
+        temperature=_float(sampling.temperature, f"{path}.temperature", 0.0, MAX_TEMPERATURE)
+        if sampling.HasField("temperature")
+        else defaults.temperature,
+        top_k=sampling.top_k,  # uint32: never negative; 0 means no limit
+        top_p=_float(sampling.top_p, f"{path}.top_p", 0.0, 1.0, low_open=True)
+        if sampling.HasField("top_p")
+        else defaults.top_p,
+        min_p=_float(sampling.min_p, f"{path}.min_p", 0.0, 1.0)
+        if sampling.HasField("min_p")
+        else defaults.min_p,
+        repetition_penalty=_float(
+            sampling.repetition_penalty,
+            f"{path}.repetition_penalty",
+            0.0,
+            MAX_REPETITION_PENALTY,
+            low_open=True,
+        )
+        if sampling.HasField("repetition_penalty")
+        else defaults.repetition_penalty,
+        seed=sampling.seed if sampling.HasField("seed") else None,
+    )
+
+
+def _stopping(stopping: pb.StoppingParams) -> StoppingParams:
+    path = "start.stopping"
+    max_tokens = stopping.max_tokens if stopping.HasField("max_tokens") else None
+    if max_tokens is not None and max_tokens < 1:
+        raise _invalid(f"{path}.max_tokens", "must be at least 1 when set")
+    min_tokens = stopping.min_tokens
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise _invalid(f"{path}.min_tokens", f"{min_tokens} is more than max_tokens ({max_tokens})")
+    if len(stopping.stop) > MAX_STOP_STRINGS:
+        raise _invalid(f"{path}.stop", f"at most {MAX_STOP_STRINGS} stop strings")
+    for i, stop in enumerate(stopping.stop):
+        if not 1 <= len(stop) <= MAX_STOP_CHARS:
+            raise _invalid(f"{path}.stop", f"stop[{i}] must have 1..{MAX_STOP_CHARS} characters")
+    if len(stopping.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise _invalid(f"{path}.stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} stop token ids")
+    limit_ms = stopping.time_limit_ms if stopping.HasField("time_limit_ms") else 0
+    return StoppingParams(
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
+        stop=tuple(stopping.stop),
+        stop_token_ids=tuple(stopping.stop_token_ids),
+        ignore_eos=stopping.ignore_eos,
+        time_limit_s=limit_ms / 1000.0 if limit_ms else None,
+    )
+
+
+def _output(output: pb.OutputOptions) -> OutputOptions:
+    path = "start.output"
+    # proto3 enums are open: a number this server does not know arrives as a plain int.
+    chunking = _CHUNKING.get(output.chunking)
+    if chunking is None:
+        raise _invalid(f"{path}.chunking", f"unknown Chunking value {output.chunking}")
+    if output.top_logprobs > MAX_TOP_LOGPROBS:
+        raise _invalid(f"{path}.top_logprobs", f"must be in 0..{MAX_TOP_LOGPROBS}")
+    if output.min_segment_chars > MAX_MIN_SEGMENT_CHARS:
+        raise _invalid(f"{path}.min_segment_chars", f"at most {MAX_MIN_SEGMENT_CHARS}")
+    return OutputOptions(
+        chunking=chunking,
+        logprobs=output.logprobs or output.top_logprobs > 0,
+        top_logprobs=output.top_logprobs,
+        token_ids=output.token_ids,
+        timestamps=output.timestamps,
+        min_segment_chars=output.min_segment_chars,
+        fast_first_segment=output.fast_first_segment,
+    )
+
+
+def _truncation(truncation: pb.SessionTruncation) -> SessionTruncation:
+    keep = truncation.WhichOneof("keep")
+    if keep == "reply_chars":
+        return SessionTruncation(reply_chars=truncation.reply_chars)
+    if keep == "reply_tokens":
+        return SessionTruncation(reply_tokens=truncation.reply_tokens)
+    raise _invalid("start.truncate_session", "set reply_chars or reply_tokens")
+
+
+def interrupt_after_segment(interrupt: pb.Interrupt) -> bool:
+    """Whether the Interrupt asks to finish the current segment first; rejects unknown modes."""
+    mode = interrupt.mode
+    if mode not in (
+        pb.INTERRUPT_MODE_UNSPECIFIED,
+        pb.INTERRUPT_MODE_IMMEDIATE,
+        pb.INTERRUPT_MODE_AFTER_SEGMENT,
+    ):
+        raise _invalid("interrupt.mode", f"unknown InterruptMode value {mode}")
+    return mode == pb.INTERRUPT_MODE_AFTER_SEGMENT
+
+
+# ---- out ----
+
+
+def status_code(code: ErrorCode) -> grpc.StatusCode:
+    return _STATUS[code]
+
+
+def status_number(code: ErrorCode) -> int:
+    """The google.rpc.Code number of a per-request error (INVALID_ARGUMENT = 3, ...)."""
+    number: int = _STATUS[code].value[0]
+    return number
+
+
+def stop_reason_to_pb(reason: StopReason) -> pb.StopReason.ValueType:
+    return _STOP_REASON[reason]
+
+
+def started_to_pb(started: Started) -> pb.Started:
+    return pb.Started(
+        prompt_tokens=started.prompt_tokens,
+        cached_prompt_tokens=started.cached_prompt_tokens,
+        seed=started.seed,
+        max_tokens=started.max_tokens,
+        queue_ms=started.queue_s * 1000,
+    )
+
+
+def _logprob_to_pb(logprob: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(
+        token_id=logprob.token_id,
+        token=logprob.token,
+        logprob=logprob.logprob,
+        top=[pb.TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob) for t in logprob.top],
+    )
+
+
+def delta_to_pb(delta: Delta, options: OutputOptions) -> pb.Chunk:
+    """A Chunk with only what the request asked for (token ids, timestamps)."""
+    chunk = pb.Chunk(text=delta.text, index=delta.index, segment_end=delta.segment_end)
+    if options.token_ids:
+        chunk.token_ids.extend(delta.token_ids)
+    if delta.logprobs:
+        chunk.logprobs.extend(_logprob_to_pb(lp) for lp in delta.logprobs)
+    if options.timestamps:
+        chunk.server_time_ms = int(delta.time * 1000)
+    return chunk
+
+
+def finished_to_pb(finished: Finished) -> pb.Finished:
+    usage, timings = finished.usage, finished.timings
+    return pb.Finished(
+        reason=stop_reason_to_pb(finished.reason),
+        stop_sequence=finished.stop_sequence,
+        usage=pb.Usage(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_prompt_tokens=usage.cached_prompt_tokens,
+        ),
+        timings=pb.Timings(
+            queue_ms=timings.queue_s * 1000.0,
+            time_to_first_token_ms=timings.time_to_first_token_s * 1000.0,
+            total_ms=timings.total_s * 1000.0,
+            decode_tokens_per_second=timings.decode_tokens_per_second,
+        ),
+        sent_text_chars=finished.sent_text_chars,
+        sent_tokens=finished.sent_tokens,
+        tail_text=finished.tail_text,
+    )
+
+
+def describe(error: Failure | RequestError) -> str:
+    """The error's message, led by the field at fault unless it already is (for a person
+    reading a log or grpcurl output; programs read Error.field)."""
+    if error.field and not error.message.startswith(f"{error.field}:"):
+        return f"{error.field}: {error.message}"
+    return error.message
+
+
+def failure_to_pb(failure: Failure | RequestError) -> pb.Error:
+    return pb.Error(code=status_number(failure.code), message=describe(failure), field=failure.field)
+
+
+def output_to_response(request_id: str, output: Output, options: OutputOptions) -> pb.GenerateResponse:
+    """Wrap one engine output of a request in a GenerateResponse."""
+    if isinstance(output, Delta):
+        return pb.GenerateResponse(request_id=request_id, chunk=delta_to_pb(output, options))
+    if isinstance(output, Started):
+        return pb.GenerateResponse(request_id=request_id, started=started_to_pb(output))
+    if isinstance(output, Finished):
+        return pb.GenerateResponse(request_id=request_id, finished=finished_to_pb(output))
+    return pb.GenerateResponse(request_id=request_id, error=failure_to_pb(output))
+
+
+def error_response(request_id: str, error: Failure | RequestError) -> pb.GenerateResponse:
+    return pb.GenerateResponse(request_id=request_id, error=failure_to_pb(error))

@@ -1,0 +1,265 @@
+"""The gRPC server around an engine: servicer, health, reflection, auth, TLS, metrics and graceful drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from tokenwire.service.engine.engine import Engine
+from tokenwire.service.engine.requests import Failure, Finished, GenerationRequest
+from tokenwire.service.transport.auth import BearerTokenInterceptor
+from tokenwire.service.transport.metrics import ServerMetrics
+from tokenwire.service.transport.servicer import TokenWireServicer
+from tokenwire.v1 import tokenwire_pb2, tokenwire_pb2_grpc
+
+log = logging.getLogger("tokenwire.server")
+request_log = logging.getLogger("tokenwire.requests")
+
+SERVICE_NAME = tokenwire_pb2.DESCRIPTOR.services_by_name["TokenWire"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the gRPC server listens and behaves (the model is configured by ModelConfig)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port (see RunningServer.port)
+    reflection: bool = True
+    tls_cert: str | None = None  # PEM files; with tls_client_ca the server requires client certificates
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    auth_token: str | None = None  # bearer token required on every RPC but health
+    max_message_bytes: int = 4 * 1024 * 1024
+    metrics_port: int = 0  # 0: no metrics endpoint
+    metrics_host: str | None = None  # default: host
+    grace_period_s: float = 30.0
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    min_client_ping_interval_s: float = 10.0
+    max_connection_idle_s: float = 0.0  # 0: never close idle connections
+    health_interval_s: float = 1.0  # how often the step loop's health is checked
+    replica_id: str = ""  # sent as x-tokenwire-replica on Generate; prefixes server-assigned request ids
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """grpc channel arguments: message limits and keepalive tuned for long streams with idle gaps."""
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # Without this a second server could bind the same port and steal half the connections.
+        ("grpc.so_reuseport", 0),
+        # Ping idle connections: finds dead clients (their requests are then aborted) and keeps NAT
+        # and load-balancer idle timers from cutting a stream that is silent during a long prefill.
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        # grpc 1.85's transport times the answer to its keepalive ping with this one (default 60 s),
+        # not keepalive_timeout_ms: without it a frozen or cut-off client holds its requests for a minute.
+        ("grpc.http2.ping_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        # Keep pinging while a stream sends no data (the default stops after two pings).
+        ("grpc.http2.max_pings_without_data", 0),
+        # Pings with no call in flight are fine both ways (the server's own, and clients'), and clients
+        # may ping as often as every min_client_ping_interval_s without a GOAWAY (ENHANCE_YOUR_CALM,
+        # "too_many_pings"; the default allows one ping per 5 minutes without data).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(config.min_client_ping_interval_s * 1000)),
+    ]
+    if config.max_connection_idle_s > 0:
+        options.append(("grpc.max_connection_idle_ms", int(config.max_connection_idle_s * 1000)))
+    return options
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not config.tls_cert and not config.tls_key:
+        if config.tls_client_ca:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class RunningServer:
+    """A started server. `engine` is None until `attach` (main loads the model while health answers)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = ServerMetrics(lambda: self.engine)
+        self.servicer = TokenWireServicer(on_refused=self.metrics.on_refused, replica_id=config.replica_id)
+        self.health = HealthServicer()
+        self.port = 0
+        self.metrics_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._serving: bool | None = None
+        self._draining = False
+        self._stopped = False
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.servicer.engine
+
+    @property
+    def address(self) -> str:
+        """Where a client on this machine connects: a wildcard host becomes the loopback address."""
+        host = self.config.host
+        if host in ("", "0.0.0.0"):
+            host = "127.0.0.1"
+        elif host in ("::", "[::]"):
+            host = "::1"
+        return host_port(host, self.port)
+
+    async def _start(self, engine: Engine | None) -> None:
+        config = self.config
+        await self._set_health(False)  # HealthServicer starts out SERVING for ""
+        interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+        server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
+        tokenwire_pb2_grpc.add_TokenWireServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        if config.reflection:
+            reflection.enable_server_reflection(
+                [SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
+            )
+        bind = host_port(config.host, config.port)
+        credentials = _server_credentials(config)
+        if credentials is not None:
+            self.port = server.add_secure_port(bind, credentials)
+        else:
+            self.port = server.add_insecure_port(bind)
+        await server.start()
+        self._server = server
+        if config.metrics_port:
+            self.metrics_port = self.metrics.serve(config.metrics_port, config.metrics_host or config.host)
+        self._watcher = asyncio.create_task(self._watch_health(), name="tokenwire-health")
+        if engine is not None:
+            await self.attach(engine)
+
+    async def attach(self, engine: Engine) -> None:
+        """Start serving `engine` (already started): hooks for logs and metrics, then health SERVING."""
+        # The engine guards its hooks: a failing log line or metric cannot end generations.
+        engine.on_finish = _chain(engine.on_finish, _log_finished, self.metrics.on_finish)
+        engine.on_step = _chain(engine.on_step, self.metrics.on_step)
+        self.servicer.engine = engine
+        await self._update_health()
+
+    # ---- health ----
+
+    async def _set_health(self, serving: bool) -> None:
+        status = _SERVING if serving else _NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def _update_health(self) -> None:
+        engine = self.engine
+        serving = engine is not None and not self._draining and engine.accepting and engine.healthy()
+        if serving != self._serving:
+            if self._serving is not None or serving:
+                log.log(
+                    logging.INFO if serving else logging.WARNING,
+                    "health: %s",
+                    "SERVING" if serving else "NOT_SERVING",
+                )
+            self._serving = serving
+            await self._set_health(serving)
+
+    async def _watch_health(self) -> None:
+        # A stuck step (or a dead step thread) turns health NOT_SERVING, and back when it recovers.
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            try:
+                await self._update_health()
+            except Exception:
+                log.exception("health check failed")
+
+    # ---- shutdown ----
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain and stop: health NOT_SERVING and new Starts refused (UNAVAILABLE); running generations
+        get up to grace_s to finish, then end with DEADLINE; open streams are flushed and closed."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_period_s if grace_s is None else grace_s
+        self._draining = True
+        await self.health.enter_graceful_shutdown()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        engine = self.engine
+        if engine is not None:
+            live = engine.num_live()
+            if live:
+                log.info("draining: %d live requests, grace period %.1f s", live, grace)
+            started = time.monotonic()
+            await engine.stop(grace)
+            if live:
+                log.info("drained in %.2f s", time.monotonic() - started)
+        # Let every stream send the last messages of its requests, then end it.
+        await self.servicer.close_streams(timeout=2.0)
+        if self._server is not None:
+            await self._server.stop(1.0)
+        await asyncio.to_thread(self.metrics.stop)  # waits out the HTTP server's poll interval
+
+
+async def serve(engine: Engine | None, config: ServerConfig) -> RunningServer:
+    """Start a server for `engine` (started by the caller on this loop), or for none yet: then health
+    answers NOT_SERVING and RPCs UNAVAILABLE until `RunningServer.attach(engine)`."""
+    server = RunningServer(config)
+    try:
+        await server._start(engine)
+    except BaseException:  # e.g. the metrics port is taken: do not leave a half-started server behind
+        await server.stop(0)
+        raise
+    return server
+
+
+# ---- engine hooks ----
+
+
+def _chain(*hooks: Callable[..., None] | None) -> Callable[..., None]:
+    present = [hook for hook in hooks if hook is not None]
+
+    def call_all(*args: Any) -> None:
+        for hook in present:
+            hook(*args)
+
+    return call_all
+
+
+def _log_finished(request: GenerationRequest, result: Finished | Failure) -> None:
+    if not isinstance(result, Finished):
+        return
+    timings = result.timings
+    fields = {
+        "request_id": request.request_id,
+        "reason": result.reason.value,
+        "prompt_tokens": result.usage.prompt_tokens,
+        "cached_prompt_tokens": result.usage.cached_prompt_tokens,
+        "completion_tokens": result.usage.completion_tokens,
+        "sent_chars": result.sent_text_chars,
+        "ttft_ms": round(timings.time_to_first_token_s * 1000, 1),
+        "duration_ms": round(timings.total_s * 1000, 1),
+    }
+    request_log.info("finished %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)

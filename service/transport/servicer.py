@@ -1,0 +1,282 @@
+"""The tokenwire.v1.TokenWire servicer: many generations per Generate stream, Cancel, model info, Tokenize."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+
+import tokenwire
+from tokenwire.service.engine.engine import Engine, RequestStream
+from tokenwire.service.engine.requests import ErrorCode, OutputOptions, RequestError, StopReason
+from tokenwire.service.transport import convert
+from tokenwire.v1 import tokenwire_pb2 as pb
+from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tokenwire.servicer")
+
+# Responses queued per stream before the per-request forwarders wait. While they wait, the engine
+# merges the piling-up deltas of each request into fewer, larger chunks, so memory stays bounded.
+OUTGOING_BOUND = 64
+
+
+class _GenerateCall:
+    """One Generate RPC: a reader task for the request side, a forwarder task per request started on
+    this stream, and the one outgoing queue they all feed.
+
+    The RPC ends when nothing can produce more: the reader has stopped (half-close, or the server
+    draining) and every request has delivered its last message."""
+
+    def __init__(
+        self, engine: Engine, on_refused: Callable[[ErrorCode], None] | None, replica_id: str = ""
+    ) -> None:
+        self.engine = engine
+        self.on_refused = on_refused
+        self.replica_id = replica_id
+        self.out: asyncio.Queue[pb.GenerateResponse | None] = asyncio.Queue(OUTGOING_BOUND)
+        # request id -> (forwarder, engine stream): the requests this stream may interrupt or abandon.
+        self.owned: dict[str, tuple[asyncio.Task[None], RequestStream]] = {}
+        self.producers = 0  # the reader, plus one per forwarder
+        self.reader: asyncio.Task[None] | None = None
+        self.cut_by_server = False
+        self.unreadable: DecodeError | None = None  # a request that could not be parsed ends the RPC
+
+    # ---- lifecycle ----
+
+    def begin(self, requests: AsyncIterable[pb.GenerateRequest]) -> None:
+        self.producers += 1
+        self.reader = asyncio.create_task(self._read(requests), name="tokenwire-generate-reader")
+
+    async def responses(self) -> AsyncIterator[pb.GenerateResponse]:
+        while True:
+            if self.producers == 0 and self.out.empty():
+                return
+            item = await self.out.get()
+            if item is not None:  # None only wakes us up to re-check the end condition
+                yield item
+
+    def _producer_done(self) -> None:
+        self.producers -= 1
+        if self.producers == 0 and self.out.empty():
+            self.out.put_nowait(None)  # cannot be full: it is empty
+
+    def close(self) -> None:
+        """Server drain: stop reading new requests; running ones still deliver their last message."""
+        if self.reader is not None and not self.reader.done():
+            self.cut_by_server = True
+            self.reader.cancel()
+
+    def abandon(self) -> None:
+        """The RPC is over (client gone, deadline, or done): free every request still live. Idempotent."""
+        if self.reader is not None:
+            self.reader.cancel()
+        for request_id, (task, stream) in list(self.owned.items()):
+            # Only if the id still names this stream's request: after it ended, another stream may reuse it.
+            if self.engine.stream_of(request_id) is stream:
+                self.engine.abort(request_id, StopReason.CANCELLED)
+            task.cancel()
+        self.owned.clear()
+
+    # ---- the request side ----
+
+    async def _read(self, requests: AsyncIterable[pb.GenerateRequest]) -> None:
+        try:
+            async for message in requests:
+                kind = message.WhichOneof("kind")
+                if kind == "start":
+                    await self._start(message.start)
+                elif kind == "interrupt":
+                    await self._interrupt(message.interrupt)
+                else:
+                    neither = RequestError(
+                        ErrorCode.INVALID_ARGUMENT, "kind: set either start or interrupt", "kind"
+                    )
+                    await self.out.put(convert.error_response("", neither))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # the request side broke (e.g. a message over the size limit)
+            log.info("Generate request stream failed: %r", error)
+            if isinstance(error, DecodeError):
+                self.unreadable = error
+            self.abandon()
+        finally:
+            self._producer_done()
+
+    async def _refuse(self, request_id: str, error: RequestError) -> None:
+        if self.on_refused is not None:
+            self.on_refused(error.code)
+        log.info(
+            "request refused request_id=%s code=%s field=%s: %s",
+            request_id,
+            error.code.name,
+            error.field,
+            error.message,
+            extra={"request_id": request_id, "code": error.code.name, "field": error.field},
+        )
+        await self.out.put(convert.error_response(request_id, error))
+
+    async def _start(self, start: pb.Start) -> None:
+        try:
+            request = convert.start_to_request(start)
+            if not request.request_id and self.replica_id:
+                # The id names its replica, so a proxy can route a later Cancel to it.
+                request.request_id = f"{self.replica_id}.{uuid.uuid4().hex}"
+            stream = self.engine.add_request(request)
+        except RequestError as error:
+            await self._refuse(start.request_id, error)
+            return
+        except Exception:
+            log.exception("could not start request %r", start.request_id)
+            await self._refuse(start.request_id, RequestError(ErrorCode.INTERNAL, "internal error"))
+            return
+        request_id = request.request_id  # assigned by the engine when the client left it empty
+        self.producers += 1
+        task = asyncio.create_task(self._forward(request_id, stream, request.output))
+        self.owned[request_id] = (task, stream)
+
+    async def _interrupt(self, interrupt: pb.Interrupt) -> None:
+        request_id = interrupt.request_id
+        try:
+            after_segment = convert.interrupt_after_segment(interrupt)
+        except RequestError as error:
+            await self.out.put(convert.error_response(request_id, error))
+            return
+        owned = self.owned.get(request_id)
+        if owned is None:
+            unknown = RequestError(
+                ErrorCode.NOT_FOUND,
+                f"interrupt.request_id: no live request {request_id!r} on this stream",
+                "interrupt.request_id",
+            )
+            await self.out.put(convert.error_response(request_id, unknown))
+            return
+        # When the request has just ended its Finished is already on its way: that is the answer.
+        if self.engine.stream_of(request_id) is owned[1]:
+            self.engine.abort(request_id, StopReason.INTERRUPTED, after_segment=after_segment)
+
+    # ---- the response side ----
+
+    async def _forward(self, request_id: str, stream: RequestStream, options: OutputOptions) -> None:
+        try:
+            async for output in stream:
+                await self.out.put(convert.output_to_response(request_id, output, options))
+        finally:
+            owned = self.owned.get(request_id)
+            if owned is not None and owned[0] is asyncio.current_task():
+                del self.owned[request_id]
+            self._producer_done()
+
+
+REPLICA_HEADER = "x-tokenwire-replica"
+
+
+class TokenWireServicer(pb_grpc.TokenWireServicer):
+    """Adapts the engine to the contract. `engine` is None while the model loads (UNAVAILABLE)."""
+
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        *,
+        on_refused: Callable[[ErrorCode], None] | None = None,
+        replica_id: str = "",
+    ) -> None:
+        self.engine = engine
+        self.on_refused = on_refused
+        self.replica_id = replica_id
+        self._calls: set[_GenerateCall] = set()
+
+    async def _engine(self, context: grpc.aio.ServicerContext) -> Engine:
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        assert self.engine is not None
+        return self.engine
+
+    async def Generate(
+        self, request_iterator: AsyncIterable[pb.GenerateRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        call = _GenerateCall(await self._engine(context), self.on_refused, self.replica_id)
+        if self.replica_id:
+            # Which replica serves this stream: a client sends it back as a header on Cancel.
+            await context.send_initial_metadata(((REPLICA_HEADER, self.replica_id),))
+        self._calls.add(call)
+        # The generator's `finally` may run late (or not at all) when the RPC is cancelled while the
+        # response is being sent; the done callback always runs, so compute is freed at once.
+        context.add_done_callback(lambda _: self._end(call))
+        call.begin(request_iterator)
+        try:
+            async for response in call.responses():
+                yield response
+            if call.unreadable is not None:
+                # Its requests were abandoned: ending with OK would tell the client they were all answered.
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"GenerateRequest: {call.unreadable}")
+            if call.cut_by_server:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        finally:
+            self._end(call)
+
+    def _end(self, call: _GenerateCall) -> None:
+        call.abandon()
+        self._calls.discard(call)
+
+    async def close_streams(self, timeout: float) -> None:
+        """Drain: stop reading on every Generate stream and wait (up to timeout) for them to flush."""
+        for call in list(self._calls):
+            call.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._calls and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
+        engine = await self._engine(context)
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required")
+        summary = await engine.cancel(request.request_id)
+        if summary is None:
+            return pb.CancelResponse(found=False)
+        return pb.CancelResponse(found=True, summary=convert.finished_to_pb(summary))
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        engine = await self._engine(context)
+        runner = engine.runner
+        return pb.ModelInfo(
+            model=runner.name,
+            source=runner.source,
+            context_length=runner.context_length,
+            vocab_size=runner.vocab_size,
+            eos_token_ids=list(runner.eos_token_ids),
+            device=str(runner.device),
+            dtype=str(runner.dtype).removeprefix("torch."),
+            # What the engine really runs at once: its configured batch within the runner's KV slots.
+            max_batch_size=engine.scheduler.config.max_batch_size,
+            max_live_requests=engine.config.max_live_requests,
+            has_chat_template=runner.has_chat_template,
+            server_version=tokenwire.__version__,
+            weights=runner.weights,
+            activations=runner.activations,
+            kv_cache_dtype=str(runner.cache_dtype).removeprefix("torch."),
+        )
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        engine = await self._engine(context)
+        kind = request.WhichOneof("input")
+        # Tokenized on the event loop like a Start's input: the message size limit bounds the cost,
+        # and the tokenizer is not used from two threads that both encode.
+        try:
+            if kind == "text":
+                ids = engine.tokenize_text(request.text)
+            elif kind == "chat":
+                ids = engine.tokenize_chat(list(convert.chat_to_messages(request.chat, "chat")))
+            else:
+                raise RequestError(ErrorCode.INVALID_ARGUMENT, "input: set text or chat", "input")
+        except RequestError as error:
+            await context.abort(convert.status_code(error.code), convert.describe(error))
+        return pb.TokenizeResponse(token_ids=ids, tokens=engine.runner.token_texts(ids))

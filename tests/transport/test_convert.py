@@ -1,0 +1,310 @@
+"""Protobuf <-> internal conversion: tables of valid and invalid Starts, and every output mapping."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import grpc
+import pytest
+
+from tokenwire.service.engine.requests import (
+    Chunking,
+    Delta,
+    ErrorCode,
+    Failure,
+    Finished,
+    RequestError,
+    SessionTruncation,
+    Started,
+    StopReason,
+    Timings,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from tokenwire.service.engine.requests import OutputOptions as Options
+from tokenwire.service.transport import convert
+from tokenwire.v1 import tokenwire_pb2 as pb
+
+
+def start(**fields: Any) -> pb.Start:
+    fields.setdefault("prompt", "hi")
+    return pb.Start(**fields)
+
+
+def test_full_start_converts() -> None:
+    request = convert.start_to_request(
+        pb.Start(
+            request_id="r1",
+            chat=pb.Chat(messages=[pb.ChatMessage(role="user", content="hello")]),
+            sampling=pb.SamplingParams(
+                temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.1, seed=2**64 - 1
+            ),
+            stopping=pb.StoppingParams(
+                max_tokens=32,
+                min_tokens=2,
+                stop=["\n\n"],
+                stop_token_ids=[7],
+                ignore_eos=True,
+                time_limit_ms=1500,
+            ),
+            output=pb.OutputOptions(
+                chunking=pb.CHUNKING_SENTENCE,
+                top_logprobs=3,
+                token_ids=True,
+                timestamps=True,
+                min_segment_chars=20,
+                fast_first_segment=True,
+            ),
+            session_id="conv",
+            truncate_session=pb.SessionTruncation(reply_chars=12),
+        )
+    )
+    assert request.request_id == "r1"
+    assert request.input.chat == (("user", "hello"),) and request.input.text is None
+    s = request.sampling
+    assert (s.top_k, s.seed) == (40, 2**64 - 1)
+    assert math.isclose(s.temperature, 0.7, rel_tol=1e-6) and math.isclose(s.top_p, 0.9, rel_tol=1e-6)
+    assert math.isclose(s.min_p, 0.05, rel_tol=1e-6) and math.isclose(s.repetition_penalty, 1.1, rel_tol=1e-6)
+    st = request.stopping
+    assert (st.max_tokens, st.min_tokens, st.stop, st.stop_token_ids, st.ignore_eos) == (
+        32,
+        2,
+        ("\n\n",),
+        (7,),
+        True,
+    )
+    assert st.time_limit_s == pytest.approx(1.5)
+    o = request.output
+    assert o.chunking is Chunking.SENTENCE and o.logprobs and o.top_logprobs == 3
+    assert (o.token_ids, o.timestamps, o.min_segment_chars, o.fast_first_segment) == (True, True, 20, True)
+    assert request.session_id == "conv" and request.truncation == SessionTruncation(reply_chars=12)
+
+
+@pytest.mark.parametrize(
+    ("fields", "check"),
+    [
+        (
+            {},
+            lambda r: (
+                r.sampling.greedy and r.stopping.max_tokens is None and r.output.chunking is Chunking.TOKEN
+            ),
+        ),
+        ({"token_ids": pb.TokenIds(ids=[5, 6])}, lambda r: r.input.token_ids == (5, 6)),
+        (
+            {"sampling": pb.SamplingParams(temperature=0)},
+            lambda r: r.sampling.greedy and r.sampling.seed is None,
+        ),
+        (
+            {"sampling": pb.SamplingParams(temperature=100, top_p=1, min_p=1)},
+            lambda r: r.sampling.temperature == 100,
+        ),
+        ({"sampling": pb.SamplingParams(seed=0)}, lambda r: r.sampling.seed == 0),
+        ({"stopping": pb.StoppingParams(time_limit_ms=0)}, lambda r: r.stopping.time_limit_s is None),
+        ({"stopping": pb.StoppingParams(min_tokens=5)}, lambda r: r.stopping.min_tokens == 5),
+        ({"stopping": pb.StoppingParams(max_tokens=1, min_tokens=1)}, lambda r: r.stopping.max_tokens == 1),
+        ({"stopping": pb.StoppingParams(stop=["x" * 256] * 16)}, lambda r: len(r.stopping.stop) == 16),
+        (
+            {"output": pb.OutputOptions(chunking=pb.CHUNKING_UNSPECIFIED)},
+            lambda r: r.output.chunking is Chunking.TOKEN,
+        ),
+        (
+            {"output": pb.OutputOptions(chunking=pb.CHUNKING_CLAUSE)},
+            lambda r: r.output.chunking is Chunking.CLAUSE,
+        ),
+        (
+            {"output": pb.OutputOptions(chunking=pb.CHUNKING_WORD)},
+            lambda r: r.output.chunking is Chunking.WORD,
+        ),
+        (
+            {"output": pb.OutputOptions(logprobs=True)},
+            lambda r: r.output.logprobs and r.output.top_logprobs == 0,
+        ),
+        ({"output": pb.OutputOptions(top_logprobs=20)}, lambda r: r.output.logprobs),
+        (
+            {"truncate_session": pb.SessionTruncation(reply_tokens=0)},
+            lambda r: r.truncation.reply_tokens == 0,
+        ),
+        ({"request_id": "x" * 128, "session_id": "s" * 128}, lambda r: len(r.request_id) == 128),
+        (
+            {"chat": pb.Chat(messages=[pb.ChatMessage(role="user")])},
+            lambda r: r.input.chat == (("user", ""),),
+        ),
+    ],
+)
+def test_valid_starts(fields: dict[str, Any], check: Any) -> None:
+    if {"token_ids", "chat"} & fields.keys():
+        fields["prompt"] = None
+        fields = {k: v for k, v in fields.items() if v is not None}
+        request = convert.start_to_request(pb.Start(**fields))
+    else:
+        request = convert.start_to_request(start(**fields))
+    assert check(request)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
+        (pb.Start(), "start.input"),
+        (pb.Start(prompt=""), "start.input"),
+        (pb.Start(token_ids=pb.TokenIds()), "start.input"),
+        (pb.Start(chat=pb.Chat()), "start.chat.messages"),
+        (pb.Start(chat=pb.Chat(messages=[pb.ChatMessage(content="no role")])), "start.chat.messages"),
+        (start(request_id="x" * 129), "start.request_id"),
+        (start(session_id="s" * 129), "start.session_id"),
+        (start(sampling=pb.SamplingParams(temperature=-0.1)), "start.sampling.temperature"),
+        (start(sampling=pb.SamplingParams(temperature=100.5)), "start.sampling.temperature"),
+        (start(sampling=pb.SamplingParams(temperature=NAN)), "start.sampling.temperature"),
+        (start(sampling=pb.SamplingParams(temperature=INF)), "start.sampling.temperature"),
+        (start(sampling=pb.SamplingParams(top_p=0)), "start.sampling.top_p"),
+        (start(sampling=pb.SamplingParams(top_p=1.01)), "start.sampling.top_p"),
+        (start(sampling=pb.SamplingParams(top_p=NAN)), "start.sampling.top_p"),
+        (start(sampling=pb.SamplingParams(min_p=-0.01)), "start.sampling.min_p"),
+        (start(sampling=pb.SamplingParams(min_p=1.5)), "start.sampling.min_p"),
+        (start(sampling=pb.SamplingParams(repetition_penalty=0)), "start.sampling.repetition_penalty"),
+        (start(sampling=pb.SamplingParams(repetition_penalty=10.5)), "start.sampling.repetition_penalty"),
+        (start(sampling=pb.SamplingParams(repetition_penalty=-INF)), "start.sampling.repetition_penalty"),
+        (start(stopping=pb.StoppingParams(max_tokens=0)), "start.stopping.max_tokens"),
+        (start(stopping=pb.StoppingParams(max_tokens=3, min_tokens=4)), "start.stopping.min_tokens"),
+        (start(stopping=pb.StoppingParams(stop=["a"] * 17)), "start.stopping.stop"),
+        (start(stopping=pb.StoppingParams(stop=["ok", ""])), "start.stopping.stop"),
+        (start(stopping=pb.StoppingParams(stop=["x" * 257])), "start.stopping.stop"),
+        (start(stopping=pb.StoppingParams(stop_token_ids=list(range(65)))), "start.stopping.stop_token_ids"),
+        (start(output=pb.OutputOptions(chunking=99)), "start.output.chunking"),  # type: ignore[arg-type]
+        (start(output=pb.OutputOptions(chunking=-1)), "start.output.chunking"),  # type: ignore[arg-type]
+        (start(output=pb.OutputOptions(top_logprobs=21)), "start.output.top_logprobs"),
+        (start(output=pb.OutputOptions(min_segment_chars=1001)), "start.output.min_segment_chars"),
+        (start(truncate_session=pb.SessionTruncation()), "start.truncate_session"),
+    ],
+)
+def test_invalid_starts_name_their_field(message: pb.Start, field: str) -> None:
+    with pytest.raises(RequestError) as caught:
+        convert.start_to_request(message)
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    assert caught.value.field == field
+    assert field in caught.value.message  # the message names the field for a person, too
+
+
+@pytest.mark.parametrize(
+    ("mode", "after_segment"),
+    [
+        (pb.INTERRUPT_MODE_UNSPECIFIED, False),
+        (pb.INTERRUPT_MODE_IMMEDIATE, False),
+        (pb.INTERRUPT_MODE_AFTER_SEGMENT, True),
+    ],
+)
+def test_interrupt_modes(mode: int, after_segment: bool) -> None:
+    assert convert.interrupt_after_segment(pb.Interrupt(request_id="r", mode=mode)) is after_segment  # type: ignore[arg-type]
+
+
+def test_unknown_interrupt_mode() -> None:
+    with pytest.raises(RequestError) as caught:
+        convert.interrupt_after_segment(pb.Interrupt(request_id="r", mode=7))  # type: ignore[arg-type]
+    assert caught.value.field == "interrupt.mode"
+
+
+@pytest.mark.parametrize(
+    ("code", "number"),
+    [
+        (ErrorCode.INVALID_ARGUMENT, 3),
+        (ErrorCode.NOT_FOUND, 5),
+        (ErrorCode.ALREADY_EXISTS, 6),
+        (ErrorCode.RESOURCE_EXHAUSTED, 8),
+        (ErrorCode.FAILED_PRECONDITION, 9),
+        (ErrorCode.INTERNAL, 13),
+        (ErrorCode.UNAVAILABLE, 14),
+    ],
+)
+def test_error_codes_are_grpc_status_numbers(code: ErrorCode, number: int) -> None:
+    assert convert.status_number(code) == number
+    assert convert.status_code(code) == grpc.StatusCode[code.name]
+    error = convert.failure_to_pb(Failure(code, "why", "start.x"))
+    assert (error.code, error.message, error.field) == (number, "start.x: why", "start.x")
+
+
+@pytest.mark.parametrize(
+    ("reason", "value"),
+    [
+        (StopReason.MAX_TOKENS, pb.STOP_REASON_MAX_TOKENS),
+        (StopReason.EOS, pb.STOP_REASON_EOS),
+        (StopReason.STOP_SEQUENCE, pb.STOP_REASON_STOP_SEQUENCE),
+        (StopReason.CANCELLED, pb.STOP_REASON_CANCELLED),
+        (StopReason.INTERRUPTED, pb.STOP_REASON_INTERRUPTED),
+        (StopReason.DEADLINE, pb.STOP_REASON_DEADLINE),
+        (StopReason.CONTEXT_LENGTH, pb.STOP_REASON_CONTEXT_LENGTH),
+        (StopReason.ERROR, pb.STOP_REASON_ERROR),
+    ],
+)
+def test_stop_reasons(reason: StopReason, value: int) -> None:
+    assert convert.stop_reason_to_pb(reason) == value
+
+
+def test_finished_to_pb() -> None:
+    finished = Finished(
+        reason=StopReason.STOP_SEQUENCE,
+        stop_sequence="END",
+        usage=Usage(prompt_tokens=5, completion_tokens=9, cached_prompt_tokens=2),
+        timings=Timings(
+            queue_s=0.001, time_to_first_token_s=0.02, total_s=0.5, decode_tokens_per_second=40.0
+        ),
+        sent_text_chars=31,
+        sent_tokens=8,
+        tail_text="EN",
+    )
+    message = convert.finished_to_pb(finished)
+    assert message.reason == pb.STOP_REASON_STOP_SEQUENCE and message.stop_sequence == "END"
+    assert (
+        message.usage.prompt_tokens,
+        message.usage.completion_tokens,
+        message.usage.cached_prompt_tokens,
+    ) == (5, 9, 2)
+    assert message.timings.queue_ms == pytest.approx(1.0)
+    assert message.timings.time_to_first_token_ms == pytest.approx(20.0)
+    assert message.timings.total_ms == pytest.approx(500.0)
+    assert message.timings.decode_tokens_per_second == 40.0
+    assert (message.sent_text_chars, message.sent_tokens, message.tail_text) == (31, 8, "EN")
+
+
+DELTA = Delta(
+    text="Hi.",
+    token_ids=[4, 5],
+    index=3,
+    logprobs=[TokenLogprob(4, "Hi", -0.25, (TopLogprob(4, "Hi", -0.25), TopLogprob(9, "Yo", -2.0)))],
+    segment_end=True,
+    time=1_700_000_000.123,
+)
+
+
+@pytest.mark.parametrize(
+    ("options", "token_ids", "server_time_ms"),
+    [
+        (Options(), [], 0),
+        (Options(token_ids=True), [4, 5], 0),
+        (Options(timestamps=True), [], 1_700_000_000_123),
+        (Options(token_ids=True, timestamps=True), [4, 5], 1_700_000_000_123),
+    ],
+)
+def test_delta_to_pb_sends_only_what_was_asked(
+    options: Options, token_ids: list[int], server_time_ms: int
+) -> None:
+    chunk = convert.delta_to_pb(DELTA, options)
+    assert (chunk.text, chunk.index, chunk.segment_end) == ("Hi.", 3, True)
+    assert list(chunk.token_ids) == token_ids
+    assert chunk.server_time_ms == server_time_ms
+    assert [(t.token_id, t.token) for t in chunk.logprobs[0].top] == [(4, "Hi"), (9, "Yo")]
+    assert chunk.logprobs[0].logprob == -0.25
+
+
+def test_output_to_response_kinds() -> None:
+    opts = Options()
+    assert convert.output_to_response("a", Started(3, 1, 42, 100), opts).started.seed == 42
+    assert convert.output_to_response("a", DELTA, opts).chunk.text == "Hi."
+    assert (
+        convert.output_to_response("a", Finished(StopReason.EOS), opts).finished.reason == pb.STOP_REASON_EOS
+    )
+    response = convert.output_to_response("a", Failure(ErrorCode.INTERNAL, "boom"), opts)
+    assert response.request_id == "a" and response.error.code == 13
