@@ -63,10 +63,12 @@ _Item = tuple["pb.GenerateResponse | None", "Chunk | Result | BaseException | No
 class Generation:
     """One generation: an iterator of Chunks, then `.result`.
 
-    Iterating ends after the last chunk; a failure (an Error message for this request, or the RPC
-    failing) is raised from the iteration, and from `.result`. Returned by `Client.generate` (which
-    owns a Generate RPC for it alone) and by `Stream.start` (one of several on an RPC). Safe to iterate
-    from one thread while another interrupts it."""
+    Iterating ends after the last chunk; a failure (an Error message for this request, the RPC failing,
+    or the RPC ending, even with OK, before this request's Finished: ServerError) is raised from the
+    iteration, and from `.result`. A generation ends once: what the server sends for its id after its
+    Finished or Error never reaches it (see Stream.unclaimed_errors). Returned by `Client.generate`
+    (which owns a Generate RPC for it alone) and by `Stream.start` (one of several on an RPC). Safe to
+    iterate from one thread while another interrupts it."""
 
     def __init__(self, stream: Stream, request_id: str, *, owns_stream: bool) -> None:
         self.request_id = request_id
@@ -228,7 +230,9 @@ class Stream:
         self._ended = False
         self.unclaimed_errors: list[TokenWireError] = []
         """Error messages that belonged to no generation or interrupt still waiting on this stream (for
-        example the server's NOT_FOUND answer to an interrupt that crossed its request's Finished)."""
+        example the server's NOT_FOUND answer to an interrupt that crossed its request's Finished, or an
+        Error for an id never started here). They end nothing. Other responses for an id that is not live
+        here (a Chunk or a second Finished after its request's end) are dropped."""
 
     def __enter__(self) -> Stream:
         self._open()
@@ -431,7 +435,14 @@ class Client:
             print(generation.result.reason)
 
     The same API as AsyncClient (see there for `timeout` and `connect_timeout`), blocking. `generate`
-    starts at once and raises connection failures itself; refusals come from the iteration."""
+    starts at once and raises connection failures itself; refusals come from the iteration.
+
+    `channel`: a grpc.Channel to call through instead of one the client opens to `address` (a channel
+    with interceptors, or a `grpc_testing` channel in tests). The caller owns it: `close()` leaves it
+    open, and the client does not wait for it to connect, so `connect_timeout` only bounds the unary
+    calls' retries on UNAVAILABLE. `tls`, the certificates and `keepalive_s` configure a channel the
+    client opens and do not apply (TLS settings with `channel` raise ValueError); `token` and `timeout`
+    still do, and `address` only names the server in messages."""
 
     def __init__(
         self,
@@ -445,12 +456,16 @@ class Client:
         timeout: float | None = None,
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
         keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
+        channel: grpc.Channel | None = None,
     ) -> None:
         self._config = ChannelConfig(
             address, tls, ca_file, client_cert, client_key, token, timeout, connect_timeout, keepalive_s
         )
+        if channel is not None and self._config.secure:
+            raise ValueError("tls, ca_file and client_cert apply to a channel the client opens")
+        self._owns_channel = channel is None
         # Making a channel does not connect: that happens on the first call.
-        self._channel = open_sync(self._config)
+        self._channel: grpc.Channel = open_sync(self._config) if channel is None else channel
         self._stub = pb_grpc.TokenWireStub(self._channel)
         self._health_check: Any = None
 
@@ -467,8 +482,9 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Close the channel; calls still running are cancelled."""
-        self._channel.close()
+        """Close the channel; calls still running are cancelled. A channel passed in stays open."""
+        if self._owns_channel:
+            self._channel.close()
 
     # ---- generating ----
 
@@ -538,8 +554,10 @@ class Client:
     # ---- plumbing ----
 
     def _connected_stub(self, timeout: float | None) -> pb_grpc.TokenWireStub:
-        """The stub once the channel is connected; Unavailable after `timeout` s (None: no limit)."""
-        wait_ready_sync(self._channel, self._config, timeout)
+        """The stub once the channel is connected; Unavailable after `timeout` s (None: no limit). A
+        channel passed in is the caller's to connect: it is used as it is."""
+        if self._owns_channel:
+            wait_ready_sync(self._channel, self._config, timeout)
         return self._stub
 
     def _unary(
