@@ -13,12 +13,21 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup serve test test-slow check format protos bench clean
+# The C kernels are compiled by the install (setup.py): a change to them re-runs it.
+KERNEL_SOURCES := $(wildcard service/kernels/*.c service/kernels/*.h) service/kernels/build.py setup.py
+CC ?= cc
+# The sanitizer run needs ASan's runtime loaded first: Python itself is not built with it.
+SANITIZE_ENV := LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 \
+	UBSAN_OPTIONS=print_stacktrace=1 TOKENWIRE_KERNELS=sanitized
+
+.PHONY: setup serve test test-slow sanitize check format protos bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
-	@echo "== setting up $(VENV) (first run only) =="
+$(STAMP): pyproject.toml Makefile $(KERNEL_SOURCES)
+	@command -v $(CC) >/dev/null || { echo "tokenwire compiles its C kernels at set-up and found no C compiler" \
+		"($(CC)): install one (Debian/Ubuntu: apt-get install gcc) or name it with CC=..."; exit 1; }
+	@echo "== setting up $(VENV) (first run, or the kernels changed) =="
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[server,cli,dev]'
@@ -31,10 +40,18 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
-# CI (CI=true) also runs the slow reliability group: ~7 min here, so a fresh-clone run stays ~12 min.
+# CI (CI=true) also runs the slow reliability group (~7 min here) and the kernels under the sanitizers.
 ifneq ($(CI),)
 	$(PY) -m pytest -q -m slow $(ARGS)
+	$(MAKE) sanitize
 endif
+
+# The kernel tests against a build with AddressSanitizer and UndefinedBehaviorSanitizer: any
+# out-of-bounds access, use after free or undefined behaviour ends the run with a report.
+sanitize: $(STAMP)
+	$(PY) service/kernels/build.py sanitized
+	$(SANITIZE_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_quantized.py \
+		tests/model/test_model_runner.py -m "not model" $(ARGS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(ARGS)
@@ -55,4 +72,4 @@ bench: $(STAMP)
 	$(PY) scripts/bench.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache service/kernels/_*.so

@@ -24,6 +24,21 @@ from tests.fake_runner import FakeRunner
 from tokenwire.service.engine.engine import Engine, EngineConfig
 from tokenwire.service.transport.server import RunningServer, ServerConfig, serve
 
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The C kernels are the production path: without them every model test would pass on torch's
+    fallbacks and say nothing about what serves. So a run without them fails, saying why, unless
+    TOKENWIRE_NATIVE=0 asks for the fallbacks on purpose."""
+    if os.environ.get("TOKENWIRE_NATIVE") == "0":
+        return
+    from tokenwire.service.kernels import ops  # torch: only here, not for every test module
+
+    try:
+        ops.pick_build()
+    except ops.NotBuilt as exc:
+        pytest.exit(f"the C kernels are not built: {exc}", returncode=1)
+
+
 # What `served` runs with; tests that need other limits pass their own to `running_server`.
 FAKE_ENGINE = EngineConfig(max_batch_size=4, prefill_tokens_per_step=64, max_live_requests=32)
 

@@ -1,8 +1,8 @@
 /* y = x @ W.T for a weight W kept as a GGUF file's blocks of 32: Q4_1 (4-bit codes, w = d*q + m)
  * or Q8_0 (8-bit signed codes, w = d*q), with d and m as float32 per block.
  *
- * Built on the machine that runs it (native.py compiles it with -march=native) and called through
- * ctypes. Why not torch's int4 kernel: that one takes bfloat16 activations and dequantizes the
+ * Built at set-up for several instruction sets (build.py; ops.py picks one by the CPU) and called
+ * through cffi. Why not torch's int4 kernel: that one takes bfloat16 activations and dequantizes the
  * weights again for every 4 rows; this one takes float32 activations as they are and dequantizes
  * once per 8 rows: 16 rows through gate+up take ~0.4 ms instead of ~0.68 here, and the result
  * is float32 throughout (the weights are exactly the file's: d*q + m is exact in float32). torch
@@ -22,6 +22,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "thread_pool.h"
 
 typedef float v16f __attribute__((vector_size(64)));
@@ -130,16 +131,18 @@ static void q8_item(void *ctx, int64_t i) { item(ctx, i, 8); }
 
 static int64_t items(int64_t M, int64_t N) { return (M + PANEL_ROWS - 1) / PANEL_ROWS * column_blocks(N); }
 
-void q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
-               const float *minimum, int64_t N, float *y, int threads)
+int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
+              const float *minimum, int64_t N, float *y, int threads)
 {
     Matmul m = {x, M, K, codes, scale, minimum, N, y};
     parallel_for(items(M, N), threads, q4_item, &m);
+    return KERNEL_OK;
 }
 
-void q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
-               int64_t N, float *y, int threads)
+int q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
+              int64_t N, float *y, int threads)
 {
     Matmul m = {x, M, K, (const uint8_t *)codes, scale, 0, N, y};
     parallel_for(items(M, N), threads, q8_item, &m);
+    return KERNEL_OK;
 }

@@ -20,13 +20,15 @@
  *   Q8_0 codes  [N/16][K/4][64], qw + 128
  *   scale, minimum: as block_matmul.c, [N/16][K/32][16] floats
  *
- * Built only where the compiler targets AVX512-VNNI; elsewhere int8_activations() is 0 and
- * Python keeps block_matmul.c.
+ * Built only where the compiler targets AVX512-VNNI; elsewhere int8_activations() is 0, the
+ * matmuls answer KERNEL_UNSUPPORTED, and Python keeps block_matmul.c.
  */
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "alloc.h"
+#include "kernels.h"
 #include "thread_pool.h"
 
 #define TILE 16
@@ -160,13 +162,13 @@ static inline __attribute__((always_inline)) void job_item(Matmul *m, int64_t i,
 static void q4_item(void *ctx, int64_t i) { job_item(ctx, i, 4); }
 static void q8_item(void *ctx, int64_t i) { job_item(ctx, i, 8); }
 
-static void run(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
-                const float *minimum, int64_t N, float *y, int threads, item_fn fn)
+static int run(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
+               const float *minimum, int64_t N, float *y, int threads, item_fn fn)
 {
     const int64_t groups = K / GROUP;
     const int64_t per_group = M * groups;
-    char *scratch = malloc(per_group * (2 * sizeof(float) + sizeof(int32_t)) + M * K);
-    if (!scratch) abort();
+    char *scratch = kernel_malloc(per_group * (2 * sizeof(float) + sizeof(int32_t)) + M * K);
+    if (!scratch) return KERNEL_NO_MEMORY;
     Activations a = {(int8_t *)(scratch + per_group * (2 * sizeof(float) + sizeof(int32_t))), (float *)scratch,
                      (int32_t *)(scratch + per_group * sizeof(float)),
                      (float *)(scratch + per_group * (sizeof(float) + sizeof(int32_t)))};
@@ -174,28 +176,29 @@ static void run(const float *x, int64_t M, int64_t K, const uint8_t *codes, cons
     atomic_init(&m.rounded, 0);
     parallel_for(M + (M + PANEL_ROWS - 1) / PANEL_ROWS * (N / TILE), threads, fn, &m);
     free(scratch);
+    return KERNEL_OK;
 }
 
-void q4_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
-                    const float *minimum, int64_t N, float *y, int threads)
+int q4_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
+                   const float *minimum, int64_t N, float *y, int threads)
 {
-    run(x, M, K, codes, scale, minimum, N, y, threads, q4_item);
+    return run(x, M, K, codes, scale, minimum, N, y, threads, q4_item);
 }
 
-void q8_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
-                    int64_t N, float *y, int threads)
+int q8_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
+                   int64_t N, float *y, int threads)
 {
-    run(x, M, K, codes, scale, 0, N, y, threads, q8_item);
+    return run(x, M, K, codes, scale, 0, N, y, threads, q8_item);
 }
 
 #else
 
 int int8_activations(void) { return 0; }
 
-/* Never called: Python asks int8_activations() first; defined so that decoder_step.c links. */
-void q4_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
-                    const float *minimum, int64_t N, float *y, int threads) { abort(); }
-void q8_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
-                    int64_t N, float *y, int threads) { abort(); }
+/* Python asks int8_activations() first; defined so that every build has the same functions. */
+int q4_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
+                   const float *minimum, int64_t N, float *y, int threads) { return KERNEL_UNSUPPORTED; }
+int q8_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
+                   int64_t N, float *y, int threads) { return KERNEL_UNSUPPORTED; }
 
 #endif

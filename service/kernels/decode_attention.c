@@ -21,9 +21,12 @@
  * cache in L2; 30 layers of 16 rows x 116 keys: ~6.1 ms on one thread from memory, 2.7 from L2).
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "alloc.h"
+#include "kernels.h"
 #include "thread_pool.h"
 #include "vec16.h"
 
@@ -39,6 +42,7 @@ typedef struct {
     int64_t heads, kv_heads, head_dim, max_len;
     float scale;
     float *out;
+    atomic_int *failed;  /* set when an item could not allocate its scores: the call answers KERNEL_NO_MEMORY */
 } Attention;
 
 /* 16 floats of a cache row: float32 or float16 (`half` is a constant after inlining) */
@@ -164,8 +168,11 @@ static inline __attribute__((always_inline)) void attend(const Attention *a, int
     const int64_t base = slot_base(a, r, g);
     if (!a->slots) write_new(a, r, g, base, half);
     const int64_t block = chunks <= 4 ? HEAD_BLOCK : chunks <= 8 ? 2 : 1;  /* block * chunks <= 16 */
-    float *scores = malloc((size_t)(block * (length + LANES)) * sizeof(float));
-    if (!scores) abort();  /* a few KB per thread: out of memory altogether */
+    float *scores = kernel_malloc((size_t)(block * (length + LANES)) * sizeof(float));
+    if (!scores) {  /* a few KB: out of memory altogether; the step fails, the process goes on */
+        atomic_store_explicit(a->failed, 1, memory_order_relaxed);
+        return;
+    }
     for (int64_t h = g * group; h < (g + 1) * group; h += block) {
         switch (h + block <= (g + 1) * group ? block : (g + 1) * group - h) {
             HEADS(1) HEADS(2) HEADS(3) HEADS(4)
@@ -199,7 +206,7 @@ int half_kv_cache(void) {
 /* slots: the cache slot of each row, or NULL for slot r. Rows may share a slot (a prompt's tokens,
  * prefilled together): then every new key and value is written before any row attends, and each row
  * reads its slot up to its own position only, so token i sees tokens <= i, as a causal mask would. */
-void decode_attention(
+int decode_attention(
     const float *q, int64_t q_row, int64_t q_head,
     const float *k, int64_t k_row, int64_t k_head,
     const float *v, int64_t v_row, int64_t v_head,
@@ -207,11 +214,17 @@ void decode_attention(
     int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_len,
     float scale, float *out, int threads)
 {
-    if (half && !half_kv_cache()) abort();  /* the caller asks half_kv_cache() first */
+    if (half && !half_kv_cache()) return KERNEL_UNSUPPORTED;  /* the caller asks half_kv_cache() first */
+    if (head_dim % LANES || head_dim > MAX_CHUNKS * LANES || kv_heads <= 0 || heads % kv_heads || max_len % KEY_BLOCK)
+        return KERNEL_BAD_ARGUMENT;
+    for (int64_t r = 0; r < rows; r++)  /* a position past the cache would write outside it */
+        if (positions[r] < 0 || positions[r] >= max_len || (slots && slots[r] < 0)) return KERNEL_BAD_ARGUMENT;
+    atomic_int failed = 0;
     Attention a = {q, k, v, q_row, q_head, k_row, k_head, v_row, v_head, cache_k, cache_v, positions, slots,
-                   heads, kv_heads, head_dim, max_len, scale, out};
+                   heads, kv_heads, head_dim, max_len, scale, out, &failed};
     if (slots)
         for (int64_t r = 0; r < rows; r++)
             for (int64_t g = 0; g < kv_heads; g++) write_new(&a, r, g, slot_base(&a, r, g), half);
     parallel_for(rows * kv_heads, threads, half ? attend_float16 : attend_float32, &a);
+    return atomic_load(&failed) ? KERNEL_NO_MEMORY : KERNEL_OK;
 }

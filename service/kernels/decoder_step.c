@@ -3,7 +3,7 @@
  * The same computation as transformers' LlamaDecoderLayer (RMSNorm, rotary q/k, grouped-query
  * attention, SiLU-gated MLP, residuals), with the matmuls of block_matmul.c and the attention of
  * decode_attention.c. Run from torch, a step is ~55 small ops a layer, and at one row their
- * dispatch costs more than the arithmetic; here it is one ctypes call. Each row is computed on
+ * dispatch costs more than the arithmetic; here it is one call. Each row is computed on
  * its own with fixed reduction orders, so a row gets the same bits in any batch. Against the
  * transformers layers the results differ in the last bits only (the order of sums, exp).
  * A decode step goes from token ids (their embeddings looked up here) to the lm_head's outputs,
@@ -15,58 +15,19 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "alloc.h"
+#include "kernels.h"
 #include "thread_pool.h"
 #include "vec16.h"
 
-void q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
-               const float *minimum, int64_t N, float *y, int threads);
-void q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
-               int64_t N, float *y, int threads);
-void q4_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
-                    const float *minimum, int64_t N, float *y, int threads);
-void q8_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
-                    int64_t N, float *y, int threads);
-void decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k, int64_t k_row,
-                      int64_t k_head, const float *v, int64_t v_row, int64_t v_head, void *cache_k,
-                      void *cache_v, int half, const int64_t *positions, const int64_t *slots,
-                      int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_len,
-                      float scale, float *out, int threads);
-
-typedef struct {
-    int64_t bits;  /* 4: Q4_1 (codes, scale, minimum); 8: Q8_0 (codes, scale) */
-    int64_t int8_activations;  /* 1: block_matmul_int8.c and its layout; 0: block_matmul.c */
-    int64_t out_features, in_features;
-    const void *codes;
-    const float *scale, *minimum;
-} Matrix;
-
-typedef struct {
-    const float *input_norm, *post_attention_norm;  /* RMSNorm weights, [hidden] */
-    Matrix qkv, o, gate_up, down;  /* q, k, v and gate, up stacked along the outputs */
-} Layer;
-
-typedef struct {
-    int64_t layers, hidden, heads, kv_heads, head_dim, intermediate;
-    float eps, attention_scale;
-    const Layer *layer;
-    const float *final_norm;
-    Matrix lm_head;  /* out_features 0: the caller runs its own */
-    const float *embedding;  /* [vocab, hidden] */
-    const float *rope_cos, *rope_sin;  /* [max_len, head_dim] by position; NULL: the caller passes each row's */
-    void *cache_k, *cache_v;  /* [layers, max_rows, kv_heads, max_len, head_dim] */
-    int64_t half_cache;  /* 1: the cache holds float16, else float32 */
-    int64_t max_rows, max_len;
-} Decoder;
-
-static void multiply(const Matrix *m, const float *x, int64_t rows, float *y, int threads) {
+static int multiply(const Matrix *m, const float *x, int64_t rows, float *y, int threads) {
     if (m->int8_activations && m->bits == 4)
-        q4_matmul_int8(x, rows, m->in_features, m->codes, m->scale, m->minimum, m->out_features, y, threads);
-    else if (m->int8_activations)
-        q8_matmul_int8(x, rows, m->in_features, m->codes, m->scale, m->out_features, y, threads);
-    else if (m->bits == 4)
-        q4_matmul(x, rows, m->in_features, m->codes, m->scale, m->minimum, m->out_features, y, threads);
-    else
-        q8_matmul(x, rows, m->in_features, m->codes, m->scale, m->out_features, y, threads);
+        return q4_matmul_int8(x, rows, m->in_features, m->codes, m->scale, m->minimum, m->out_features, y, threads);
+    if (m->int8_activations)
+        return q8_matmul_int8(x, rows, m->in_features, m->codes, m->scale, m->out_features, y, threads);
+    if (m->bits == 4)
+        return q4_matmul(x, rows, m->in_features, m->codes, m->scale, m->minimum, m->out_features, y, threads);
+    return q8_matmul(x, rows, m->in_features, m->codes, m->scale, m->out_features, y, threads);
 }
 
 /* The work between the matmuls, one row per item of a parallel job (at 16 rows, run alone it left
@@ -175,46 +136,56 @@ void argmax_rows(const float *logits, int64_t rows, int64_t vocab, int64_t *argm
  * slots: each row's cache slot, or NULL for slot r (decode: one token per sequence). A prompt's
  * tokens may share one slot, each attending up to its own position (decode_attention.c): then this
  * is a prefill, and a token's result is the same however its prompt is split into chunks. */
-void decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *cos, const float *sin,
-                  const int64_t *positions, const int64_t *slots, int64_t rows, float *logits, int64_t *argmax,
-                  int threads) {
+int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *cos, const float *sin,
+                 const int64_t *positions, const int64_t *slots, int64_t rows, float *logits, int64_t *argmax,
+                 int threads) {
     const int64_t hidden = d->hidden, head_dim = d->head_dim, heads = d->heads, kv = d->kv_heads;
     const int64_t qkv_width = (heads + 2 * kv) * head_dim, layer_cache = d->max_rows * kv * d->max_len * head_dim;
     const int64_t element = d->half_cache ? 2 : 4;  /* bytes per cached value */
-    float *normed = malloc(sizeof(float) * rows * hidden);
-    float *qkv = malloc(sizeof(float) * rows * qkv_width);
-    float *attended = malloc(sizeof(float) * rows * heads * head_dim);
-    float *gate_up = malloc(sizeof(float) * rows * 2 * d->intermediate);
-    float *act = malloc(sizeof(float) * rows * d->intermediate);
-    float *delta = malloc(sizeof(float) * rows * hidden);
-    if (!normed || !qkv || !attended || !gate_up || !act || !delta) abort();  /* as the int8 matmul does */
-    for (int64_t r = 0; r < rows; r++) memcpy(x + r * hidden, d->embedding + ids[r] * hidden, sizeof(float) * hidden);
+    if (!slots && rows > d->max_rows) return KERNEL_BAD_ARGUMENT;
+    for (int64_t r = 0; slots && r < rows; r++)
+        if (slots[r] >= d->max_rows) return KERNEL_BAD_ARGUMENT;  /* decode_attention checks the rest */
+    float *normed = kernel_malloc(sizeof(float) * rows * hidden);
+    float *qkv = kernel_malloc(sizeof(float) * rows * qkv_width);
+    float *attended = kernel_malloc(sizeof(float) * rows * heads * head_dim);
+    float *gate_up = kernel_malloc(sizeof(float) * rows * 2 * d->intermediate);
+    float *act = kernel_malloc(sizeof(float) * rows * d->intermediate);
+    float *delta = kernel_malloc(sizeof(float) * rows * hidden);
+    /* A failure part way leaves the rows' caches written up to some layer: their requests end (the
+     * engine fails the step's sequences), and a row's cache is rewritten before it is read again. */
+    int status = normed && qkv && attended && gate_up && act && delta ? KERNEL_OK : KERNEL_NO_MEMORY;
+    if (status == KERNEL_OK)
+        for (int64_t r = 0; r < rows; r++) memcpy(x + r * hidden, d->embedding + ids[r] * hidden, sizeof(float) * hidden);
     Rows j = {d, 0, 0, x, delta, normed, qkv, gate_up, act, cos, sin, positions};
-    for (int64_t l = 0; l < d->layers; l++) {
+    for (int64_t l = 0; l < d->layers && status == KERNEL_OK; l++) {
         const Layer *layer = d->layer + l;
         j.norm = layer->input_norm, j.add = l > 0;  /* the previous layer's MLP output, added here */
         parallel_for(rows, threads, residual_norm_row, &j);
-        multiply(&layer->qkv, normed, rows, qkv, threads);
+        if ((status = multiply(&layer->qkv, normed, rows, qkv, threads))) break;
         parallel_for(rows, threads, rotate_row, &j);
-        decode_attention(qkv, qkv_width, head_dim,
-                         qkv + heads * head_dim, qkv_width, head_dim,
-                         qkv + (heads + kv) * head_dim, qkv_width, head_dim,
-                         (char *)d->cache_k + l * layer_cache * element, (char *)d->cache_v + l * layer_cache * element,
-                         (int)d->half_cache, positions, slots,
-                         rows, heads, kv, head_dim, d->max_len, d->attention_scale, attended, threads);
-        multiply(&layer->o, attended, rows, delta, threads);
+        status = decode_attention(qkv, qkv_width, head_dim,
+                                  qkv + heads * head_dim, qkv_width, head_dim,
+                                  qkv + (heads + kv) * head_dim, qkv_width, head_dim,
+                                  (char *)d->cache_k + l * layer_cache * element,
+                                  (char *)d->cache_v + l * layer_cache * element,
+                                  (int)d->half_cache, positions, slots,
+                                  rows, heads, kv, head_dim, d->max_len, d->attention_scale, attended, threads);
+        if (status || (status = multiply(&layer->o, attended, rows, delta, threads))) break;
         j.norm = layer->post_attention_norm, j.add = 1;
         parallel_for(rows, threads, residual_norm_row, &j);
-        multiply(&layer->gate_up, normed, rows, gate_up, threads);
+        if ((status = multiply(&layer->gate_up, normed, rows, gate_up, threads))) break;
         parallel_for(rows, threads, silu_times_up_row, &j);
-        multiply(&layer->down, act, rows, delta, threads);
+        status = multiply(&layer->down, act, rows, delta, threads);
     }
-    j.norm = d->final_norm, j.add = d->layers > 0;
-    parallel_for(rows, threads, residual_norm_row, &j);
-    memcpy(x, normed, sizeof(float) * rows * hidden);
-    if (logits) {
-        multiply(&d->lm_head, x, rows, logits, threads);
-        if (argmax) argmax_rows(logits, rows, d->lm_head.out_features, argmax, threads);
+    if (status == KERNEL_OK) {
+        j.norm = d->final_norm, j.add = d->layers > 0;
+        parallel_for(rows, threads, residual_norm_row, &j);
+        memcpy(x, normed, sizeof(float) * rows * hidden);
+        if (logits) {
+            status = multiply(&d->lm_head, x, rows, logits, threads);
+            if (status == KERNEL_OK && argmax) argmax_rows(logits, rows, d->lm_head.out_features, argmax, threads);
+        }
     }
     free(normed); free(qkv); free(attended); free(gate_up); free(act); free(delta);
+    return status;
 }

@@ -13,7 +13,6 @@ while the step waited, its other threads idle.
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,57 +20,8 @@ import numpy as np
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from tokenwire.service.kernels import native
+from tokenwire.service.kernels import ops
 from tokenwire.service.model.quantized import BlockLinear, Q4Matmul, Q8Matmul, fuse_blocks
-
-_C_INT64 = ctypes.c_int64
-
-
-class _Matrix(ctypes.Structure):
-    _fields_ = [
-        ("bits", _C_INT64),
-        ("int8_activations", _C_INT64),
-        ("out_features", _C_INT64),
-        ("in_features", _C_INT64),
-        ("codes", ctypes.c_void_p),
-        ("scale", ctypes.c_void_p),
-        ("minimum", ctypes.c_void_p),
-    ]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [
-        ("input_norm", ctypes.c_void_p),
-        ("post_attention_norm", ctypes.c_void_p),
-        ("qkv", _Matrix),
-        ("o", _Matrix),
-        ("gate_up", _Matrix),
-        ("down", _Matrix),
-    ]
-
-
-class _Decoder(ctypes.Structure):
-    _fields_ = [
-        ("layers", _C_INT64),
-        ("hidden", _C_INT64),
-        ("heads", _C_INT64),
-        ("kv_heads", _C_INT64),
-        ("head_dim", _C_INT64),
-        ("intermediate", _C_INT64),
-        ("eps", ctypes.c_float),
-        ("attention_scale", ctypes.c_float),
-        ("layer", ctypes.POINTER(_Layer)),
-        ("final_norm", ctypes.c_void_p),
-        ("lm_head", _Matrix),
-        ("embedding", ctypes.c_void_p),
-        ("rope_cos", ctypes.c_void_p),
-        ("rope_sin", ctypes.c_void_p),
-        ("cache_k", ctypes.c_void_p),
-        ("cache_v", ctypes.c_void_p),
-        ("half_cache", _C_INT64),
-        ("max_rows", _C_INT64),
-        ("max_len", _C_INT64),
-    ]
 
 
 class DecoderStep:
@@ -81,9 +31,9 @@ class DecoderStep:
     Writes each row's new key/value into the cache at its position, as the attention function does.
     """
 
-    def __init__(self, backbone: Any, decoder: _Decoder, keep: list[Any], *, rope_table: bool) -> None:
+    def __init__(self, backbone: Any, decoder: Any, keep: list[Any], *, rope_table: bool) -> None:
         self.backbone = backbone
-        self._decoder = decoder
+        self._decoder = decoder  # a `Decoder *` (kernels.h)
         self._keep = keep  # what the C structs point into: cache, fused matrices, the layers array
         self._rope_table = rope_table
         self._vocab = backbone.embed_tokens.weight.shape[0]
@@ -136,53 +86,52 @@ class DecoderStep:
         if rope is not None:
             keep.extend(rope)
 
-        def matrix(linears: list[BlockLinear]) -> _Matrix:
+        def matrix(linears: list[BlockLinear]) -> dict[str, Any]:
             matmul = fuse_blocks(linears)
             if matmul is None:
                 raise _Unsupported
             keep.append(matmul)
             return _matrix(matmul)
 
+        array = ops.new("Layer[]", len(layers))  # zeroed, owned by this cdata: kept below
         try:
-            structs = [
-                _Layer(
-                    layer.input_layernorm.weight.data_ptr(),
-                    layer.post_attention_layernorm.weight.data_ptr(),
-                    matrix(list(_attention_projections(layer)[:3])),
-                    matrix([layer.self_attn.o_proj]),
-                    matrix([layer.mlp.gate_proj, layer.mlp.up_proj]),
-                    matrix([layer.mlp.down_proj]),
-                )
-                for layer in layers
-            ]
+            for struct, layer in zip(array, layers, strict=True):
+                struct.input_norm = ops.pointer(layer.input_layernorm.weight)
+                struct.post_attention_norm = ops.pointer(layer.post_attention_layernorm.weight)
+                struct.qkv = matrix(list(_attention_projections(layer)[:3]))
+                struct.o = matrix([layer.self_attn.o_proj])
+                struct.gate_up = matrix([layer.mlp.gate_proj, layer.mlp.up_proj])
+                struct.down = matrix([layer.mlp.down_proj])
         except _Unsupported:
             return None
-        array = (_Layer * len(structs))(*structs)
         keep.append(array)
         if _native_blocks(lm_head):
             keep.append(lm_head.matmul)  # its own blocks, no copy: held here too
         attention = layers[0].self_attn
-        decoder = _Decoder(
-            layers=len(layers),
-            hidden=config.hidden_size,
-            heads=config.num_attention_heads,
-            kv_heads=keys.shape[2],
-            head_dim=keys.shape[-1],
-            intermediate=config.intermediate_size,
-            eps=layers[0].input_layernorm.variance_epsilon,
-            attention_scale=attention.scaling,
-            layer=ctypes.cast(array, ctypes.POINTER(_Layer)),
-            final_norm=backbone.norm.weight.data_ptr(),
-            # out_features 0 where the lm_head is not on native blocks
-            lm_head=_matrix(lm_head.matmul) if _native_blocks(lm_head) else _Matrix(),
-            embedding=embedding.data_ptr(),
-            rope_cos=None if rope is None else rope[0].data_ptr(),
-            rope_sin=None if rope is None else rope[1].data_ptr(),
-            cache_k=keys.data_ptr(),
-            cache_v=values.data_ptr(),
-            half_cache=int(keys.dtype == torch.float16),
-            max_rows=keys.shape[1],
-            max_len=keys.shape[3],
+        decoder = ops.new(
+            "Decoder *",
+            {
+                "layers": len(layers),
+                "hidden": config.hidden_size,
+                "heads": config.num_attention_heads,
+                "kv_heads": keys.shape[2],
+                "head_dim": keys.shape[-1],
+                "intermediate": config.intermediate_size,
+                "eps": layers[0].input_layernorm.variance_epsilon,
+                "attention_scale": attention.scaling,
+                "layer": array,
+                "final_norm": ops.pointer(backbone.norm.weight),
+                # out_features 0 where the lm_head is not on native blocks
+                "lm_head": _matrix(lm_head.matmul) if _native_blocks(lm_head) else {},
+                "embedding": ops.pointer(embedding),
+                "rope_cos": ops.pointer(None if rope is None else rope[0]),
+                "rope_sin": ops.pointer(None if rope is None else rope[1]),
+                "cache_k": ops.pointer(keys),
+                "cache_v": ops.pointer(values),
+                "half_cache": int(keys.dtype == torch.float16),
+                "max_rows": keys.shape[1],
+                "max_len": keys.shape[3],
+            },
         )
         return cls(backbone, decoder, keep, rope_table=rope is not None)
 
@@ -231,20 +180,7 @@ class DecoderStep:
             cos, sin = (
                 t.reshape(n, -1).contiguous() for t in self.backbone.rotary_emb(x[:n], position_ids=at)
             )
-        step = native.library().decoder_step  # type: ignore[union-attr]
-        step(
-            ctypes.byref(self._decoder),
-            ids_array.ctypes.data,
-            x.data_ptr(),
-            None if cos is None else cos.data_ptr(),
-            None if sin is None else sin.data_ptr(),
-            positions_array.ctypes.data,
-            None if slots_array is None else slots_array.ctypes.data,
-            n,
-            None if logits is None else logits.data_ptr(),
-            None if argmax is None else argmax.ctypes.data,
-            native.threads(),
-        )
+        ops.decoder_step(self._decoder, ids_array, x, cos, sin, positions_array, slots_array, logits, argmax)
 
 
 def _native_blocks(linear: Any) -> bool:
@@ -255,11 +191,18 @@ def _native_blocks(linear: Any) -> bool:
     )
 
 
-def _matrix(matmul: Q4Matmul | Q8Matmul) -> _Matrix:
-    int8 = int(matmul.activations == "int8")
-    if isinstance(matmul, Q4Matmul):
-        return _Matrix(4, int8, matmul.out_features, matmul.in_features, *_pointers(matmul, "minimum"))
-    return _Matrix(8, int8, matmul.out_features, matmul.in_features, *_pointers(matmul))
+def _matrix(matmul: Q4Matmul | Q8Matmul) -> dict[str, Any]:
+    """kernels.h's Matrix for a layer's blocks (the C struct points into them: keep them alive)."""
+    q4 = isinstance(matmul, Q4Matmul)
+    return {
+        "bits": 4 if q4 else 8,
+        "int8_activations": int(matmul.activations == "int8"),
+        "out_features": matmul.out_features,
+        "in_features": matmul.in_features,
+        "codes": ops.pointer(matmul.codes),
+        "scale": ops.pointer(matmul.scale),
+        "minimum": ops.pointer(matmul.minimum if q4 else None),
+    }
 
 
 def _rope_table(backbone: Any, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -281,7 +224,3 @@ class _Unsupported(Exception):
 def _attention_projections(layer: Any) -> tuple[Any, ...]:
     attention = layer.self_attn
     return (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)
-
-
-def _pointers(matmul: Any, *extra: str) -> list[int]:
-    return [t.data_ptr() for t in (matmul.codes, matmul.scale, *(getattr(matmul, name) for name in extra))]

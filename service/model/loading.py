@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tokenwire.service.kernels import native
+from tokenwire.service.kernels import ops
 from tokenwire.service.model.cache import cache_root
 from tokenwire.service.model.quantized import extract_blocks, load_blocks, save_blocks, swap_in_block_linears
 
@@ -110,7 +110,7 @@ def load_model(
     blocks_file = folder / _BLOCKS_FILE
     if weights == "auto" and device.type == "cpu" and blocks_file.exists():
         replaced = swap_in_block_linears(model, load_blocks(blocks_file), activations)
-        kernel = "C" if native.library() else "torch's int4"
+        kernel = "C" if ops.available() else "torch's int4"
         log.info("%d linear layers run on the file's Q4_1/Q8_0 blocks (%s kernel)", replaced, kernel)
     return model, tokenizer
 

@@ -4,7 +4,7 @@ A Q4_1 block holds 32 weights of one output row as `w = d * q + m` (q in 0..15, 
 These are the weights the GGUF file ships, not a second quantization of them: each layer is checked
 against the dense float32 unpacking before it is used. Two kernels take them:
 
-- "native", the C kernels compiled on this machine (native.py), on the file's weights exactly:
+- "native", the C kernels compiled at set-up (kernels/ops.py), on the file's weights exactly:
   - block_matmul_int8.c, where the CPU has AVX512-VNNI (the default there): activations rounded to
     8 bits per block of 32, as llama.cpp does, and integer dot products. A decode step of the
     default model ~13.6 ms instead of ~30 at 16 rows, ~3.9 instead of ~6.7 for one; NLL +0.005.
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tokenwire.service.kernels import native
+from tokenwire.service.kernels import ops
 
 log = logging.getLogger("tokenwire.model")
 
@@ -108,16 +108,16 @@ class Q4Matmul:
         out, inp = weight.shape
         self.out_features = out
         self.in_features = inp
-        lib = native.library() if kernel in ("auto", "native") and out % native.TILE == 0 else None
-        if kernel == "native" and lib is None:
+        native = kernel in ("auto", "native") and out % ops.TILE == 0 and ops.available()
+        if kernel == "native" and not native:
             raise RuntimeError("the native kernel is not available here")
-        self.kernel = "native" if lib is not None else "torch"
-        self.activations = _activations(lib, activations)
+        self.kernel = "native" if native else "torch"
+        self.activations = _activations(native, activations)
         if self.activations == "int8":  # block_matmul_int8.c's layout (see there)
-            lines = weight.codes.view(out // native.TILE, native.TILE, inp // 8, 2, 4).permute(0, 2, 1, 4, 3)
+            lines = weight.codes.view(out // ops.TILE, ops.TILE, inp // 8, 2, 4).permute(0, 2, 1, 4, 3)
             self.codes = (lines[..., 0] | (lines[..., 1] << 4)).contiguous()  # [tiles, in / 8, 16, 4]
-        elif lib is not None:  # block_matmul.c's layout (see there)
-            codes = weight.codes.view(out // native.TILE, native.TILE, inp // 2, 2).permute(0, 2, 3, 1)
+        elif native:  # block_matmul.c's layout (see there)
+            codes = weight.codes.view(out // ops.TILE, ops.TILE, inp // 2, 2).permute(0, 2, 3, 1)
             self.codes = (codes[:, :, 0] | (codes[:, :, 1] << 4)).contiguous()  # [tiles, in / 2, 16]
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), 1)
@@ -125,7 +125,7 @@ class Q4Matmul:
             self.scales_and_zeros = (
                 torch.stack([weight.scale, zero], dim=-1).transpose(0, 1).contiguous().to(_KERNEL_DTYPE)
             )  # [in / GROUP, out, 2]
-        if lib is not None:
+        if native:
             self.scale, self.minimum = _tiled(weight.scale), _tiled(weight.minimum)
 
     def blocks(self) -> Q4Weight:
@@ -142,8 +142,7 @@ class Q4Matmul:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "native":
-            name = "q4_matmul_int8" if self.activations == "int8" else "q4_matmul"
-            return _native_matmul(name, x, self.out_features, self.codes, self.scale, self.minimum)
+            return _native_matmul(self, x, self.minimum)
         flat = x.reshape(-1, self.in_features).to(_KERNEL_DTYPE)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_and_zeros)
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -155,20 +154,17 @@ class Q8Matmul:
 
     def __init__(self, weight: Q8Weight, activations: str = "auto") -> None:
         out, inp = weight.shape
-        lib = native.library()
-        if lib is None or out % native.TILE:
+        if not ops.available() or out % ops.TILE:
             raise RuntimeError("Q8_0 blocks need the native kernel, for a multiple of 16 outputs")
         self.out_features = out
         self.in_features = inp
         self.kernel = "native"
-        self.activations = _activations(lib, activations)
+        self.activations = _activations(True, activations)
         if self.activations == "int8":  # block_matmul_int8.c's layout: [tiles, in / 4, 16, 4], code + 128
             shifted = weight.codes.view(torch.uint8) ^ 0x80
-            self.codes = (
-                shifted.view(out // native.TILE, native.TILE, inp // 4, 4).transpose(1, 2).contiguous()
-            )
+            self.codes = shifted.view(out // ops.TILE, ops.TILE, inp // 4, 4).transpose(1, 2).contiguous()
         else:  # block_matmul.c's layout: [tiles, in, 16]
-            self.codes = weight.codes.view(out // native.TILE, native.TILE, inp).transpose(1, 2).contiguous()
+            self.codes = weight.codes.view(out // ops.TILE, ops.TILE, inp).transpose(1, 2).contiguous()
         self.scale = _tiled(weight.scale)
 
     def blocks(self) -> Q8Weight:
@@ -181,19 +177,18 @@ class Q8Matmul:
         return Q8Weight(codes, _untiled(self.scale))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        name = "q8_matmul_int8" if self.activations == "int8" else "q8_matmul"
-        return _native_matmul(name, x, self.out_features, self.codes, self.scale)
+        return _native_matmul(self, x, None)
 
 
 ACTIVATIONS = ("auto", "int8", "float32")
 
 
-def _activations(lib: Any, requested: str) -> str:
-    """What a matmul's activations will be: see Q4Matmul."""
+def _activations(native: bool, requested: str) -> str:
+    """What a matmul's activations will be, on the C kernels or not: see Q4Matmul."""
     if requested not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}, not {requested!r}")
-    int8 = lib is not None and bool(lib.int8_activations())
-    if lib is None and requested != "int8":
+    int8 = native and ops.int8_activations()
+    if not native and requested != "int8":
         return "bfloat16"  # torch's int4 kernel
     if requested == "int8" and not int8:
         raise RuntimeError(
@@ -205,7 +200,7 @@ def _activations(lib: Any, requested: str) -> str:
 def _tiled(per_group: torch.Tensor) -> torch.Tensor:
     """[out, groups] -> [out / 16, groups, 16]: a tile's 16 columns side by side, per group."""
     out, groups = per_group.shape
-    return per_group.view(out // native.TILE, native.TILE, groups).transpose(1, 2).contiguous()
+    return per_group.view(out // ops.TILE, ops.TILE, groups).transpose(1, 2).contiguous()
 
 
 def _untiled(tiled: torch.Tensor) -> torch.Tensor:
@@ -214,15 +209,14 @@ def _untiled(tiled: torch.Tensor) -> torch.Tensor:
     return tiled.transpose(1, 2).reshape(tiles * tile, groups)
 
 
-def _native_matmul(kernel: str, x: torch.Tensor, out_features: int, *weight: torch.Tensor) -> torch.Tensor:
+def _native_matmul(
+    matmul: Q4Matmul | Q8Matmul, x: torch.Tensor, minimum: torch.Tensor | None
+) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
-    out = torch.empty(flat.shape[0], out_features, dtype=torch.float32)
-    # Looked up per call, not kept: a module holding ctypes functions cannot be deep-copied.
-    getattr(native.library(), kernel)(
-        flat.data_ptr(), flat.shape[0], flat.shape[1], *(w.data_ptr() for w in weight),
-        out_features, out.data_ptr(), native.threads(),
-    )  # fmt: skip
-    return out.to(x.dtype).view(*x.shape[:-1], out_features)
+    out = torch.empty(flat.shape[0], matmul.out_features, dtype=torch.float32)
+    bits = 4 if isinstance(matmul, Q4Matmul) else 8
+    ops.block_matmul(bits, matmul.activations == "int8", flat, matmul.codes, matmul.scale, minimum, out)
+    return out.to(x.dtype).view(*x.shape[:-1], matmul.out_features)
 
 
 def block_matmul(weight: BlockWeight, activations: str = "auto") -> Q4Matmul | Q8Matmul:
@@ -411,7 +405,7 @@ def swap_in_block_linears(model: Any, weights: dict[str, BlockWeight], activatio
     """
     replaced = 0
     for module_name, weight in weights.items():
-        if isinstance(weight, Q8Weight) and (native.library() is None or weight.shape[0] % native.TILE):
+        if isinstance(weight, Q8Weight) and (not ops.available() or weight.shape[0] % ops.TILE):
             continue  # no kernel takes it: it stays dense
         parent_name, _, attr = module_name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -55,7 +55,7 @@ from torch.nn import functional as F
 from transformers import AttentionInterface
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
 
-from tokenwire.service.kernels import native
+from tokenwire.service.kernels import ops
 from tokenwire.service.model.cpu_threads import ThreadGovernor
 from tokenwire.service.model.decoder_step import DecoderStep
 from tokenwire.service.model.loading import ModelSource, load_model, pick_device, pick_dtype, resolve_model
@@ -108,7 +108,7 @@ class _SlotAttention:
         # decode_attention.c: a float32 model on CPU (its cache float32, or float16 by _cache_dtype),
         # a head_dim it takes. A float16 model keeps torch's ops: the C reads activations as float32.
         self.native = (
-            native.library() is not None
+            ops.available()
             and keys.device.type == "cpu"
             and model_dtype == torch.float32
             and _c_head_dim(keys.shape[-1])
@@ -200,14 +200,12 @@ def _cache_dtype(device: torch.device, dtype: torch.dtype, activations: str, hea
     16 rows that read is most of attention's time; float16 rounds them by ~2e-4 relative, far less
     than 8-bit activations round (values beyond 65,504 would become inf; these models' keys and
     values stay far below). Elsewhere the model's dtype, so dense or float32 runs stay exact."""
-    lib = native.library()
     if (
         device.type == "cpu"
         and dtype == torch.float32
         and activations == "int8"
         and _c_head_dim(head_dim)
-        and lib is not None
-        and lib.half_kv_cache()
+        and ops.half_kv_cache()
     ):
         return torch.float16
     return dtype
@@ -292,15 +290,9 @@ def _native_decode_attention(
     assert query.dtype == key.dtype == value.dtype == torch.float32, "decode_attention.c reads float32"
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     out = torch.empty(rows, heads, 1, head_dim, dtype=torch.float32)
-    native.library().decode_attention(  # type: ignore[union-attr]
-        query.data_ptr(), query.stride(0), query.stride(1),
-        key.data_ptr(), key.stride(0), key.stride(1),
-        value.data_ptr(), value.stride(0), value.stride(1),
-        cache_k.data_ptr(), cache_v.data_ptr(), int(cache_k.dtype == torch.float16),
-        positions.data_ptr(), None if slots is None else slots.data_ptr(),
-        rows, heads, key.shape[1], head_dim, cache_k.shape[2],
-        head_dim**-0.5 if scale is None else scale, out.data_ptr(), native.threads(),
-    )  # fmt: skip
+    ops.decode_attention(
+        query, key, value, cache_k, cache_v, positions, slots, head_dim**-0.5 if scale is None else scale, out
+    )
     return out
 
 

@@ -28,7 +28,7 @@ from tokenwire.service.engine.requests import (
     StoppingParams,
     StopReason,
 )
-from tokenwire.service.kernels import native
+from tokenwire.service.kernels import ops
 from tokenwire.service.model.quantized import BlockLinear, _Released
 from tokenwire.service.model.runner import ModelRunner
 from tokenwire.service.model.types import PrefillChunk, TokenSample
@@ -94,7 +94,7 @@ async def tiny(request):
     # gives a token the same bits however its prompt is chunked.
     budget = 256 if runner.decode_kernel != "c" and rounded_activations(model) else 16
     # What these tests cover: with the C kernels, a Q4_1 model prefills and decodes in decoder_step.c.
-    assert runner.decode_kernel == ("c" if request.param != "dense" and native.library() else "torch")
+    assert runner.decode_kernel == ("c" if request.param != "dense" else "torch")
     engine = Engine(runner, EngineConfig(max_batch_size=8, prefill_tokens_per_step=budget))
     engine.start()
     yield engine, reference
@@ -244,7 +244,7 @@ def test_models_the_c_step_does_not_take_run_on_torch_ops(
 ) -> None:
     """Q4_1 models that decoder_step.c (and its float16 cache) cannot serve still prefill and decode."""
     if setup == "no C kernels":
-        monkeypatch.setattr(native, "library", lambda: None)
+        monkeypatch.setattr(ops, "_load", lambda: None)
         model = tiny_q4_model()
     elif setup == "float16 model":  # the C kernels read float32 activations
         model = tiny_q4_model().to(torch.float16)
@@ -262,7 +262,6 @@ def test_models_the_c_step_does_not_take_run_on_torch_ops(
 
 
 @pytest.mark.model
-@pytest.mark.skipif(native.library() is None, reason="no C kernel here")
 @pytest.mark.parametrize("activations", ["auto", "float32"])
 def test_c_prefill_gives_the_same_bits_however_a_prompt_is_chunked_or_batched(activations: str) -> None:
     """decoder_step.c prefills each token as a row over its own sequence's cache: the first token's
@@ -296,7 +295,6 @@ def test_c_prefill_gives_the_same_bits_however_a_prompt_is_chunked_or_batched(ac
     assert len({tuple(trace) for trace in results.values()}) == 1, results
 
 
-@pytest.mark.skipif(native.library() is None, reason="no C kernel here")
 @pytest.mark.parametrize(
     "rope", [None, {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64,
                     "low_freq_factor": 1.0, "high_freq_factor": 4.0}, {"rope_type": "dynamic", "factor": 2.0}]
@@ -371,7 +369,6 @@ def test_a_saved_prefix_and_moved_rows_keep_their_keys(model: str) -> None:
         assert [lp for _, lp in got] == pytest.approx([lp for _, lp in expected], abs=1e-4)
 
 
-@pytest.mark.skipif(native.library() is None, reason="no C kernel here")
 def test_the_c_step_refuses_token_ids_outside_its_embedding() -> None:
     runner, _ = runner_and_reference(tiny_q4_model())
     step = runner._decoder_step
@@ -382,7 +379,6 @@ def test_the_c_step_refuses_token_ids_outside_its_embedding() -> None:
 
 
 @pytest.mark.model
-@pytest.mark.skipif(native.library() is None, reason="no C kernel here")
 def test_the_c_step_runs_the_lm_head_and_greedy_argmax_as_torch_and_sample_do() -> None:
     """Where the lm_head is on blocks, a decode step runs it in C, and for rows that only need the
     argmax takes that too: the same tokens (and, for rows asking, logprobs) as the lm_head layer
@@ -499,3 +495,24 @@ async def test_default_model_on_rounded_activations_is_batch_invariant_and_picks
     # cache; 7 and 0.22 with a float32 one). A wrong position, key or row would put most tokens
     # several logits below.
     assert float((gap == 0).float().mean()) > 0.95 and float(gap.max()) < 1.0, gap.tolist()
+
+
+async def test_a_failed_kernel_allocation_ends_the_steps_requests_and_the_engine_serves_on() -> None:
+    """No abort() in the step: a kernel that cannot allocate fails the step, its requests end with an
+    error, and the next request is served exactly."""
+    runner, reference = runner_and_reference(tiny_q4_model())
+    assert runner.decode_kernel == "c"
+    engine = Engine(runner, EngineConfig(max_batch_size=8, prefill_tokens_per_step=256))
+    engine.start()
+    try:
+        ops.fail_allocation(0)  # the step's first allocation: decoder_step.c's buffers
+        ((tokens, failed),) = await run(engine, [greedy("fails", PROMPTS[0], 8)])
+        assert failed.reason is StopReason.ERROR and tokens == []
+        ops.fail_allocation(-1)
+        expected = reference_greedy(reference, ids(PROMPTS[0]), 8)
+        ((tokens, finished),) = await run(engine, [greedy("after", PROMPTS[0], 8)])
+        assert finished.reason is StopReason.MAX_TOKENS and tokens == expected
+        assert await idle(engine)
+    finally:
+        ops.fail_allocation(-1)
+        await engine.stop()

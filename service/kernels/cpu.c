@@ -1,0 +1,29 @@
+/* Which kernel builds this CPU can run, asked at load as ggml's cpu-feats does: ops.py loads the
+ * portable build first (it runs anywhere), asks it kernels_cpu_level(), and then takes the best
+ * build at or below that level. So a wheel or a shared cache built with AVX-512 never faults on a
+ * CPU of the same family without it. Compiled into every build; only the portable one is asked. */
+#include "kernels.h"
+
+#ifndef KERNELS_BUILD_CPU
+#define KERNELS_BUILD_CPU ""  /* set by build.py for a -march=native build: the build machine's CPU */
+#endif
+
+const char *kernels_build_cpu(void) { return KERNELS_BUILD_CPU; }
+
+/* 0: portable; 1: x86-64-v3 (AVX2, FMA, F16C); 2: x86-64-v4 (AVX-512 F/BW/CD/DQ/VL);
+ * 3: x86-64-v4 with AVX512-VNNI (the 8-bit activations of block_matmul_int8.c).
+ * __builtin_cpu_supports also checks that the OS saves the vector registers. */
+int kernels_cpu_level(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")))
+        return 0;
+    if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+          __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+          __builtin_cpu_supports("avx512vl")))
+        return 1;
+    return __builtin_cpu_supports("avx512vnni") ? 3 : 2;
+#else
+    return 0;
+#endif
+}

@@ -1,0 +1,84 @@
+/* What Python calls in the kernels, and the structs it fills in: the one definition of their
+ * layout. The C sources include this file; build.py hands the same text to cffi, which compiles
+ * it against them (API mode), so a field added or moved here reaches both sides at once.
+ *
+ * cffi's parser reads it too: plain C declarations only (build.py drops the # lines).
+ * Nothing here aborts the process: every kernel returns a kernel_status, and Python turns a
+ * failure into an exception (ops.py), so a failed step ends its requests and the server goes on. */
+#ifndef TOKENWIRE_KERNELS_H
+#define TOKENWIRE_KERNELS_H
+
+#include <stdint.h>
+
+enum kernel_status {
+    KERNEL_OK = 0,
+    KERNEL_NO_MEMORY = 1,  /* an allocation failed; nothing was written past what the caller may reuse */
+    KERNEL_UNSUPPORTED = 2,  /* this build lacks the instructions the call needs (see ops.py's checks) */
+    KERNEL_BAD_ARGUMENT = 3,  /* a position, slot or shape outside what the call was given; nothing written */
+};
+
+/* A weight on GGUF blocks, in the layout of block_matmul.c or block_matmul_int8.c. */
+typedef struct {
+    int64_t bits;  /* 4: Q4_1 (codes, scale, minimum); 8: Q8_0 (codes, scale) */
+    int64_t int8_activations;  /* 1: block_matmul_int8.c and its layout; 0: block_matmul.c */
+    int64_t out_features, in_features;
+    const void *codes;
+    const float *scale, *minimum;
+} Matrix;
+
+typedef struct {
+    const float *input_norm, *post_attention_norm;  /* RMSNorm weights, [hidden] */
+    Matrix qkv, o, gate_up, down;  /* q, k, v and gate, up stacked along the outputs */
+} Layer;
+
+/* A llama decoder for decoder_step.c: every pointer is owned by Python, which keeps it alive. */
+typedef struct {
+    int64_t layers, hidden, heads, kv_heads, head_dim, intermediate;
+    float eps, attention_scale;
+    const Layer *layer;
+    const float *final_norm;
+    Matrix lm_head;  /* out_features 0: the caller runs its own */
+    const float *embedding;  /* [vocab, hidden] */
+    const float *rope_cos, *rope_sin;  /* [max_len, head_dim] by position; NULL: the caller passes each row's */
+    void *cache_k, *cache_v;  /* [layers, max_rows, kv_heads, max_len, head_dim] */
+    int64_t half_cache;  /* 1: the cache holds float16, else float32 */
+    int64_t max_rows, max_len;
+} Decoder;
+
+/* block_matmul.c: y[M, N] = x[M, K] @ W.T on float32 activations */
+int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
+              const float *minimum, int64_t N, float *y, int threads);
+int q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
+              int64_t N, float *y, int threads);
+
+/* block_matmul_int8.c: the same on activations rounded to 8 bits (AVX512-VNNI builds only) */
+int int8_activations(void);
+int q4_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
+                   const float *minimum, int64_t N, float *y, int threads);
+int q8_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
+                   int64_t N, float *y, int threads);
+
+/* decode_attention.c */
+int half_kv_cache(void);
+int decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k, int64_t k_row,
+                     int64_t k_head, const float *v, int64_t v_row, int64_t v_head, void *cache_k,
+                     void *cache_v, int half, const int64_t *positions, const int64_t *slots,
+                     int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_len,
+                     float scale, float *out, int threads);
+
+/* decoder_step.c */
+int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *cos, const float *sin,
+                 const int64_t *positions, const int64_t *slots, int64_t rows, float *logits,
+                 int64_t *argmax, int threads);
+void argmax_rows(const float *logits, int64_t rows, int64_t vocab, int64_t *argmax, int threads);
+
+/* cpu.c: which builds this CPU runs (ops.py picks the best at load), and for a -march=native build
+ * the CPU it was built for */
+int kernels_cpu_level(void);
+const char *kernels_build_cpu(void);
+
+/* alloc.c: make the `after`-th allocation from now fail, once (-1: none); for tests of the
+ * failure path. */
+void kernels_fail_allocation(int64_t after);
+
+#endif

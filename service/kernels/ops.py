@@ -1,0 +1,224 @@
+"""The C kernels as Python calls: pick the build this CPU runs, check shapes, raise on failure.
+
+The kernels are compiled at set-up (build.py), once per instruction set. At the first call this
+module loads the portable build, asks it which level the CPU has (cpu.c), and takes the best build
+at or below it; TOKENWIRE_KERNELS=<build> forces one (tests, the sanitizer run), and
+TOKENWIRE_NATIVE=0 turns them off (callers then keep torch's ops). Every kernel returns a status:
+a failure raises KernelError here, so a failed step ends its requests and the server goes on.
+Threads are the kernels' own (thread_pool.c says why not OpenMP's).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger("tokenwire.model")
+
+TILE = 16  # output columns per vector in the block matmuls: they take layers whose width is a multiple
+# build -> the level kernels_cpu_level() must report for it to run (build.py builds them)
+_LEVELS = {"native": 0, "avx512_vnni": 3, "avx512": 2, "avx2": 1, "portable": 0}
+_STATUS = {1: "out of memory", 2: "not supported by this build of the kernels", 3: "bad argument"}
+
+
+class KernelError(RuntimeError):
+    """A kernel answered with a failure status (kernels.h's kernel_status)."""
+
+
+class NotBuilt(RuntimeError):
+    """The kernels were not compiled at set-up (or a forced build is missing or cannot run here)."""
+
+
+@functools.cache
+def _load() -> ModuleType | None:
+    if os.environ.get("TOKENWIRE_NATIVE", "1") == "0":
+        return None
+    try:
+        return pick_build()
+    except NotBuilt as exc:
+        log.warning("C kernels unavailable (%s): Q4_1 layers use torch's int4 kernel, Q8_0 stay dense", exc)
+        return None
+
+
+def _import(build: str) -> ModuleType:
+    try:
+        return importlib.import_module(f"tokenwire.service.kernels._{build}")
+    except ImportError as exc:
+        raise NotBuilt(
+            f"no {build!r} build of the kernels ({exc}); they are compiled at set-up: `make setup`, "
+            "or `pip install -e .` with a C compiler (Debian: apt-get install gcc)"
+        ) from exc
+
+
+def cpu_level() -> int:
+    """cpu.c's kernels_cpu_level(), asked of the portable build (it runs on any CPU)."""
+    return int(_import("portable").lib.kernels_cpu_level())
+
+
+def pick_build(level: int | None = None, forced: str | None = None) -> ModuleType:
+    """The best build for a CPU of `level` (default: this one's), or `forced`
+    (default: $TOKENWIRE_KERNELS) if it runs there. Raises NotBuilt."""
+    level = cpu_level() if level is None else level
+    forced = os.environ.get("TOKENWIRE_KERNELS") if forced is None else forced
+    if forced:
+        module = _import(forced)
+        if _LEVELS.get(forced, 0) > level:
+            raise NotBuilt(f"the {forced!r} build needs instructions this CPU lacks (its level is {level})")
+        return module
+    for build, needs in _LEVELS.items():
+        if needs > level:
+            continue
+        try:
+            module = _import(build)
+        except NotBuilt:
+            continue
+        built_for = module.ffi.string(module.lib.kernels_build_cpu()).decode()
+        if build == "native" and built_for != _cpu_key():
+            continue  # a -march=native build from another CPU: it could fault here
+        return module
+    raise NotBuilt("no build of the kernels runs on this CPU")
+
+
+def _cpu_key() -> str:
+    from tokenwire.service.kernels.build import cpu_key  # cffi's builder: only for a native build
+
+    return cpu_key()
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def build() -> str:
+    """The build in use ("avx512_vnni", "avx2", "portable", ...), or "" without kernels."""
+    module = _load()
+    return "" if module is None else module.__name__.rsplit("._", 1)[1]
+
+
+def _module() -> ModuleType:
+    module = _load()
+    if module is None:
+        raise NotBuilt("the C kernels are not available here")
+    return module
+
+
+def int8_activations() -> bool:
+    """Whether this build has block_matmul_int8.c (AVX512-VNNI)."""
+    return available() and bool(_module().lib.int8_activations())
+
+
+def half_kv_cache() -> bool:
+    """Whether this build's attention takes a float16 KV cache (AVX-512)."""
+    return available() and bool(_module().lib.half_kv_cache())
+
+
+def threads() -> int:
+    """The thread count torch's kernels use now (cpu_threads.py may lower it), for ours to match."""
+    return torch.get_num_threads()
+
+
+def pointer(data: torch.Tensor | np.ndarray | int | None) -> Any:
+    """A C pointer to a tensor's or an array's data, or to an address; None and 0 are NULL.
+    The caller keeps the data alive while C holds the pointer."""
+    module = _module()
+    if isinstance(data, torch.Tensor):
+        data = data.data_ptr()
+    elif isinstance(data, np.ndarray):
+        data = data.ctypes.data
+    return module.ffi.cast("void *", data) if data else module.ffi.NULL
+
+
+def new(ctype: str, init: Any = None) -> Any:
+    """A C object of one of kernels.h's types (owned by the returned cdata: keep it alive)."""
+    return _module().ffi.new(ctype, init)
+
+
+def check(status: int, kernel: str) -> None:
+    if status:
+        raise KernelError(f"{kernel}: {_STATUS.get(status, f'status {status}')}")
+
+
+def block_matmul(
+    bits: int, int8: bool, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+    minimum: torch.Tensor | None, out: torch.Tensor,
+) -> None:  # fmt: skip
+    """out[M, N] = x[M, K] @ W.T on a layer's blocks (block_matmul.c, or _int8.c with `int8`)."""
+    lib = _module().lib
+    rows, inner = x.shape
+    if not (x.dtype == out.dtype == torch.float32 and x.is_contiguous() and out.is_contiguous()):
+        raise ValueError("block_matmul takes contiguous float32 activations and output")
+    if out.shape[0] != rows or out.shape[1] % TILE or inner % 32:
+        raise ValueError(f"block_matmul: shapes {tuple(x.shape)} -> {tuple(out.shape)}")
+    name = ("q4" if bits == 4 else "q8") + "_matmul" + ("_int8" if int8 else "")
+    args = [pointer(x), rows, inner, pointer(codes), pointer(scale)]
+    if bits == 4:
+        assert minimum is not None, "Q4_1 blocks have a minimum"
+        args.append(pointer(minimum))
+    check(getattr(lib, name)(*args, out.shape[1], pointer(out), threads()), name)
+
+
+def decode_attention(
+    query: torch.Tensor,  # [rows, heads, 1, head_dim], rows and heads at any stride
+    key: torch.Tensor,  # [rows, kv_heads, 1, head_dim]: written into the cache at `positions`
+    value: torch.Tensor,
+    cache_k: torch.Tensor,  # [max_rows, kv_heads, max_len, head_dim]
+    cache_v: torch.Tensor,
+    positions: torch.Tensor,  # [rows] int64
+    slots: torch.Tensor | None,  # [rows] int64 or None: row r's own
+    scale: float,
+    out: torch.Tensor,  # [rows, heads, 1, head_dim] float32, contiguous
+) -> None:
+    rows, heads, _, head_dim = query.shape
+    for name, index in (("positions", positions), ("slots", slots)):
+        if index is not None and not (
+            index.dtype == torch.int64 and index.is_contiguous() and len(index) == rows
+        ):
+            raise ValueError(f"decode_attention: {name} must be a contiguous int64 tensor, one per row")
+    if slots is not None and len(slots) and int(slots.max()) >= cache_k.shape[0]:
+        raise ValueError(f"decode_attention: a slot past the cache's {cache_k.shape[0]} rows")
+    status = _module().lib.decode_attention(
+        pointer(query), query.stride(0), query.stride(1),
+        pointer(key), key.stride(0), key.stride(1),
+        pointer(value), value.stride(0), value.stride(1),
+        pointer(cache_k), pointer(cache_v), int(cache_k.dtype == torch.float16),
+        pointer(positions), pointer(slots),
+        rows, heads, key.shape[1], head_dim, cache_k.shape[2], scale, pointer(out), threads(),
+    )  # fmt: skip
+    check(status, "decode_attention")
+
+
+def argmax_rows(logits: torch.Tensor, out: np.ndarray) -> None:
+    """out[r] = the first maximum of logits[r] (or its first NaN), as numpy's argmax."""
+    rows, vocab = logits.shape
+    if not (logits.dtype == torch.float32 and logits.is_contiguous()):
+        raise ValueError("argmax_rows takes contiguous float32 logits")
+    if out.dtype != np.int64 or len(out) < rows:
+        raise ValueError("argmax_rows writes int64, one per row")
+    _module().lib.argmax_rows(pointer(logits), rows, vocab, pointer(out), threads())
+
+
+def decoder_step(
+    decoder: Any, ids: np.ndarray, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+    positions: np.ndarray, slots: np.ndarray | None, logits: torch.Tensor | None, argmax: np.ndarray | None,
+) -> None:  # fmt: skip
+    """decoder_step.c over `decoder` (a `Decoder *` from `new`); model/decoder_step.py checks the shapes."""
+    status = _module().lib.decoder_step(
+        decoder, pointer(ids), pointer(x),
+        pointer(cos), pointer(sin),
+        pointer(positions), pointer(slots), len(ids),
+        pointer(logits), pointer(argmax),
+        threads(),
+    )  # fmt: skip
+    check(status, "decoder_step")
+
+
+def fail_allocation(after: int) -> None:
+    """Tests: make the kernels' `after`-th allocation from now fail, once (-1: none)."""
+    _module().lib.kernels_fail_allocation(after)
