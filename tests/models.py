@@ -12,6 +12,7 @@ from transformers import AttentionInterface, AutoTokenizer, LlamaConfig, LlamaFo
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tokenwire.service.kernels import ops
+from tokenwire.service.model.attention import decode_attention
 from tokenwire.service.model.loading import _cached_gguf_conversion, load_model, resolve_model
 from tokenwire.service.model.quantized import (
     BlockLinear,
@@ -22,7 +23,7 @@ from tokenwire.service.model.quantized import (
     read_q8_0,
     swap_in_block_linears,
 )
-from tokenwire.service.model.runner import ModelRunner, decode_attention
+from tokenwire.service.model.runner import ModelRunner
 
 
 @functools.cache

@@ -22,7 +22,7 @@ Decode-step speed (SmolLM2-135M, 2 shared cores; a step at 16 rows is ~75% matmu
   ms, 1,500 tokens ~2.0 -> ~1.55 -> ~1.16 s (keys stored in blocks of 16 positions: see
   decode_attention.c); and a token's result no longer depends on how its prompt was chunked. The
   rest of this list is the torch path, which serves every other model.
-- On CPU, for llama-architecture models, decode steps run `_FusedDecoder`: the same ops as the
+- On CPU, for llama-architecture models, decode steps run `FusedDecoder`: the same ops as the
   transformers layers, but q/k/v and gate/up each in one matmul. Q4_1 layers are fused by stacking
   their blocks (the kernels give the same bits fused or not, for any number of rows, so this also
   serves one row). Dense float32 layers are fused on weights stored transposed ([in, out]): MKL's
@@ -46,20 +46,24 @@ import contextlib
 import ctypes
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 from transformers import AttentionInterface
-from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
 
-from tokenwire.service.kernels import ops
+from tokenwire.service.model.attention import (
+    SlotAttention,
+    StepContext,
+    cache_dtype,
+    whole_blocks,
+)
 from tokenwire.service.model.cpu_threads import ThreadGovernor
 from tokenwire.service.model.decoder_step import DecoderStep
+from tokenwire.service.model.fused_decoder import FusedDecoder
 from tokenwire.service.model.loading import ModelSource, load_model, pick_device, pick_dtype, resolve_model
-from tokenwire.service.model.quantized import BlockLinear, block_activations, block_format, fuse_blocks
+from tokenwire.service.model.quantized import BlockLinear, block_activations, block_format
 from tokenwire.service.model.sampling import SamplingRow, argmax_only, make_generator, mark_seen, sample
 from tokenwire.service.model.types import PrefillChunk, PrefixCache, SamplingParams, TokenSample
 
@@ -80,227 +84,12 @@ class _Sequence:
     decoding: bool = False
 
 
-@dataclass
-class _StepContext:
-    """What the attention function needs for the forward in flight (set by the step, read per layer)."""
-
-    decode: bool = True
-    # decode: the position each row's new token takes, [n] int64; prefill: each prompt token's
-    positions: torch.Tensor | None = None
-    # prefill, C attention: each prompt token's cache row, [q_len] int64
-    slots: torch.Tensor | None = None
-    # decode, torch attention: rows 0..n-1, mask [n, 1, 1, kv_len]
-    kv_len: int = 0
-    # decode: offset of (row, kv_head, position) in the layer cache viewed as [-1, head_dim]
-    flat_index: torch.Tensor | None = None
-    # prefill: the chunks packed one after another in a single row of the batch, in order:
-    # (cache row, start position, chunk length)
-    prefill_rows: list[tuple[int, int, int]] = field(default_factory=list)
-
-
-class _SlotAttention:
-    """The attention function registered with transformers; holds the cache it writes into."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, model_dtype: torch.dtype) -> None:
-        self.keys = keys
-        self.values = values
-        self.ctx = _StepContext()
-        # decode_attention.c: a float32 model on CPU (its cache float32, or float16 by _cache_dtype),
-        # a head_dim it takes. A float16 model keeps torch's ops: the C reads activations as float32.
-        self.native = (
-            ops.available()
-            and keys.device.type == "cpu"
-            and model_dtype == torch.float32
-            and _c_head_dim(keys.shape[-1])
-        )
-
-    def whole_key_blocks(self, length: int) -> int:
-        """How many positions to copy so that a row's first `length` keys move whole: the C
-        attention stores keys in blocks of KEY_BLOCK positions (see keys_in_order)."""
-        return -(-length // KEY_BLOCK) * KEY_BLOCK if self.native else length
-
-    def __call__(
-        self,
-        module: torch.nn.Module,
-        query: torch.Tensor,  # [batch, heads, q_len, head_dim]
-        key: torch.Tensor,  # [batch, kv_heads, q_len, head_dim]
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        scaling: float | None = None,
-        **_: Any,
-    ) -> tuple[torch.Tensor, None]:
-        layer: int = module.layer_idx  # type: ignore[assignment]
-        cache_k, cache_v = self.keys[layer], self.values[layer]
-        ctx = self.ctx
-        if ctx.decode and self.native:
-            assert ctx.positions is not None
-            out = _native_decode_attention(query, key, value, cache_k, cache_v, ctx.positions, scaling)
-        elif ctx.decode:
-            n = query.shape[0]
-            assert ctx.flat_index is not None
-            head_dim = key.shape[-1]
-            cache_k.view(-1, head_dim).index_copy_(0, ctx.flat_index, key.reshape(-1, head_dim))
-            cache_v.view(-1, head_dim).index_copy_(0, ctx.flat_index, value.reshape(-1, head_dim))
-            out = decode_attention(
-                query, cache_k[:n, :, : ctx.kv_len], cache_v[:n, :, : ctx.kv_len], attention_mask, scaling
-            )
-        elif self.native:  # a prefill (the C step's way, for models it does not run whole)
-            assert ctx.positions is not None and ctx.slots is not None
-            tokens = query[0].transpose(0, 1)[:, :, None]  # [q_len, heads, 1, head_dim]: a row per token
-            out = _native_decode_attention(
-                tokens,
-                key[0].transpose(0, 1)[:, :, None],
-                value[0].transpose(0, 1)[:, :, None],
-                cache_k,
-                cache_v,
-                ctx.positions,
-                scaling,
-                slots=ctx.slots,
-            )
-            out = out[:, :, 0].transpose(0, 1)[None]
-        else:
-            outs = []
-            offset = 0
-            for row, start, length in ctx.prefill_rows:
-                end = start + length
-                packed = slice(offset, offset + length)
-                cache_k[row, :, start:end] = key[0, :, packed]
-                cache_v[row, :, start:end] = value[0, :, packed]
-                outs.append(
-                    F.scaled_dot_product_attention(
-                        query[:, :, packed],
-                        cache_k[row : row + 1, :, :end].to(query.dtype),  # a copy, if the cache is float16
-                        cache_v[row : row + 1, :, :end].to(query.dtype),
-                        attn_mask=_prefill_mask(start, length, query.device),
-                        scale=scaling,
-                        enable_gqa=True,
-                    )
-                )
-                offset += length
-            out = torch.cat(outs, dim=2)
-        return out.transpose(1, 2), None
-
-
 def _return_freed_memory() -> None:
     """Hand freed heap memory back to the OS (glibc): after large frees it stays in the process
     otherwise, since glibc raises its mmap threshold as big blocks are freed. Loading the default
     model and freeing its per-layer copies: RSS 582 -> 487 MB with this, unchanged without."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _c_head_dim(head_dim: int) -> bool:
-    """Whether decode_attention.c takes this head size."""
-    return head_dim % 16 == 0 and head_dim <= 256
-
-
-def _cache_dtype(device: torch.device, dtype: torch.dtype, activations: str, head_dim: int) -> torch.dtype:
-    """float16 where the block layers already round their activations to 8 bits and the C attention
-    takes it (as llama.cpp keeps its cache): a decode step reads every row's keys and values, and at
-    16 rows that read is most of attention's time; float16 rounds them by ~2e-4 relative, far less
-    than 8-bit activations round (values beyond 65,504 would become inf; these models' keys and
-    values stay far below). Elsewhere the model's dtype, so dense or float32 runs stay exact."""
-    if (
-        device.type == "cpu"
-        and dtype == torch.float32
-        and activations == "int8"
-        and _c_head_dim(head_dim)
-        and ops.half_kv_cache()
-    ):
-        return torch.float16
-    return dtype
-
-
-ATTENTION_BLOCK = 64  # key positions per partial product; decode key lengths are padded to a multiple
-
-
-def _whole_blocks(length: int) -> int:
-    """`length` rounded up to a multiple of ATTENTION_BLOCK."""
-    return -(-length // ATTENTION_BLOCK) * ATTENTION_BLOCK
-
-
-def decode_attention(
-    query: torch.Tensor,  # [rows, heads, 1, head_dim]
-    keys: torch.Tensor,  # [rows, kv_heads, kv_len, head_dim]
-    values: torch.Tensor,
-    mask: torch.Tensor | None,  # [rows, 1, 1, kv_len] bool, True = attend; None = attend to all
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Attention for one new token per row, whose result for a row does not depend on the others.
-
-    Rows of a decode step share one key length (the longest row's), the rest masked. SDPA's CPU
-    kernel sums in an order that depends on that length, so a row's output changed with the batch
-    it ran in: in float32 that stayed below the noise, but the bfloat16 inputs of the Q4_1 matmuls
-    round it into different tokens within a few dozen steps. Here every reduction has a fixed shape
-    or order: scores are one matmul per (row, kv head) over the head dimension with at least 64
-    keys (MKL takes another path for very few), the softmax runs on a multiple of 64 positions
-    (torch sums any tail past 16 as zeros), and `probs @ values` is one [group, 64] x [64, head_dim]
-    product per block of 64 keys, the blocks added in order. Padding then only adds exact zeros
-    (tests check up to 400 keys; checked by hand to 2,000). Faster than SDPA here: 16 rows, 192
-    keys, ~0.3 vs 0.43 ms a layer (one matmul over all blocks instead of the loop needed a copy of
-    the values and took 2.7x as long).
-    """
-    rows, heads, _, head_dim = query.shape
-    kv_heads, kv_len = keys.shape[1], keys.shape[2]
-    group = heads // kv_heads
-    if mask is None:
-        mask = torch.ones(rows, 1, 1, kv_len, dtype=torch.bool, device=query.device)
-    padding = _whole_blocks(kv_len) - kv_len
-    if padding:
-        keys = F.pad(keys, (0, 0, 0, padding))
-        values = F.pad(values, (0, 0, 0, padding))
-        mask = F.pad(mask, (0, padding), value=False)
-        kv_len += padding
-    grouped = query.view(rows, kv_heads, group, head_dim)  # the query heads sharing one kv head
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)) * (head_dim**-0.5 if scale is None else scale)
-    probs = torch.softmax(torch.where(mask, scores, float("-inf")), dim=-1)
-    # Views, no copies: rows and kv heads fold into one batch dimension in the cache's layout.
-    probs = probs.view(rows * kv_heads, group, kv_len)
-    values = values.reshape(rows * kv_heads, kv_len, head_dim)
-    out = torch.bmm(probs[:, :, :ATTENTION_BLOCK], values[:, :ATTENTION_BLOCK])
-    for start in range(ATTENTION_BLOCK, kv_len, ATTENTION_BLOCK):
-        end = start + ATTENTION_BLOCK
-        out = out + torch.bmm(probs[:, :, start:end], values[:, start:end])
-    return out.view(rows, heads, 1, head_dim)
-
-
-KEY_BLOCK = 16  # decode_attention.c's keys: blocks of 16 positions, each stored dimension-major
-
-
-def keys_in_order(cache_k: torch.Tensor) -> torch.Tensor:
-    """A key cache as decode_attention.c writes it ([..., max_len, head_dim], blocks of KEY_BLOCK
-    positions stored [head_dim][KEY_BLOCK]), by position: [..., max_len, head_dim], a copy."""
-    *lead, max_len, head_dim = cache_k.shape
-    blocked = cache_k.reshape(*lead, max_len // KEY_BLOCK, head_dim, KEY_BLOCK)
-    return blocked.transpose(-1, -2).reshape(*lead, max_len, head_dim)
-
-
-def _native_decode_attention(
-    query: torch.Tensor,  # [rows, heads, 1, head_dim]
-    key: torch.Tensor,  # [rows, kv_heads, 1, head_dim]: written into the cache at `positions`
-    value: torch.Tensor,
-    cache_k: torch.Tensor,  # [max_rows, kv_heads, max_len, head_dim], keys in decode_attention.c's blocks
-    cache_v: torch.Tensor,
-    positions: torch.Tensor,  # [rows] int64
-    scale: float | None,
-    slots: torch.Tensor | None = None,  # [rows] int64: each row's cache row (a prefill); default row r
-) -> torch.Tensor:
-    """decode_attention.c: the same result as `decode_attention`, batch-invariant too, in one call."""
-    rows, heads, _, head_dim = query.shape
-    assert query.dtype == key.dtype == value.dtype == torch.float32, "decode_attention.c reads float32"
-    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    out = torch.empty(rows, heads, 1, head_dim, dtype=torch.float32)
-    ops.decode_attention(
-        query, key, value, cache_k, cache_v, positions, slots, head_dim**-0.5 if scale is None else scale, out
-    )
-    return out
-
-
-def _prefill_mask(start: int, length: int, device: torch.device) -> torch.Tensor | None:
-    """Causal mask for queries start..start+length over keys 0..start+length."""
-    query_pos = torch.arange(start, start + length, device=device)[:, None]
-    key_pos = torch.arange(start + length, device=device)[None, :]
-    return key_pos <= query_pos
 
 
 class ModelRunner:
@@ -335,14 +124,14 @@ class ModelRunner:
         kv_heads = int(getattr(config, "num_key_value_heads", config.num_attention_heads))
         head_dim = int(getattr(config, "head_dim", config.hidden_size // config.num_attention_heads))
         # Whole attention blocks, so a decode step never pads a copy of the cache (decode_attention).
-        shape = (layers, max_batch_size, kv_heads, _whole_blocks(self.context_length), head_dim)
+        shape = (layers, max_batch_size, kv_heads, whole_blocks(self.context_length), head_dim)
         # What the block layers multiply: "int8", "float32", "bfloat16"; "" when every layer is dense.
         self.activations = block_activations(model)
         # torch.empty: pages are committed only as positions are written, so a large context is cheap.
-        self.cache_dtype = _cache_dtype(self.device, self.dtype, self.activations, head_dim)
+        self.cache_dtype = cache_dtype(self.device, self.dtype, self.activations, head_dim)
         keys = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
         values = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
-        self._attention = _SlotAttention(keys, values, self.dtype)
+        self._attention = SlotAttention(keys, values, self.dtype)
         # Registered by a name of its own: each runner (tests hold several) writes into its own cache.
         attention_name = f"{_ATTENTION_PREFIX}_{id(self):x}"
         AttentionInterface.register(attention_name, self._attention)
@@ -352,10 +141,10 @@ class ModelRunner:
         self._decoder_step = DecoderStep.build(
             self._backbone, self._lm_head, keys, values, attention_in_c=self._attention.native
         )
-        self._fused = None if self._decoder_step else _FusedDecoder.build(self._backbone)
+        self._fused = None if self._decoder_step else FusedDecoder.build(self._backbone)
         self.weights = block_format(model)
         # How prefill and decode steps run: "c" (decoder_step.c, one call), else "torch" (the
-        # transformers layers, or _FusedDecoder, from Python).
+        # transformers layers, or FusedDecoder, from Python).
         self.decode_kernel = "c" if self._decoder_step is not None else "torch"
         log.info(
             "weights %s (activations: %s, KV cache: %s); prefill and decode steps run in %s",
@@ -556,7 +345,7 @@ class ModelRunner:
             ids = torch.tensor([token_ids], dtype=torch.long)
             positions = torch.tensor([token_positions], dtype=torch.long)
             # Built once here, not in every layer's attention call.
-            self._attention.ctx = _StepContext(
+            self._attention.ctx = StepContext(
                 decode=False,
                 positions=positions[0],
                 slots=torch.tensor(slots, dtype=torch.long),
@@ -646,9 +435,9 @@ class ModelRunner:
         self, ids: torch.Tensor, lengths: list[int], positions: torch.Tensor
     ) -> torch.Tensor:
         n = len(lengths)
-        kv_len = _whole_blocks(max(lengths) + 1)
+        kv_len = whole_blocks(max(lengths) + 1)
         if self._attention.native:  # reads only each row's own positions
-            self._attention.ctx = _StepContext(decode=True, positions=positions)
+            self._attention.ctx = StepContext(decode=True, positions=positions)
         else:
             self._make_finite(lengths, kv_len)
             _, _, kv_heads, max_len, _ = self._attention.keys.shape
@@ -657,7 +446,7 @@ class ModelRunner:
                 + torch.arange(kv_heads, device=self.device)[None, :] * max_len
                 + positions[:, None]
             ).reshape(-1)
-            self._attention.ctx = _StepContext(
+            self._attention.ctx = StepContext(
                 decode=True, positions=positions, kv_len=kv_len, flat_index=flat_index
             )
         mask = (torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
@@ -722,117 +511,6 @@ class ModelRunner:
                 token = self.decode({scratch: token})[scratch].token_id
         finally:
             self.remove_sequence(scratch)
-
-
-class _FusedDecoder:
-    """A llama decoder forward for one new token per row, with q/k/v and gate/up each one matmul.
-
-    Gives the same bits as transformers' LlamaModel/LlamaDecoderLayer: the same elementwise ops
-    (torch's rms_norm for LlamaRMSNorm, q and k rotated together), and matmuls that round the same
-    fused or not (Q4_1) or stay within float32 noise (dense, transposed); see the module docstring.
-    """
-
-    def __init__(self, backbone: Any, layers: list[_FusedLayer], *, single_row: bool) -> None:
-        self.backbone = backbone
-        self.layers = layers
-        # Also worth it for one row: true for Q4_1 layers, whose kernel gives the same bits fused or
-        # not; dense float32 gemv is faster on nn.Linear's own layout, and bit-for-bit `generate`.
-        self.single_row = single_row
-
-    @classmethod
-    def build(cls, backbone: Any) -> _FusedDecoder | None:
-        """None unless the model is a plain llama (no projection biases, SiLU MLP) on CPU (the
-        layout win was measured on MKL only)."""
-        config = backbone.config
-        if (
-            backbone.device.type != "cpu"
-            or getattr(config, "model_type", None) != "llama"
-            or getattr(config, "attention_bias", False)
-            or getattr(config, "mlp_bias", False)
-            or getattr(config, "hidden_act", None) != "silu"
-            or not all(isinstance(layer.input_layernorm, LlamaRMSNorm) for layer in backbone.layers)
-        ):
-            return None
-        layers = []
-        all_blocks = True
-        with torch.no_grad():
-            for layer in backbone.layers:
-                attn, mlp = layer.self_attn, layer.mlp
-                q, k, v, o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
-                gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-                all_blocks = all_blocks and all(
-                    isinstance(p, BlockLinear) for p in (q, k, v, o, gate, up, down)
-                )
-                layers.append(
-                    _FusedLayer(
-                        layer=layer,
-                        qkv=_fuse([q, k, v]),
-                        o=_fuse([o]),
-                        gate_up=_fuse([gate, up]),
-                        down=_fuse([down]),
-                        splits=(q.out_features, k.out_features, v.out_features),
-                        intermediate=gate.out_features,
-                    )
-                )
-        return cls(backbone, layers, single_row=all_blocks)
-
-    def __call__(
-        self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, attention: _SlotAttention
-    ) -> torch.Tensor:
-        backbone = self.backbone
-        x = backbone.embed_tokens(ids)  # [n, 1, hidden]
-        n = x.shape[0]
-        cos, sin = backbone.rotary_emb(x, position_ids=position_ids)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # as apply_rotary_pos_emb does, once a step
-        for fused in self.layers:
-            layer = fused.layer
-            attn = layer.self_attn
-            head_dim = attn.head_dim
-            q_width, k_width, _ = fused.splits
-            qkv = fused.qkv(_rms_norm(layer.input_layernorm, x))
-            # q and k rotated in one go: the same elementwise ops as apply_rotary_pos_emb, half the calls.
-            qk = qkv[..., : q_width + k_width].view(n, 1, -1, head_dim).transpose(1, 2)
-            qk = (qk * cos) + (rotate_half(qk) * sin)
-            heads = q_width // head_dim
-            q, k = qk[:, :heads], qk[:, heads:]
-            v = qkv[..., q_width + k_width :].view(n, 1, -1, head_dim).transpose(1, 2)
-            out, _ = attention(attn, q, k, v, mask, scaling=attn.scaling)
-            x = x + fused.o(out.reshape(n, 1, -1))
-            gate, up = fused.gate_up(_rms_norm(layer.post_attention_layernorm, x)).split(
-                fused.intermediate, dim=-1
-            )
-            x = x + fused.down(F.silu(gate) * up)
-        return _rms_norm(backbone.norm, x)
-
-
-def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
-    """A LlamaRMSNorm's forward as one call: torch's rms_norm gives the same bits, ~8 us sooner."""
-    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
-
-
-Projection = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class _FusedLayer:
-    layer: Any  # the transformers decoder layer (norms, attention module for scaling/layer_idx)
-    qkv: Projection  # hidden -> q + k + v
-    o: Projection  # heads * head_dim -> hidden
-    gate_up: Projection  # hidden -> 2 * intermediate
-    down: Projection  # intermediate -> hidden
-    splits: tuple[int, int, int]
-    intermediate: int
-
-
-def _fuse(linears: list[Any]) -> Projection:
-    """One matmul for several bias-free projections of the same input, outputs side by side."""
-    if not any(isinstance(p, BlockLinear) for p in linears):
-        weight = torch.cat([p.weight for p in linears]).t().contiguous()  # [in, out]: see module docstring
-        return lambda x: torch.matmul(x, weight)
-    fused = fuse_blocks(linears)
-    if fused is not None:
-        return fused
-    return lambda x: torch.cat([p(x) for p in linears], dim=-1)  # mixed formats: one matmul each
 
 
 def _eos_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:

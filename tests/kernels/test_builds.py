@@ -11,8 +11,8 @@ import torch
 
 from tests.models import quantize_q4_1
 from tokenwire.service.kernels import ops
+from tokenwire.service.model.attention import keys_in_order, native_decode_attention
 from tokenwire.service.model.quantized import Q4Matmul
-from tokenwire.service.model.runner import _native_decode_attention, keys_in_order
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 BY_LEVEL = {3: "avx512_vnni", 2: "avx512", 1: "avx2", 0: "portable"}
@@ -71,14 +71,14 @@ def attention_inputs(rows: int = 3, heads: int = 4, kv_heads: int = 2, dim: int 
 def test_a_failed_allocation_fails_the_call_and_the_next_call_succeeds() -> None:
     query, key, value, (keys, values) = attention_inputs()
     positions = torch.tensor([0, 5, 63])
-    expected = _native_decode_attention(query, key, value, keys.clone(), values.clone(), positions, None)
+    expected = native_decode_attention(query, key, value, keys.clone(), values.clone(), positions, None)
     ops.fail_allocation(0)  # the next one
     try:
         with pytest.raises(ops.KernelError, match="out of memory"):
-            _native_decode_attention(query, key, value, keys, values, positions, None)
+            native_decode_attention(query, key, value, keys, values, positions, None)
     finally:
         ops.fail_allocation(-1)
-    again = _native_decode_attention(query, key, value, keys, values, positions, None)
+    again = native_decode_attention(query, key, value, keys, values, positions, None)
     assert torch.equal(again, expected)
 
 
@@ -86,10 +86,10 @@ def test_a_position_outside_the_cache_is_refused_before_anything_is_written() ->
     query, key, value, (keys, values) = attention_inputs()
     for positions in (torch.tensor([0, 64, 1]), torch.tensor([-1, 0, 1])):
         with pytest.raises(ops.KernelError, match="bad argument"):
-            _native_decode_attention(query, key, value, keys, values, positions, None)
+            native_decode_attention(query, key, value, keys, values, positions, None)
         assert not keys.any() and not values.any()
     with pytest.raises(ValueError, match="slot past the cache"):
-        _native_decode_attention(
+        native_decode_attention(
             query, key, value, keys, values, torch.tensor([0, 1, 2]), None, torch.tensor([0, 1, 3])
         )
     ordered = keys_in_order(keys)

@@ -12,6 +12,7 @@ from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from tests.models import default_model, quantize_q4_1, quantize_q8_0, runner_and_reference
 from tokenwire.service.kernels import ops
+from tokenwire.service.model.attention import decode_attention, keys_in_order, native_decode_attention
 from tokenwire.service.model.quantized import (
     BlockLinear,
     Q4Matmul,
@@ -24,7 +25,6 @@ from tokenwire.service.model.quantized import (
     read_q8_0,
     swap_in_block_linears,
 )
-from tokenwire.service.model.runner import _native_decode_attention, decode_attention, keys_in_order
 
 # The C kernels are always here (tests/conftest.py fails the run without them); what differs between
 # machines is the CPU, and with it the build that runs (kernels/ops.py).
@@ -235,7 +235,7 @@ def test_the_c_decode_attention_writes_the_new_key_and_is_batch_invariant(
     for length in (1, 2, 15, 16, 17, 31, 64, 65, 200, 333):
         positions = torch.tensor([length - 1, 0, 399, 16, length])
         keys, values = (c.clone() for c in cache)
-        out = _native_decode_attention(query, key, value, keys, values, positions, None)
+        out = native_decode_attention(query, key, value, keys, values, positions, None)
         assert out.shape == (rows, heads, 1, dim)
         ordered = keys_in_order(keys)
         for row, at in enumerate(positions.tolist()):
@@ -249,7 +249,7 @@ def test_the_c_decode_attention_writes_the_new_key_and_is_batch_invariant(
                 enable_gqa=True,
             )
             assert torch.allclose(out[row], sdpa[0], atol=2e-6), (length, row)
-        alone = _native_decode_attention(query[:1], key[:1], value[:1], keys, values, positions[:1], None)
+        alone = native_decode_attention(query[:1], key[:1], value[:1], keys, values, positions[:1], None)
         assert torch.equal(alone[0], out[0]), length
 
 
