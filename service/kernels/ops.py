@@ -41,10 +41,12 @@ def _load() -> ModuleType | None:
     if os.environ.get("TOKENWIRE_NATIVE", "1") == "0":
         return None
     try:
-        return pick_build()
+        module = pick_build()
     except NotBuilt as exc:
         log.warning("C kernels unavailable (%s): Q4_1 layers use torch's int4 kernel, Q8_0 stay dense", exc)
         return None
+    log.info("C kernels: the %s build", module.__name__.rsplit("._", 1)[1])
+    return module
 
 
 def _import(build: str) -> ModuleType:
