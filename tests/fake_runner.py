@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -164,3 +165,83 @@ class FakeRunner:
 
     def warm_up(self) -> None:
         pass
+
+
+class ForwardGate:
+    """Holds the fake model at the start of each forward until the test lets it through.
+
+    Install it as `FakeRunner.on_forward`; a test then acts at a step it chose instead of sleeping
+    and hoping the step thread got there. It starts closed (or open, with `open=True`): `allow(n)`
+    lets n more forwards through, `open()` every one from then on, `close()` none after those
+    already let through. `wait_held(n)` waits until the step thread is held in forward n (counted
+    from 1 since the gate was made; any forward when n is None) and returns n. A step runs up to
+    two forwards: the prefill chunks, then one decode of every decoding sequence (those whose
+    prefill just ended included).
+
+    While the step thread is held, the outputs of every earlier step have been handed to the event
+    loop (the engine delivers a step's outputs before it starts the next); a coroutine that awaits
+    `held` runs after they were pushed to their streams. A forward held longer than `timeout`
+    raises in the step thread (the engine then ends its requests with ERROR), so a test that never
+    opens the gate fails instead of hanging."""
+
+    def __init__(self, *, open: bool = False, timeout: float = 30.0) -> None:
+        self._changed = threading.Condition()
+        self._open = open
+        self._allowed = 0
+        self._timeout = timeout
+        self.arrived = 0  # forwards that reached the gate
+        self.passed = 0  # forwards it let through
+
+    def __call__(self) -> None:
+        """The step thread, at the start of a forward."""
+        with self._changed:
+            self.arrived += 1
+            self._changed.notify_all()
+            if not self._changed.wait_for(lambda: self._open or self._allowed > 0, self._timeout):
+                raise TimeoutError(
+                    f"forward {self.arrived} held for {self._timeout} s: the test never let it go"
+                )
+            if not self._open:
+                self._allowed -= 1
+            self.passed += 1
+            self._changed.notify_all()
+
+    def allow(self, forwards: int = 1) -> None:
+        with self._changed:
+            self._allowed += forwards
+            self._changed.notify_all()
+
+    def open(self) -> None:
+        with self._changed:
+            self._open = True
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        with self._changed:
+            self._open = False
+            self._allowed = 0
+
+    def wait_held(self, forward: int | None = None, timeout: float = 10.0) -> int:
+        """Block until the step thread is held in `forward` (any, when None); return its number."""
+
+        def held() -> bool:
+            return self.arrived == self.passed + 1 and forward in (None, self.arrived)
+
+        with self._changed:
+            if not self._changed.wait_for(held, timeout):
+                raise AssertionError(
+                    f"the step thread was not held in forward {forward or 'any'} within {timeout} s "
+                    f"({self.arrived} arrived, {self.passed} let through)"
+                )
+            return self.arrived
+
+    async def held(self, forward: int | None = None, timeout: float = 10.0) -> int:
+        """`wait_held` from the event loop."""
+        return await asyncio.to_thread(self.wait_held, forward, timeout)
+
+    async def advance(self, timeout: float = 10.0) -> int:
+        """Let the held forward through and wait until the step thread is held in the next one."""
+        with self._changed:
+            current = self.arrived
+        self.allow(1)
+        return await self.held(current + 1, timeout)

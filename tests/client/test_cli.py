@@ -8,11 +8,11 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +20,9 @@ import pexpect
 import pytest
 
 from tests.conftest import FAKE_ENGINE, free_port, running_server
+from tests.fake_runner import FakeRunner, ForwardGate, token_id
+from tests.waiting import wait_until
+from tokenwire.service.engine.requests import StopReason
 from tokenwire.service.transport.server import RunningServer
 
 CLI = [sys.executable, "-m", "tokenwire.client.cli"]
@@ -32,20 +35,19 @@ def server_in_thread(**options: Any) -> Iterator[RunningServer]:
     drive the CLI while the server keeps serving."""
     loop = asyncio.new_event_loop()
     ready: concurrent.futures.Future[RunningServer] = concurrent.futures.Future()
-    stop = threading.Event()
+    stop = asyncio.Event()  # set on `loop`, from this thread, through call_soon_threadsafe
 
     async def run() -> None:
         async with running_server(FAKE_ENGINE, **options) as server:
             ready.set_result(server)
-            while not stop.is_set():
-                await asyncio.sleep(0.02)
+            await stop.wait()
 
     thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
     thread.start()
     try:
         yield ready.result(timeout=10)
     finally:
-        stop.set()
+        loop.call_soon_threadsafe(stop.set)
         thread.join(timeout=10)
         loop.close()
 
@@ -59,10 +61,45 @@ def server() -> Iterator[RunningServer]:
 def wait_idle(server: RunningServer, timeout: float = 5.0) -> None:
     engine = server.engine
     assert engine is not None
-    deadline = time.monotonic() + timeout
-    while not engine.is_idle():
-        assert time.monotonic() < deadline, f"{engine.num_live()} requests still live"
-        time.sleep(0.02)
+    wait_until(engine.is_idle, timeout, what=f"the server's engine idle ({engine.num_live()} live at first)")
+
+
+def fake(server: RunningServer) -> FakeRunner:
+    assert server.engine is not None
+    runner = server.engine.runner
+    assert isinstance(runner, FakeRunner)
+    return runner
+
+
+@pytest.fixture
+def gate(server: RunningServer) -> Iterator[ForwardGate]:
+    """The server's fake model, open until the test closes the gate (held where it then is)."""
+    runner = fake(server)
+    gate = ForwardGate(open=True)
+    runner.on_forward = gate
+    yield gate
+    runner.on_forward = None
+    gate.open()
+
+
+Abort = tuple[str, StopReason, bool]  # request id, reason, after_segment
+
+
+@pytest.fixture
+def aborts(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> queue.SimpleQueue[Abort]:
+    """Every engine.abort the server makes (an Interrupt read, a stream gone), as it makes it."""
+    engine = server.engine
+    assert engine is not None
+    made: queue.SimpleQueue[Abort] = queue.SimpleQueue()
+    abort = engine.abort
+
+    def recorded(request_id: str, reason: StopReason, *, after_segment: bool = False) -> bool:
+        found = abort(request_id, reason, after_segment=after_segment)
+        made.put((request_id, reason, after_segment))
+        return found
+
+    monkeypatch.setattr(engine, "abort", recorded)
+    return made
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -98,40 +135,61 @@ def run(*args: str, check: bool = False, **env: str) -> subprocess.CompletedProc
 # ---- generate in a terminal ----
 
 
-def test_text_streams_as_it_comes_and_ctrl_c_interrupts(server: RunningServer) -> None:
+def test_text_streams_as_it_comes_and_ctrl_c_interrupts(
+    server: RunningServer, gate: ForwardGate, aborts: queue.SimpleQueue[Abort]
+) -> None:
+    runner = fake(server)
+    before = len(runner.calls)
     child = spawn("generate", " hello", "--max-tokens", "400", "--address", server.address)
     child.expect("waiting for the first token")  # the spinner, while the prompt is prefilled
     child.expect("cat sat")
     child.expect("Smith")
     assert child.isalive()  # text on screen well before the 20 s generation could end
-    started = time.monotonic()
+    gate.close()
+    gate.wait_held()
+    held = len(runner.calls)  # forwards of this generation, a token each, the held one included
     child.sendintr()
+    _, reason, after_segment = aborts.get(timeout=10)  # the CLI sent the Interrupt
+    assert (reason, after_segment) == (StopReason.INTERRUPTED, False)
+    gate.open()
     child.expect(r"\[interrupted: (\d+) tokens .*first token after \d+ ms")
-    assert time.monotonic() - started < 2.0
-    assert 3 <= int(child.match.group(1)) < 400
+    # It stopped at the next step: the held forward's token was the last; no forward ran after it.
+    assert 3 <= int(child.match.group(1)) == held - before < 400
+    assert len(runner.calls) == held
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 130
     wait_idle(server)
 
 
-def test_a_second_ctrl_c_quits_at_once(server: RunningServer) -> None:
-    # after_segment waits for a sentence end that the fake model's words never make: only the second
-    # Ctrl-C gets us out.
+def test_a_second_ctrl_c_quits_at_once(
+    server: RunningServer,
+    gate: ForwardGate,
+    aborts: queue.SimpleQueue[Abort],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One sentence, then words that never end the next: after_segment waits for a sentence end that
+    # never comes, so only the second Ctrl-C gets us out.
+    sentence = [token_id(word) for word in ("ĠSmith", "Ġsat", ".", "ĠSmith")]
+    monkeypatch.setitem(fake(server).script, token_id("ĠDr"), sentence + [token_id("Ġcat")] * 396)
     args = ["--chunking", "sentence", "--interrupt-mode", "after_segment", "--max-tokens", "400"]
-    child = spawn("generate", " hello", *args, "--address", server.address)
-    child.expect("waiting for the first token")
-    time.sleep(0.3)
+    child = spawn("generate", " Dr", *args, "--address", server.address)
+    child.expect_exact(" Smith sat.")  # on screen: the CLI is following the generation
+    gate.close()
+    gate.wait_held()  # the model holds mid-sentence: the generation cannot end while the test looks
     child.sendintr()
-    time.sleep(0.3)
+    request_id, reason, after_segment = aborts.get(timeout=10)  # the CLI sent the Interrupt
+    assert (reason, after_segment) == (StopReason.INTERRUPTED, True)
     assert child.isalive()  # still waiting for the segment to end
-    started = time.monotonic()
     child.sendintr()
-    child.expect(pexpect.EOF, timeout=2)
-    assert time.monotonic() - started < 1.0
+    child.expect(pexpect.EOF)  # with the model held, only quitting could end it
     child.close()
     assert child.exitstatus == 130
-    wait_idle(server)  # the server saw the connection go and stopped the generation
+    assert server.engine is not None and server.engine.num_live() == 1  # it did not wait for the end
+    # The server saw the connection go and stopped the generation.
+    assert aborts.get(timeout=10) == (request_id, StopReason.CANCELLED, False)
+    gate.open()
+    wait_idle(server)
 
 
 def test_normal_end_prints_the_summary_without_a_spinner_when_piped(server: RunningServer) -> None:

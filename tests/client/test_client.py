@@ -18,6 +18,7 @@ from grpc_health.v1._async import HealthServicer
 
 from tests.conftest import free_port, running_server, wait_until_idle
 from tests.fake_runner import FakeRunner, token_id
+from tests.waiting import until
 from tokenwire.client import (
     AlreadyExists,
     AsyncClient,
@@ -358,7 +359,13 @@ async def test_connecting_waits_for_a_server_that_starts_late() -> None:
     port = free_port()
     async with AsyncClient(f"127.0.0.1:{port}", connect_timeout=10) as client:
         info = asyncio.create_task(client.model_info())
-        await asyncio.sleep(0.5)  # the first attempts fail: UNAVAILABLE, retried while connecting
+
+        def an_attempt_failed() -> bool:  # the client's channel (private) says so: nobody listens yet
+            channel = client._channel
+            return channel is not None and channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE
+
+        await until(an_attempt_failed, timeout=10, what="a connection attempt failed")
+        assert not info.done()  # still waiting: the call retries while connecting
         async with running_server(port=port):
             assert (await asyncio.wait_for(info, 10)).model == "fake"
 

@@ -547,6 +547,9 @@ def test_smollm2_any_text_round_trips(smollm2: Tokenizer, text: str, chunking: C
     assert all(p.text for p in pieces)
 
 
+# Slow group: it measures wall-clock time per token against a fixed budget, so on a loaded machine
+# (this one has 2 cores shared with other runs) it can fail with no change to the code.
+@pytest.mark.slow
 def test_per_token_cost_stays_flat() -> None:
     """A guard against quadratic work: a long generation costs what short ones cost per token."""
     tok = bytelevel_tokenizer()
