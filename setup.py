@@ -6,7 +6,7 @@ from pathlib import Path
 from setuptools import setup
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "service" / "kernels"))
-from build import build_flags  # noqa: E402  (the kernels' build script, found by path)
+from build import build_flags  # the kernels' build script, found by path
 
 setup(
     cffi_modules=[f"service/kernels/build.py:{name}" for name in build_flags()],

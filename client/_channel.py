@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 import tokenwire
+from tokenwire.v1.metadata import REPLICA_HEADER
 
 from ._errors import Unavailable
 
@@ -86,9 +87,6 @@ class ChannelConfig:
     def unavailable(self) -> Unavailable:
         waited = f" within {self.connect_timeout:g} s" if self.connect_timeout is not None else ""
         return Unavailable(f"could not connect to {self.address}{waited}")
-
-
-REPLICA_HEADER = "x-tokenwire-replica"
 
 
 def replica_metadata(replica: str | None) -> tuple[tuple[str, str], ...]:

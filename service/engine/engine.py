@@ -3,7 +3,9 @@
 One background thread runs `step()` in a loop: apply queued aborts, let the scheduler admit and
 plan, run the prefill chunks and ONE batched decode, then hand every request its new tokens. The
 thread never touches asyncio objects directly: each step's outputs go to the event loop in one
-`call_soon_threadsafe`. Every way a request can end goes through `_finish`, exactly once.
+`call_soon_threadsafe`. Every way a request can end goes through `_finish`, exactly once. A second
+thread, the tokenizer's, turns inputs into token ids (chat templates included) for `submit` and
+Tokenize, so the event loop never waits on a tokenizer.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from tokenwire.service.engine.requests import (
     Delta,
@@ -27,11 +31,14 @@ from tokenwire.service.engine.requests import (
     Failure,
     Finished,
     GenerationRequest,
+    ModelInfo,
     Output,
     RequestError,
+    RequestField,
     Started,
     StopReason,
     Timings,
+    Tokenized,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -43,6 +50,8 @@ from tokenwire.service.engine.text import TextStream
 from tokenwire.service.model.types import PrefillChunk, TokenSample
 
 log = logging.getLogger("tokenwire.engine")
+
+T = TypeVar("T")
 
 MAX_REQUEST_ID_CHARS = 128
 # An AFTER_SEGMENT interrupt waits at most this many more tokens for the segment to end: a model
@@ -139,6 +148,16 @@ class _Abort:
     after_segment: bool = False
 
 
+@dataclass
+class _Reservation:
+    """A request `submit` is tokenizing: its id and session are taken, it is not live yet. A Cancel
+    or Interrupt that comes meanwhile is kept and applied the moment it becomes live."""
+
+    session_id: str
+    settled: asyncio.Future[_Live | None]  # the live request, or None when it was refused
+    abort: _Abort | None = None
+
+
 class Engine:
     """Owns the step thread, the scheduler and the registry of live requests."""
 
@@ -152,6 +171,8 @@ class Engine:
         self.sessions = SessionStore(self.config.session_ttl_s, self.config.session_cache_bytes)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._live: dict[str, _Live] = {}  # by request id; guarded by _lock
+        # Requests that `submit` is tokenizing, by id: taken, not yet live; guarded by _lock
+        self._reserved: dict[str, _Reservation] = {}
         self._by_seq: dict[int, _Live] = {}  # step thread only
         self._incoming: queue.SimpleQueue[_Live] = queue.SimpleQueue()
         self._aborts: queue.SimpleQueue[_Abort] = queue.SimpleQueue()
@@ -162,6 +183,9 @@ class Engine:
         self._seq_ids = itertools.count()
         self._step_started: float | None = None
         self._accepting = True
+        # One thread tokenizes and renders chat templates for `submit` and Tokenize, off the event loop.
+        # One only: tokenizers are not safe to encode with from two threads at once.
+        self._tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenwire-tokenize")
         self.on_step: Callable[[float, int], None] | None = None  # (seconds, batch size): metrics hook
         self.on_finish: Callable[[GenerationRequest, Finished | Failure], None] | None = None
 
@@ -172,6 +196,9 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name="tokenwire-step", daemon=True)
         self._thread.start()
+        # The executor starts its thread at the first task: start it with the step thread, so the
+        # engine's threads are all there from the start (leak checks compare thread sets).
+        self._tokenizer.submit(lambda: None)
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Refuse new requests; let live ones run for up to grace_s, end the rest (DEADLINE)."""
@@ -189,6 +216,8 @@ class Engine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5.0)
+        # Waiting work is cancelled; a tokenization under way ends first (no thread outlives stop)
+        await asyncio.to_thread(self._tokenizer.shutdown, wait=True, cancel_futures=True)
 
     @property
     def accepting(self) -> bool:
@@ -201,7 +230,26 @@ class Engine:
         started = self._step_started
         return started is None or time.monotonic() - started < self.config.stuck_after_s
 
-    # ---- introspection (tests, metrics) ----
+    # ---- introspection (the transport, metrics, tests) ----
+
+    def model_info(self) -> ModelInfo:
+        """The model, and the batch and request limits the engine runs it with."""
+        runner = self.runner
+        return ModelInfo(
+            name=runner.name,
+            source=runner.source,
+            context_length=runner.context_length,
+            vocab_size=runner.vocab_size,
+            eos_token_ids=tuple(runner.eos_token_ids),
+            device=str(runner.device),
+            dtype=_type_name(runner.dtype),
+            weights=runner.weights,
+            activations=runner.activations,
+            kv_cache_dtype=_type_name(runner.cache_dtype),
+            has_chat_template=runner.has_chat_template,
+            max_batch_size=self.scheduler.config.max_batch_size,
+            max_live_requests=self.config.max_live_requests,
+        )
 
     def num_live(self) -> int:
         with self._lock:
@@ -215,10 +263,28 @@ class Engine:
     def num_running(self) -> int:
         return self.scheduler.num_running
 
+    @property
+    def kv_slots(self) -> int:
+        """KV cache rows in all (the runner's; the engine may be configured to use fewer at once)."""
+        return self.runner.max_batch_size
+
+    @property
+    def kv_slots_in_use(self) -> int:
+        """KV cache rows held by requests."""
+        return self.runner.max_batch_size - self.runner.free_rows
+
+    @property
+    def session_cache_bytes(self) -> int:
+        """Bytes of KV cache kept for sessions."""
+        return self.sessions.nbytes
+
     def is_idle(self) -> bool:
-        """Nothing live and every KV row free (checked, for leak tests)."""
+        """Nothing live or being submitted and every KV row free (checked, for leak tests)."""
+        with self._lock:
+            reserved = len(self._reserved)
         return (
-            self.num_live() == 0
+            reserved == 0
+            and self.num_live() == 0
             and len(self.scheduler) == 0
             and self.runner.live_sequences == 0
             and self.runner.free_rows == self.runner.max_batch_size
@@ -227,28 +293,109 @@ class Engine:
     # ---- requests ----
 
     def add_request(self, request: GenerationRequest) -> RequestStream:
-        """Register a request and queue it; call on the event loop. Raises RequestError."""
+        """Register a request and queue it, tokenizing its input on the calling thread. Raises
+        RequestError. For callers with nothing else to serve meanwhile (tests, scripts), and not beside
+        `submit` (one thread tokenizes at a time); a server calls `submit`, which keeps the event loop
+        free while the input is tokenized."""
+        self._check_open()
+        self._name(request)
+        request.prompt_token_ids, max_tokens = self._prepare(request)
+        live = self._live_for(request, max_tokens)
+        with self._lock:
+            refusal = self._refusal(request.request_id, request.session_id)
+            if refusal is not None:
+                raise refusal
+            self._live[request.request_id] = live
+        self._enqueue(live)
+        return live.stream
+
+    async def submit(self, request: GenerationRequest) -> RequestStream:
+        """Register a request and queue it; call on the event loop. Raises RequestError.
+
+        The input is tokenized (and a chat template rendered) on the tokenizer thread while the loop
+        serves everything else. The request id, and its session, are reserved before that, so a second
+        request cannot take them meanwhile. Refusals are add_request's, in the same order: an input the
+        model cannot take is reported before a taken id, a full server or a busy session."""
+        self._check_open()
+        self._name(request)
+        request_id = request.request_id
+        reservation = _Reservation(request.session_id, asyncio.get_running_loop().create_future())
+        with self._lock:
+            refusal = self._refusal(request_id, request.session_id)
+            if refusal is None:
+                self._reserved[request_id] = reservation
+        try:
+            request.prompt_token_ids, max_tokens = await self._off_loop(self._prepare, request)
+            if refusal is not None:
+                raise refusal
+            live = self._live_for(request, max_tokens)
+            with self._lock:
+                del self._reserved[request_id]
+                if not self._accepting:  # stop() began while the input was being tokenized
+                    raise RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down")
+                self._live[request_id] = live
+                pending_abort = reservation.abort
+        except BaseException:  # refused, or the caller went away (cancelled) while it waited
+            if refusal is None:
+                with self._lock:
+                    self._reserved.pop(request_id, None)
+                reservation.settled.set_result(None)
+            raise
+        self._enqueue(live)
+        if pending_abort is not None:  # after the request: the step thread takes both in order
+            self._aborts.put(pending_abort)
+            self._wake.set()
+        reservation.settled.set_result(live)
+        return live.stream
+
+    def _check_open(self) -> None:
         if not self._accepting:
             raise RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down")
         if not self.healthy():
             raise RequestError(ErrorCode.UNAVAILABLE, "the engine is not running")
-        request_id = request.request_id or uuid.uuid4().hex
-        request.request_id = request_id
-        if len(request_id) > MAX_REQUEST_ID_CHARS:
+
+    @staticmethod
+    def _name(request: GenerationRequest) -> None:
+        """Give the request an id when it has none; check the one it has."""
+        request.request_id = request.request_id or uuid.uuid4().hex
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,
                 f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters",
-                "start.request_id",
+                RequestField.REQUEST_ID,
             )
-        request.prompt_token_ids = self._tokenize(request)
-        max_tokens = self._check_tokens(request)
+
+    def _refusal(self, request_id: str, session_id: str) -> RequestError | None:
+        """Why the registry cannot take this request now, if it cannot. Call with _lock held."""
+        if request_id in self._live or request_id in self._reserved:
+            return RequestError(
+                ErrorCode.ALREADY_EXISTS,
+                f"request_id {request_id!r} is already live",
+                RequestField.REQUEST_ID,
+            )
+        if len(self._live) + len(self._reserved) >= self.config.max_live_requests:
+            return RequestError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"the server is at its limit of {self.config.max_live_requests} live requests",
+            )
+        if session_id and (
+            any(reserved.session_id == session_id for reserved in self._reserved.values())
+            or any(other.request.session_id == session_id for other in self._live.values())
+        ):
+            return RequestError(
+                ErrorCode.FAILED_PRECONDITION,
+                f"session {session_id!r} already has a live request",
+                RequestField.SESSION_ID,
+            )
+        return None
+
+    def _live_for(self, request: GenerationRequest, max_tokens: int) -> _Live:
         now = time.monotonic()
         limit = request.stopping.time_limit_s
-        stream = RequestStream(request_id, self.config.output_buffer)
-        live = _Live(
+        return _Live(
             request=request,
             seq_id=next(self._seq_ids),
-            stream=stream,
+            stream=RequestStream(request.request_id, self.config.output_buffer),
             text=TextStream(
                 self.runner.backend_tokenizer,
                 stop=request.stopping.stop,
@@ -262,79 +409,83 @@ class Engine:
             arrival=now,
             deadline=now + limit if limit else None,
         )
-        with self._lock:
-            if request_id in self._live:
-                raise RequestError(
-                    ErrorCode.ALREADY_EXISTS,
-                    f"request_id {request_id!r} is already live",
-                    "start.request_id",
-                )
-            if len(self._live) >= self.config.max_live_requests:
-                raise RequestError(
-                    ErrorCode.RESOURCE_EXHAUSTED,
-                    f"the server is at its limit of {self.config.max_live_requests} live requests",
-                )
-            if request.session_id and any(
-                other.request.session_id == request.session_id for other in self._live.values()
-            ):
-                raise RequestError(
-                    ErrorCode.FAILED_PRECONDITION,
-                    f"session {request.session_id!r} already has a live request",
-                    "start.session_id",
-                )
-            self._live[request_id] = live
+
+    def _enqueue(self, live: _Live) -> None:
         self._incoming.put(live)
         self._wake.set()
-        return stream
 
-    def _tokenize(self, request: GenerationRequest) -> list[int]:
+    async def _off_loop(self, work: Callable[..., T], *args: object) -> T:
+        """Run tokenizer work on the tokenizer thread and wait for it without blocking the loop."""
+        try:
+            pending = asyncio.get_running_loop().run_in_executor(self._tokenizer, work, *args)
+        except RuntimeError:  # stop() has shut the thread down
+            raise RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down") from None
+        return await pending
+
+    # ---- tokenizing (the tokenizer thread, or add_request's caller) ----
+
+    def _prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
+        """The request's prompt token ids, checked against the model, and the most tokens it may generate."""
+        ids = self._prompt_ids(request)
+        return ids, self._check_tokens(request, ids)
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         try:
             return self.sessions.prompt_ids(request, self.runner)
         except RequestError:
             raise
         except Exception as error:  # a chat template that rejects the messages, say
-            field = "start.chat" if request.input.chat is not None else "start.input"
+            field = RequestField.CHAT if request.input.chat is not None else RequestField.INPUT
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT, f"cannot tokenize the input: {error}", field
             ) from error
 
-    def tokenize_text(self, text: str) -> list[int]:
-        return self.runner.encode(text)
+    async def tokenize_text(self, text: str) -> Tokenized:
+        """A text's tokens as the model's tokenizer gives them (on the tokenizer thread)."""
+        return await self._off_loop(self._tokenize_text, text)
 
-    def tokenize_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+    async def tokenize_chat(self, messages: Sequence[tuple[str, str]]) -> Tokenized:
+        """A chat's tokens after the model's chat template (on the tokenizer thread). Raises RequestError."""
+        return await self._off_loop(self._tokenize_chat, messages)
+
+    def _tokenize_text(self, text: str) -> Tokenized:
+        ids = self.runner.encode(text)
+        return Tokenized(ids, self.runner.token_texts(ids))
+
+    def _tokenize_chat(self, messages: Sequence[tuple[str, str]]) -> Tokenized:
         try:
-            return self.runner.encode_chat(messages)
+            ids = self.runner.encode_chat(messages)
         except Exception as error:
             raise RequestError(
-                ErrorCode.INVALID_ARGUMENT, f"cannot apply the chat template: {error}", "chat"
+                ErrorCode.INVALID_ARGUMENT, f"cannot apply the chat template: {error}", RequestField.CHAT
             ) from error
+        return Tokenized(ids, self.runner.token_texts(ids))
 
-    def _check_tokens(self, request: GenerationRequest) -> int:
+    def _check_tokens(self, request: GenerationRequest, ids: list[int]) -> int:
         """Validate the prompt against the model; return the most tokens this request may generate."""
         runner = self.runner
-        ids = request.prompt_token_ids
         if not ids:
-            raise RequestError(ErrorCode.INVALID_ARGUMENT, "the input is empty", "start.input")
+            raise RequestError(ErrorCode.INVALID_ARGUMENT, "the input is empty", RequestField.INPUT)
         bad = next((t for t in ids if not 0 <= t < runner.vocab_size), None)
         if bad is not None:
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,
                 f"token id {bad} is outside the vocabulary [0, {runner.vocab_size})",
-                "start.token_ids.ids",
+                RequestField.TOKEN_IDS,
             )
         for t in request.stopping.stop_token_ids:
             if not 0 <= t < runner.vocab_size:
                 raise RequestError(
                     ErrorCode.INVALID_ARGUMENT,
                     f"stop token id {t} is outside the vocabulary [0, {runner.vocab_size})",
-                    "start.stopping.stop_token_ids",
+                    RequestField.STOP_TOKEN_IDS,
                 )
         room = runner.context_length - len(ids)
         if room < 1:
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,
                 f"the prompt has {len(ids)} tokens; the context holds {runner.context_length}",
-                "start.input",
+                RequestField.INPUT,
             )
         asked = request.stopping.max_tokens
         if asked is not None and asked > room:
@@ -342,25 +493,38 @@ class Engine:
                 ErrorCode.INVALID_ARGUMENT,
                 f"prompt ({len(ids)} tokens) plus max_tokens ({asked}) exceeds the context length "
                 f"({runner.context_length})",
-                "start.stopping.max_tokens",
+                RequestField.MAX_TOKENS,
             )
         return asked if asked is not None else room
 
+    # ---- stopping requests ----
+
     def abort(self, request_id: str, reason: StopReason, *, after_segment: bool = False) -> bool:
-        """Stop a live request at the next step. Idempotent, safe from any thread.
-        Returns whether the request was live."""
+        """Stop a live request at the next step, or one `submit` is tokenizing as soon as it is live.
+        Idempotent, safe from any thread. Returns whether the request was found."""
         with self._lock:
             found = request_id in self._live
+            reservation = None if found else self._reserved.get(request_id)
+            if reservation is not None and reservation.abort is None:
+                reservation.abort = _Abort(request_id, reason, after_segment)  # `submit` applies it
         if found:
             self._aborts.put(_Abort(request_id, reason, after_segment))
             self._wake.set()
-        return found
+        return found or reservation is not None
 
     async def cancel(self, request_id: str) -> Finished | None:
         """Stop a live request and return what it had produced (None when it was not live)."""
         with self._lock:
             live = self._live.get(request_id)
-        if live is None or not self.abort(request_id, StopReason.CANCELLED):
+            reservation = self._reserved.get(request_id)
+        if not self.abort(request_id, StopReason.CANCELLED):
+            return None
+        if live is None and reservation is None:  # it became live between the two looks
+            with self._lock:
+                live = self._live.get(request_id)
+        if live is None and reservation is not None:  # still being tokenized: wait until it is live
+            live = await asyncio.shield(reservation.settled)
+        if live is None:  # refused after all: it never ran
             return None
         result = await asyncio.shield(live.stream.result)
         if isinstance(result, Failure):  # it was found; it ended by failing before it could stop
@@ -661,3 +825,8 @@ class Engine:
 def _push_all(outputs: list[tuple[RequestStream, Output]]) -> None:
     for stream, item in outputs:
         stream.push(item)
+
+
+def _type_name(value: object) -> str:
+    """A dtype or device as text, without the library's prefix ("bfloat16", not "torch.bfloat16")."""
+    return str(value).removeprefix("torch.")

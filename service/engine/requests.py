@@ -1,7 +1,8 @@
 """Internal request and output types passed between the servicer, the engine and the scheduler.
 
 Plain dataclasses: no grpc, no protobuf, no torch. The servicer converts protobuf to these at the
-edge (and back), so everything below it can be tested without a network or a model.
+edge (and back), so everything below it can be tested without a network or a model. Fields are
+named by `RequestField`, never by a .proto path.
 """
 
 from __future__ import annotations
@@ -46,10 +47,24 @@ class ErrorCode(enum.Enum):
     INTERNAL = "INTERNAL"
 
 
-class RequestError(Exception):
-    """A request that cannot be served, with the status code and the field at fault."""
+class RequestField(enum.Enum):
+    """A field of a request, in the engine's terms, named when it is at fault.
 
-    def __init__(self, code: ErrorCode, message: str, field: str = "") -> None:
+    The transport maps each to the path clients see in the contract (transport/convert.py)."""
+
+    REQUEST_ID = "request_id"
+    SESSION_ID = "session_id"
+    INPUT = "input"  # the input as a whole: the prompt, chat or token ids, however given
+    CHAT = "chat"
+    TOKEN_IDS = "token_ids"
+    STOP_TOKEN_IDS = "stop_token_ids"
+    MAX_TOKENS = "max_tokens"
+
+
+class RequestError(Exception):
+    """A request that cannot be served, with the status code and the field at fault (None: no one field)."""
+
+    def __init__(self, code: ErrorCode, message: str, field: RequestField | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -190,7 +205,37 @@ class Finished:
 class Failure:
     code: ErrorCode
     message: str
-    field: str = ""
+    field: RequestField | None = None
 
 
 Output = Started | Delta | Finished | Failure
+
+
+# ---- other answers ----
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Token ids of a text or chat, with each token's text."""
+
+    token_ids: list[int]
+    tokens: list[str]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The loaded model and what the engine runs it with, as plain values."""
+
+    name: str
+    source: str
+    context_length: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    device: str
+    dtype: str
+    weights: str  # "dense", or the block format the linear layers run on (see Runner.weights)
+    activations: str
+    kv_cache_dtype: str
+    has_chat_template: bool
+    max_batch_size: int  # what the engine runs at once: its configured batch within the runner's rows
+    max_live_requests: int

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenwire.service.engine.requests import GenerationRequest, SessionTruncation
@@ -27,21 +28,23 @@ class _Session:
     chat: list[tuple[str, str]] | None  # history as messages (chat turns), or None for raw token turns
     history_ids: list[int]  # raw turns: the token history
     reply_ids: list[int]  # the last reply's tokens (as generated)
+    last_used: float  # by the store's clock
     cached_ids: list[int] = field(default_factory=list)  # tokens whose KV `kv` holds, in order
     kv: PrefixCache | None = None
-    last_used: float = field(default_factory=time.monotonic)
 
 
 class SessionStore:
-    def __init__(self, ttl_s: float, max_bytes: int) -> None:
+    def __init__(self, ttl_s: float, max_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
+        # Seconds, for the idle TTL; only differences count. Tests swap in a clock they move by hand.
+        self.clock = clock
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         with self._lock:
-            self._expire(time.monotonic())
+            self._expire(self.clock())
             return len(self._sessions)
 
     @property
@@ -59,7 +62,7 @@ class SessionStore:
         """Tokenize the request's input, after the session's history when it has one."""
         given = request.input
         with self._lock:
-            self._expire(time.monotonic())
+            self._expire(self.clock())
             session = self._sessions.get(request.session_id) if request.session_id else None
             if session is not None and request.truncation is not None:
                 _truncate(session, request.truncation, runner)
@@ -82,7 +85,7 @@ class SessionStore:
             if session is None or session.kv is None:
                 return 0
             self._sessions.move_to_end(request.session_id)
-            session.last_used = time.monotonic()
+            session.last_used = self.clock()
             prompt = request.prompt_token_ids
             limit = min(len(session.cached_ids), session.kv.length, len(prompt) - 1)
             reuse = 0
@@ -123,6 +126,7 @@ class SessionStore:
                 chat=chat,
                 history_ids=history_ids,
                 reply_ids=list(generated),
+                last_used=self.clock(),
                 cached_ids=cached[: kv.length],
                 kv=kv,
             )

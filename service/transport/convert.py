@@ -17,6 +17,7 @@ from tokenwire.service.engine.requests import (
     OutputOptions,
     PromptInput,
     RequestError,
+    RequestField,
     SamplingParams,
     SessionTruncation,
     Started,
@@ -46,16 +47,38 @@ _CHUNKING = {
 _STOP_REASON = {reason: pb.StopReason.Value(f"STOP_REASON_{reason.name}") for reason in StopReason}
 _STATUS = {code: grpc.StatusCode[code.name] for code in ErrorCode}
 
+# Where each field the engine names lives, relative to the message that carries the request: a Start
+# in Generate (so "start." + path), the TokenizeRequest itself in Tokenize (its input and chat).
+FIELD_PATHS: dict[RequestField, str] = {
+    RequestField.REQUEST_ID: "request_id",
+    RequestField.SESSION_ID: "session_id",
+    RequestField.INPUT: "input",
+    RequestField.CHAT: "chat",
+    RequestField.TOKEN_IDS: "token_ids.ids",
+    RequestField.STOP_TOKEN_IDS: "stopping.stop_token_ids",
+    RequestField.MAX_TOKENS: "stopping.max_tokens",
+}
+START = "start"  # the path of a Generate request's fields
 
-def _invalid(field: str, message: str) -> RequestError:
-    return RequestError(ErrorCode.INVALID_ARGUMENT, f"{field}: {message}", field)
+
+class MessageError(RequestError):
+    """A request refused by the transport's own checks of a message, at a .proto path (the engine's
+    errors name a RequestField instead)."""
+
+    def __init__(self, code: ErrorCode, message: str, path: str) -> None:
+        super().__init__(code, message)
+        self.path = path
+
+
+def _invalid(path: str, message: str) -> MessageError:
+    return MessageError(ErrorCode.INVALID_ARGUMENT, f"{path}: {message}", path)
 
 
 # ---- in ----
 
 
 def start_to_request(start: pb.Start) -> GenerationRequest:
-    """Validate a Start and convert it; raises RequestError(INVALID_ARGUMENT) naming the field.
+    """Validate a Start and convert it; raises MessageError(INVALID_ARGUMENT) naming the field.
 
     Checks that need the model (vocabulary, context length, chat template) are the engine's."""
     if len(start.request_id) > MAX_ID_CHARS:
@@ -273,16 +296,31 @@ def finished_to_pb(finished: Finished) -> pb.Finished:
     )
 
 
-def describe(error: Failure | RequestError) -> str:
+def field_path(field: RequestField, root: str = START) -> str:
+    """The .proto path of a field the engine names, in the message at `root` ("": the request itself)."""
+    path = FIELD_PATHS[field]
+    return f"{root}.{path}" if root else path
+
+
+def error_path(error: Failure | RequestError, root: str = START) -> str:
+    """The .proto path at fault ("" when no one field is): what clients read in Error.field."""
+    if isinstance(error, MessageError):
+        return error.path
+    return field_path(error.field, root) if error.field is not None else ""
+
+
+def describe(error: Failure | RequestError, root: str = START) -> str:
     """The error's message, led by the field at fault unless it already is (for a person
     reading a log or grpcurl output; programs read Error.field)."""
-    if error.field and not error.message.startswith(f"{error.field}:"):
-        return f"{error.field}: {error.message}"
+    path = error_path(error, root)
+    if path and not error.message.startswith(f"{path}:"):
+        return f"{path}: {error.message}"
     return error.message
 
 
 def failure_to_pb(failure: Failure | RequestError) -> pb.Error:
-    return pb.Error(code=status_number(failure.code), message=describe(failure), field=failure.field)
+    """A Generate response's Error (the request's fields are under `start`)."""
+    return pb.Error(code=status_number(failure.code), message=describe(failure), field=error_path(failure))
 
 
 def output_to_response(request_id: str, output: Output, options: OutputOptions) -> pb.GenerateResponse:

@@ -29,7 +29,6 @@ class _EngineCollector(Collector):
         engine = self._engine()
         if engine is None:  # still loading the model
             return
-        runner = engine.runner
         yield GaugeMetricFamily("tokenwire_live_requests", "Requests waiting or running.", engine.num_live())
         yield GaugeMetricFamily(
             "tokenwire_waiting_requests", "Requests queued for a KV slot.", engine.num_waiting
@@ -37,12 +36,12 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily(
             "tokenwire_running_requests", "Requests in prefill or decode.", engine.num_running
         )
+        yield GaugeMetricFamily("tokenwire_kv_slots_in_use", "KV cache slots held.", engine.kv_slots_in_use)
+        yield GaugeMetricFamily("tokenwire_kv_slots", "KV cache slots in all.", engine.kv_slots)
         yield GaugeMetricFamily(
-            "tokenwire_kv_slots_in_use", "KV cache slots held.", runner.max_batch_size - runner.free_rows
-        )
-        yield GaugeMetricFamily("tokenwire_kv_slots", "KV cache slots in all.", runner.max_batch_size)
-        yield GaugeMetricFamily(
-            "tokenwire_session_cache_bytes", "Bytes of KV cache kept for sessions.", engine.sessions.nbytes
+            "tokenwire_session_cache_bytes",
+            "Bytes of KV cache kept for sessions.",
+            engine.session_cache_bytes,
         )
 
 

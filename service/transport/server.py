@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from tokenwire.service.engine.engine import Engine
 from tokenwire.service.engine.requests import Failure, Finished, GenerationRequest
 from tokenwire.service.transport.auth import BearerTokenInterceptor
+from tokenwire.service.transport.interceptors import CatchAllInterceptor
 from tokenwire.service.transport.metrics import ServerMetrics
 from tokenwire.service.transport.servicer import TokenWireServicer
 from tokenwire.v1 import tokenwire_pb2, tokenwire_pb2_grpc
@@ -135,7 +136,10 @@ class RunningServer:
     async def _start(self, engine: Engine | None) -> None:
         config = self.config
         await self._set_health(False)  # HealthServicer starts out SERVING for ""
-        interceptors = [BearerTokenInterceptor(config.auth_token)] if config.auth_token else []
+        # The first is the outermost: the catch-all guards every handler, the auth refusals included.
+        interceptors: list[grpc.aio.ServerInterceptor] = [CatchAllInterceptor()]
+        if config.auth_token:
+            interceptors.append(BearerTokenInterceptor(config.auth_token))
         server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
         tokenwire_pb2_grpc.add_TokenWireServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

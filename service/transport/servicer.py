@@ -14,8 +14,11 @@ import tokenwire
 from tokenwire.service.engine.engine import Engine, RequestStream
 from tokenwire.service.engine.requests import ErrorCode, OutputOptions, RequestError, StopReason
 from tokenwire.service.transport import convert
+from tokenwire.service.transport.convert import MessageError
+from tokenwire.service.transport.interceptors import RequestFailed
 from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
+from tokenwire.v1.metadata import REPLICA_HEADER
 
 log = logging.getLogger("tokenwire.servicer")
 
@@ -44,6 +47,8 @@ class _GenerateCall:
         self.reader: asyncio.Task[None] | None = None
         self.cut_by_server = False
         self.unreadable: DecodeError | None = None  # a request that could not be parsed ends the RPC
+        # So does a bug met while handling a message (INTERNAL): the request id it named, and the error.
+        self.failed: tuple[str, Exception] | None = None
 
     # ---- lifecycle ----
 
@@ -86,16 +91,12 @@ class _GenerateCall:
     async def _read(self, requests: AsyncIterable[pb.GenerateRequest]) -> None:
         try:
             async for message in requests:
-                kind = message.WhichOneof("kind")
-                if kind == "start":
-                    await self._start(message.start)
-                elif kind == "interrupt":
-                    await self._interrupt(message.interrupt)
-                else:
-                    neither = RequestError(
-                        ErrorCode.INVALID_ARGUMENT, "kind: set either start or interrupt", "kind"
-                    )
-                    await self.out.put(convert.error_response("", neither))
+                try:
+                    await self._handle(message)
+                except Exception as error:  # a bug, not the client's doing: the RPC ends with INTERNAL
+                    self.failed = (_request_id_of(message), error)
+                    self.abandon()
+                    return
         except asyncio.CancelledError:
             raise
         except Exception as error:  # the request side broke (e.g. a message over the size limit)
@@ -106,16 +107,27 @@ class _GenerateCall:
         finally:
             self._producer_done()
 
+    async def _handle(self, message: pb.GenerateRequest) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "start":
+            await self._start(message.start)
+        elif kind == "interrupt":
+            await self._interrupt(message.interrupt)
+        else:
+            neither = MessageError(ErrorCode.INVALID_ARGUMENT, "kind: set either start or interrupt", "kind")
+            await self.out.put(convert.error_response("", neither))
+
     async def _refuse(self, request_id: str, error: RequestError) -> None:
         if self.on_refused is not None:
             self.on_refused(error.code)
+        field = convert.error_path(error)
         log.info(
             "request refused request_id=%s code=%s field=%s: %s",
             request_id,
             error.code.name,
-            error.field,
+            field,
             error.message,
-            extra={"request_id": request_id, "code": error.code.name, "field": error.field},
+            extra={"request_id": request_id, "code": error.code.name, "field": field},
         )
         await self.out.put(convert.error_response(request_id, error))
 
@@ -125,7 +137,7 @@ class _GenerateCall:
             if not request.request_id and self.replica_id:
                 # The id names its replica, so a proxy can route a later Cancel to it.
                 request.request_id = f"{self.replica_id}.{uuid.uuid4().hex}"
-            stream = self.engine.add_request(request)
+            stream = await self.engine.submit(request)
         except RequestError as error:
             await self._refuse(start.request_id, error)
             return
@@ -147,7 +159,7 @@ class _GenerateCall:
             return
         owned = self.owned.get(request_id)
         if owned is None:
-            unknown = RequestError(
+            unknown = MessageError(
                 ErrorCode.NOT_FOUND,
                 f"interrupt.request_id: no live request {request_id!r} on this stream",
                 "interrupt.request_id",
@@ -169,9 +181,6 @@ class _GenerateCall:
             if owned is not None and owned[0] is asyncio.current_task():
                 del self.owned[request_id]
             self._producer_done()
-
-
-REPLICA_HEADER = "x-tokenwire-replica"
 
 
 class TokenWireServicer(pb_grpc.TokenWireServicer):
@@ -210,6 +219,9 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
         try:
             async for response in call.responses():
                 yield response
+            if call.failed is not None:
+                request_id, error = call.failed
+                raise RequestFailed(request_id) from error  # the catch-all interceptor answers INTERNAL
             if call.unreadable is not None:
                 # Its requests were abandoned: ending with OK would tell the client they were all answered.
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"GenerateRequest: {call.unreadable}")
@@ -243,24 +255,22 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        engine = await self._engine(context)
-        runner = engine.runner
+        info = (await self._engine(context)).model_info()
         return pb.ModelInfo(
-            model=runner.name,
-            source=runner.source,
-            context_length=runner.context_length,
-            vocab_size=runner.vocab_size,
-            eos_token_ids=list(runner.eos_token_ids),
-            device=str(runner.device),
-            dtype=str(runner.dtype).removeprefix("torch."),
-            # What the engine really runs at once: its configured batch within the runner's KV slots.
-            max_batch_size=engine.scheduler.config.max_batch_size,
-            max_live_requests=engine.config.max_live_requests,
-            has_chat_template=runner.has_chat_template,
+            model=info.name,
+            source=info.source,
+            context_length=info.context_length,
+            vocab_size=info.vocab_size,
+            eos_token_ids=list(info.eos_token_ids),
+            device=info.device,
+            dtype=info.dtype,
+            max_batch_size=info.max_batch_size,
+            max_live_requests=info.max_live_requests,
+            has_chat_template=info.has_chat_template,
             server_version=tokenwire.__version__,
-            weights=runner.weights,
-            activations=runner.activations,
-            kv_cache_dtype=str(runner.cache_dtype).removeprefix("torch."),
+            weights=info.weights,
+            activations=info.activations,
+            kv_cache_dtype=info.kv_cache_dtype,
         )
 
     async def Tokenize(
@@ -268,15 +278,25 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
     ) -> pb.TokenizeResponse:
         engine = await self._engine(context)
         kind = request.WhichOneof("input")
-        # Tokenized on the event loop like a Start's input: the message size limit bounds the cost,
-        # and the tokenizer is not used from two threads that both encode.
+        # The engine tokenizes on its tokenizer thread, like a Start's input; the checks here, and the
+        # message size limit that gRPC applies before this runs, come first.
         try:
             if kind == "text":
-                ids = engine.tokenize_text(request.text)
+                tokenized = await engine.tokenize_text(request.text)
             elif kind == "chat":
-                ids = engine.tokenize_chat(list(convert.chat_to_messages(request.chat, "chat")))
+                tokenized = await engine.tokenize_chat(convert.chat_to_messages(request.chat, "chat"))
             else:
-                raise RequestError(ErrorCode.INVALID_ARGUMENT, "input: set text or chat", "input")
+                raise MessageError(ErrorCode.INVALID_ARGUMENT, "input: set text or chat", "input")
         except RequestError as error:
-            await context.abort(convert.status_code(error.code), convert.describe(error))
-        return pb.TokenizeResponse(token_ids=ids, tokens=engine.runner.token_texts(ids))
+            # The request's fields sit in the TokenizeRequest itself: no "start." before their paths.
+            await context.abort(convert.status_code(error.code), convert.describe(error, root=""))
+        return pb.TokenizeResponse(token_ids=tokenized.token_ids, tokens=tokenized.tokens)
+
+
+def _request_id_of(message: pb.GenerateRequest) -> str:
+    kind = message.WhichOneof("kind")
+    if kind == "start":
+        return message.start.request_id
+    if kind == "interrupt":
+        return message.interrupt.request_id
+    return ""

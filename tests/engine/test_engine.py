@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import threading
+from collections.abc import Iterator
 
 import pytest
 
-from tests.fake_runner import EOS, FakeRunner, make_tokenizer, token_id
+from tests.conftest import wait_until_idle
+from tests.fake_runner import EOS, FakeRunner, ForwardGate, make_tokenizer, token_id
 from tokenwire.service.engine.engine import Engine, EngineConfig
 from tokenwire.service.engine.requests import (
     Chunking,
@@ -19,6 +20,7 @@ from tokenwire.service.engine.requests import (
     OutputOptions,
     PromptInput,
     RequestError,
+    RequestField,
     Started,
     StoppingParams,
     StopReason,
@@ -39,12 +41,8 @@ async def collect(stream: object) -> list[object]:
     return [item async for item in stream]  # type: ignore[attr-defined]
 
 
-async def wait_idle(engine: Engine, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if engine.is_idle():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("engine did not become idle")
+async def wait_idle(engine: Engine) -> None:
+    await wait_until_idle(engine, timeout=5.0)
 
 
 @pytest.fixture
@@ -54,6 +52,19 @@ async def engine():
     eng.start()
     yield eng
     await eng.stop()
+
+
+@pytest.fixture
+def gate(engine: Engine) -> Iterator[ForwardGate]:
+    """The fake model held at the start of each forward until the test lets it through (closed at
+    first; opened at the end so the engine can stop)."""
+    runner = engine.runner
+    assert isinstance(runner, FakeRunner)
+    gate = ForwardGate()
+    runner.on_forward = gate
+    yield gate
+    runner.on_forward = None
+    gate.open()
 
 
 async def test_outputs_in_order_and_one_finish(engine: Engine) -> None:
@@ -128,28 +139,29 @@ async def test_context_length_limit(engine: Engine) -> None:
 @pytest.mark.parametrize(
     ("req", "code", "field"),
     [
-        (request("e", ()), ErrorCode.INVALID_ARGUMENT, "start.input"),
-        (request("e", (999,)), ErrorCode.INVALID_ARGUMENT, "start.token_ids.ids"),
-        (request("e", (HELLO,) * 256), ErrorCode.INVALID_ARGUMENT, "start.input"),
+        (request("e", ()), ErrorCode.INVALID_ARGUMENT, RequestField.INPUT),
+        (request("e", (999,)), ErrorCode.INVALID_ARGUMENT, RequestField.TOKEN_IDS),
+        (request("e", (HELLO,) * 256), ErrorCode.INVALID_ARGUMENT, RequestField.INPUT),
+        (request("e", (HELLO,) * 10, max_tokens=250), ErrorCode.INVALID_ARGUMENT, RequestField.MAX_TOKENS),
         (
-            request("e", (HELLO,) * 10, max_tokens=250),
+            request("e", stopping=StoppingParams(max_tokens=3, stop_token_ids=(999,))),
             ErrorCode.INVALID_ARGUMENT,
-            "start.stopping.max_tokens",
+            RequestField.STOP_TOKEN_IDS,
         ),
-        (request("x" * 129), ErrorCode.INVALID_ARGUMENT, "start.request_id"),
+        (request("x" * 129), ErrorCode.INVALID_ARGUMENT, RequestField.REQUEST_ID),
     ],
 )
 async def test_bad_requests_name_their_field(
-    engine: Engine, req: GenerationRequest, code: ErrorCode, field: str
+    engine: Engine, req: GenerationRequest, code: ErrorCode, field: RequestField
 ) -> None:
     with pytest.raises(RequestError) as caught:
         engine.add_request(req)
-    assert caught.value.code is code and caught.value.field == field
+    assert caught.value.code is code and caught.value.field is field
     assert engine.is_idle()
 
 
-async def test_duplicate_live_id_and_limit(engine: Engine) -> None:
-    engine.runner.step_delay = 0.01  # type: ignore[attr-defined]
+async def test_duplicate_live_id_and_limit(engine: Engine, gate: ForwardGate) -> None:
+    # The gate holds the model: no request can end while the test fills the registry.
     first = engine.add_request(request("dup", max_tokens=30))
     with pytest.raises(RequestError) as caught:
         engine.add_request(request("dup"))
@@ -160,6 +172,7 @@ async def test_duplicate_live_id_and_limit(engine: Engine) -> None:
     assert caught.value.code is ErrorCode.RESOURCE_EXHAUSTED
     for s in [first, *streams]:
         engine.abort(s.request_id, StopReason.CANCELLED)
+    gate.open()
     await asyncio.gather(*(collect(s) for s in [first, *streams]))
     await wait_idle(engine)
     # The id is free again once its request ended.
@@ -168,32 +181,33 @@ async def test_duplicate_live_id_and_limit(engine: Engine) -> None:
     ].reason is StopReason.MAX_TOKENS  # type: ignore[attr-defined]
 
 
-async def test_abort_while_waiting_in_prefill_and_decoding(engine: Engine) -> None:
-    runner = engine.runner
-    assert isinstance(runner, FakeRunner)
-    permits = threading.Semaphore(0)
-    runner.on_forward = lambda: permits.acquire(timeout=5)  # each forward waits for a permit
+async def test_abort_while_waiting_in_prefill_and_decoding(engine: Engine, gate: ForwardGate) -> None:
     streams = {"blocker": engine.add_request(request("blocker", max_tokens=40))}
-    await asyncio.sleep(0.05)  # the step thread now sits in the blocker's prefill
+    await gate.held(1)  # the step thread now sits in the blocker's prefill
     for rid, ids in [("r0", (HELLO,)), ("r1", (HELLO,)), ("long", (HELLO,) * 12), ("w", (HELLO,))]:
         streams[rid] = engine.add_request(request(rid, ids, max_tokens=40))
-    permits.release(2)  # step 1 ends; step 2 admits r0, r1, long (4 rows in all) and prefills
-    await asyncio.sleep(0.05)
+    gate.allow(2)  # step 1 ends (the blocker's prefill, then its first decode)
+    await gate.held(3)  # step 2 admitted r0, r1, long (4 rows in all) and is prefilling them
     scheduled = {rid: engine.scheduler.get(engine._live[rid].seq_id) for rid in ("long", "w")}
     assert scheduled["w"].phase is Phase.WAITING  # type: ignore[union-attr]
     assert scheduled["long"].phase is Phase.PREFILL  # type: ignore[union-attr]
     assert engine.abort("w", StopReason.CANCELLED)
     assert engine.abort("long", StopReason.INTERRUPTED)
-    runner.step_delay = 0.005  # r0 keeps decoding while we look
-    runner.on_forward = None
-    permits.release(100)
+    # One forward at a time until both have ended (a step sends its outputs before the next forward),
+    # so r0 is still mid-generation, held, when it is interrupted below.
+    for forwards in range(11):
+        if streams["w"].done and streams["long"].done:
+            break
+        assert forwards < 10, "the aborts were never applied"
+        await gate.advance()
     w = await collect(streams["w"])
     # Stopped while waiting: Started (never admitted: no cached tokens) then Finished, as always.
     assert [type(i) for i in w] == [Started, Finished] and w[1].reason is StopReason.CANCELLED
     long = await collect(streams["long"])
     assert long[-1].reason is StopReason.INTERRUPTED and long[-1].usage.completion_tokens == 0  # type: ignore[attr-defined]
-    await asyncio.sleep(0.01)
+    assert engine.scheduler.get(engine._live["r0"].seq_id).phase is Phase.DECODE  # type: ignore[union-attr]
     assert engine.abort("r0", StopReason.INTERRUPTED)  # decoding
+    gate.open()
     r0 = await collect(streams["r0"])
     assert r0[-1].reason is StopReason.INTERRUPTED and 0 < r0[-1].usage.completion_tokens < 40  # type: ignore[attr-defined]
     for rid in ("r1", "blocker"):
@@ -203,10 +217,13 @@ async def test_abort_while_waiting_in_prefill_and_decoding(engine: Engine) -> No
     assert not engine.abort("r0", StopReason.CANCELLED)  # idempotent: no longer live
 
 
-async def test_cancel_returns_summary_and_is_idempotent(engine: Engine) -> None:
-    engine.runner.step_delay = 0.005  # type: ignore[attr-defined]
+async def test_cancel_returns_summary_and_is_idempotent(engine: Engine, gate: ForwardGate) -> None:
     stream = engine.add_request(request("c1", max_tokens=60))
-    await asyncio.sleep(0.05)
+    gate.allow(2)
+    await gate.held(3)  # two tokens out, the model held in the third: mid-generation
+    # cancel() queues its abort before it first waits, and only then does this callback run: the held
+    # forward ends, and the next step applies the cancel (the generation cannot run to its end first).
+    asyncio.get_running_loop().call_soon(gate.open)
     summary = await engine.cancel("c1")
     assert summary is not None and summary.reason is StopReason.CANCELLED
     items = await collect(stream)
@@ -217,33 +234,37 @@ async def test_cancel_returns_summary_and_is_idempotent(engine: Engine) -> None:
     await wait_idle(engine)
 
 
-async def test_interrupt_after_segment_finishes_the_sentence(engine: Engine) -> None:
+async def test_interrupt_after_segment_finishes_the_sentence(engine: Engine, gate: ForwardGate) -> None:
     runner = engine.runner
     assert isinstance(runner, FakeRunner)
-    runner.step_delay = 0.01
     smith, sat = token_id("ĠSmith"), token_id("Ġsat")
     runner.script[WORLD] = [smith, sat, DOT, smith, CAT, sat, DOT, smith, CAT, sat, DOT] * 3
     stream = engine.add_request(
         request("seg", (WORLD,), max_tokens=40, output=OutputOptions(chunking=Chunking.SENTENCE))
     )
+    gate.allow(5)  # " Smith sat. Smith cat": the first sentence is out, the second under way
+    await gate.held(6)
     seen: list[object] = []
     async for item in stream:
         seen.append(item)
         if isinstance(item, Delta) and len(seen) == 2:
             engine.abort("seg", StopReason.INTERRUPTED, after_segment=True)
+            gate.open()
     deltas = [i for i in seen if isinstance(i, Delta)]
     assert all(d.segment_end for d in deltas)
     assert seen[-1].reason is StopReason.INTERRUPTED  # type: ignore[attr-defined]
     assert "".join(d.text for d in deltas).endswith(".")
 
 
-async def test_step_failure_ends_every_request(engine: Engine) -> None:
+async def test_step_failure_ends_every_request(engine: Engine, gate: ForwardGate) -> None:
     runner = engine.runner
     assert isinstance(runner, FakeRunner)
-    runner.step_delay = 0.01
     streams = [engine.add_request(request(f"f{i}", max_tokens=30)) for i in range(3)]
-    await asyncio.sleep(0.05)
-    runner.fail = RuntimeError("boom")
+    await gate.held()
+    while len(engine.scheduler) < 3:  # a step may have begun before the last ones arrived
+        await gate.advance()
+    runner.fail = RuntimeError("boom")  # the held forward raises: all three are in the engine
+    gate.open()
     results = await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), 5)
     for items in results:
         assert isinstance(items[-1], Finished) and items[-1].reason is StopReason.ERROR
@@ -317,21 +338,23 @@ async def test_session_reuses_prefix_and_truncates(engine: Engine) -> None:
     await wait_idle(engine)
 
 
-async def test_after_segment_gives_up_when_the_segment_never_ends(engine: Engine) -> None:
+async def test_after_segment_gives_up_when_the_segment_never_ends(engine: Engine, gate: ForwardGate) -> None:
     from tokenwire.service.engine.engine import AFTER_SEGMENT_MAX_TOKENS
 
     runner = engine.runner
     assert isinstance(runner, FakeRunner)
-    runner.step_delay = 0.002
     runner.script[WORLD] = [CAT] * 200  # " cat cat cat ..." never closes a sentence
     options = OutputOptions(chunking=Chunking.SENTENCE)
     stream = engine.add_request(request("endless", (WORLD,), max_tokens=200, output=options))
-    await asyncio.sleep(0.03)
+    gate.allow(2)
+    await gate.held(3)  # " cat cat": a sentence under way
     engine.abort("endless", StopReason.INTERRUPTED, after_segment=True)
+    gate.open()
     items = await collect(stream)
     finished = items[-1]
     assert isinstance(finished, Finished) and finished.reason is StopReason.INTERRUPTED
-    assert finished.usage.completion_tokens < 200 - AFTER_SEGMENT_MAX_TOKENS + 20
+    # Three tokens when the interrupt was applied (the held forward ends first), then the cap.
+    assert finished.usage.completion_tokens == 3 + AFTER_SEGMENT_MAX_TOKENS
     assert finished.tail_text.strip().startswith("cat")  # the unfinished sentence was never sent
 
 
@@ -349,11 +372,20 @@ async def test_a_length_cut_does_not_claim_a_segment_end(engine: Engine) -> None
     assert [d.segment_end for d in items if isinstance(d, Delta)] == [True, True]
 
 
-async def test_started_reports_the_time_spent_waiting_for_a_row(engine: Engine) -> None:
-    engine.runner.step_delay = 0.01  # type: ignore[attr-defined]
+async def test_started_reports_the_time_spent_waiting_for_a_row(engine: Engine, gate: ForwardGate) -> None:
     streams = [engine.add_request(request(f"q{i}", max_tokens=10)) for i in range(5)]  # 4 rows
+    gate.open()  # only now can a first token come: every request arrived before any first token
     results = await asyncio.gather(*(collect(s) for s in streams))
     queued = [items[0].queue_s for items in results]  # type: ignore[attr-defined]
-    assert max(queued) >= 0.05 and min(queued) < max(queued)  # the fifth waited for a row to free
+    assert min(queued) < max(queued)  # the fifth waited for a row to free
+    # It was admitted only after another request had finished (decoding from its first token on) and
+    # freed its row: so it waited at least as long as the shortest of those decodes.
+    waited = queued.index(max(queued))
+    decoding = [
+        items[-1].timings.total_s - items[-1].timings.time_to_first_token_s  # type: ignore[attr-defined]
+        for i, items in enumerate(results)
+        if i != waited
+    ]
+    assert queued[waited] >= min(decoding) > 0
     for items in results:
         assert items[0].queue_s <= items[-1].timings.total_s  # type: ignore[attr-defined]

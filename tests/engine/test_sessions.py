@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import time
 
 import pytest
 
@@ -94,8 +94,9 @@ async def test_sessions_are_isolated_and_expire(engine: Engine) -> None:
     await turn(engine, "a1", HISTORY, "alice")
     _, started, _, _, _ = await turn(engine, "b1", QUESTION, "bob")
     assert started.cached_prompt_tokens == 0  # bob has no history: alice's cache is not his
-    engine.sessions.ttl_s = 0.05
-    await asyncio.sleep(0.1)
+    # The store's clock jumps past the TTL: every session has now been idle for longer than it.
+    later = time.monotonic() + engine.sessions.ttl_s + 1
+    engine.sessions.clock = lambda: later
     request, started, _, _, _ = await turn(engine, "a2", QUESTION, "alice")
     assert started.cached_prompt_tokens == 0  # expired: a full prefill of just this turn
     assert tokenizer().decode(request.prompt_token_ids).count("<|im_start|>user") == 1

@@ -15,6 +15,7 @@ from tokenwire.service.engine.requests import (
     Failure,
     Finished,
     RequestError,
+    RequestField,
     SessionTruncation,
     Started,
     StopReason,
@@ -185,7 +186,7 @@ def test_invalid_starts_name_their_field(message: pb.Start, field: str) -> None:
     with pytest.raises(RequestError) as caught:
         convert.start_to_request(message)
     assert caught.value.code is ErrorCode.INVALID_ARGUMENT
-    assert caught.value.field == field
+    assert convert.error_path(caught.value) == field
     assert field in caught.value.message  # the message names the field for a person, too
 
 
@@ -204,7 +205,7 @@ def test_interrupt_modes(mode: int, after_segment: bool) -> None:
 def test_unknown_interrupt_mode() -> None:
     with pytest.raises(RequestError) as caught:
         convert.interrupt_after_segment(pb.Interrupt(request_id="r", mode=7))  # type: ignore[arg-type]
-    assert caught.value.field == "interrupt.mode"
+    assert convert.error_path(caught.value) == "interrupt.mode"
 
 
 @pytest.mark.parametrize(
@@ -222,8 +223,9 @@ def test_unknown_interrupt_mode() -> None:
 def test_error_codes_are_grpc_status_numbers(code: ErrorCode, number: int) -> None:
     assert convert.status_number(code) == number
     assert convert.status_code(code) == grpc.StatusCode[code.name]
-    error = convert.failure_to_pb(Failure(code, "why", "start.x"))
-    assert (error.code, error.message, error.field) == (number, "start.x: why", "start.x")
+    error = convert.failure_to_pb(Failure(code, "why", RequestField.MAX_TOKENS))
+    path = "start.stopping.max_tokens"
+    assert (error.code, error.message, error.field) == (number, f"{path}: why", path)
 
 
 @pytest.mark.parametrize(
@@ -308,3 +310,59 @@ def test_output_to_response_kinds() -> None:
     )
     response = convert.output_to_response("a", Failure(ErrorCode.INTERNAL, "boom"), opts)
     assert response.request_id == "a" and response.error.code == 13
+
+
+# ---- the engine's fields, as clients see them ----
+
+
+def _resolves(descriptor: Any, path: str) -> bool:
+    """Whether a dotted path names a field (or oneof) of the message `descriptor`, through sub-messages."""
+    head, _, rest = path.partition(".")
+    if not rest:
+        return head in descriptor.fields_by_name or head in descriptor.oneofs_by_name
+    field = descriptor.fields_by_name.get(head)
+    return field is not None and field.message_type is not None and _resolves(field.message_type, rest)
+
+
+@pytest.mark.parametrize("field", list(RequestField))
+def test_every_request_field_has_a_path_in_the_contract(field: RequestField) -> None:
+    path = convert.field_path(field)
+    assert path.startswith("start.") and _resolves(pb.Start.DESCRIPTOR, path.removeprefix("start."))
+    assert _resolves(pb.GenerateRequest.DESCRIPTOR, path)
+
+
+def test_tokenize_reports_its_fields_at_the_request_root() -> None:
+    """Tokenize's errors name fields of the TokenizeRequest itself: no "start." in front."""
+    for field in (RequestField.INPUT, RequestField.CHAT):
+        assert _resolves(pb.TokenizeRequest.DESCRIPTOR, convert.field_path(field, root=""))
+    error = RequestError(ErrorCode.INVALID_ARGUMENT, "cannot apply the chat template: no", RequestField.CHAT)
+    assert convert.describe(error, root="") == "chat: cannot apply the chat template: no"
+    assert convert.describe(error) == "start.chat: cannot apply the chat template: no"
+
+
+@pytest.mark.parametrize(
+    ("error", "path", "message"),
+    [
+        (
+            RequestError(ErrorCode.INVALID_ARGUMENT, "the input is empty", RequestField.INPUT),
+            "start.input",
+            "start.input: the input is empty",
+        ),
+        (
+            RequestError(ErrorCode.INVALID_ARGUMENT, "token id 9 is outside", RequestField.TOKEN_IDS),
+            "start.token_ids.ids",
+            "start.token_ids.ids: token id 9 is outside",
+        ),
+        (
+            RequestError(ErrorCode.ALREADY_EXISTS, "request_id 'a' is already live", RequestField.REQUEST_ID),
+            "start.request_id",
+            "start.request_id: request_id 'a' is already live",
+        ),
+        (RequestError(ErrorCode.RESOURCE_EXHAUSTED, "full"), "", "full"),
+        (convert.MessageError(ErrorCode.NOT_FOUND, "interrupt.request_id: no", "interrupt.request_id"),
+         "interrupt.request_id", "interrupt.request_id: no"),
+    ],
+)  # fmt: skip
+def test_errors_carry_the_path_clients_read(error: RequestError, path: str, message: str) -> None:
+    described = convert.failure_to_pb(error)
+    assert (described.field, described.message) == (path, message)

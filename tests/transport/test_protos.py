@@ -43,3 +43,30 @@ def test_enums_start_unspecified_and_carry_their_prefix() -> None:
         prefix = "".join("_" + c if c.isupper() else c for c in enum.name).lstrip("_").upper()
         assert enum.values[0].number == 0 and enum.values[0].name == f"{prefix}_UNSPECIFIED"
         assert all(v.name.startswith(prefix + "_") for v in enum.values)
+
+
+def test_header_names_live_in_the_contract_once(tmp_path: Path) -> None:
+    """tokenwire.v1.metadata is written by hand beside the generated modules: regenerating leaves it be,
+    and the server and the client take the header names from it instead of spelling them out."""
+    from tokenwire.v1 import metadata
+
+    assert metadata.REPLICA_HEADER == "x-tokenwire-replica"
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from gen_protos import generate
+    finally:
+        sys.path.pop(0)
+    package = tmp_path / "tokenwire" / "v1"
+    package.mkdir(parents=True)
+    source = (ROOT / "protos" / "tokenwire" / "v1" / "metadata.py").read_text()
+    (package / "metadata.py").write_text(source)
+    generate(tmp_path)
+    assert (package / "metadata.py").read_text() == source
+    assert sorted(p.name for p in package.iterdir()) == sorted([*GENERATED, "metadata.py"])
+    spelled_out = [
+        str(path.relative_to(ROOT))
+        for folder in ("service", "client")
+        for path in (ROOT / folder).rglob("*.py")
+        if f'"{metadata.REPLICA_HEADER}"' in path.read_text()
+    ]
+    assert spelled_out == []

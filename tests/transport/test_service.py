@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.conftest import FAKE_ENGINE, free_port, running_server, wait_until_idle
-from tests.fake_runner import FakeRunner
+from tests.fake_runner import FakeRunner, ForwardGate
 from tests.reliability.contract import read_rest, read_until_done
+from tests.waiting import until
 from tokenwire.service.engine.engine import Engine, EngineConfig
+from tokenwire.service.engine.requests import Failure, Finished, GenerationRequest, StopReason
 from tokenwire.service.main import build_parser, configs_from_args
 from tokenwire.service.transport.server import RunningServer, ServerConfig, serve, server_options
 from tokenwire.v1 import tokenwire_pb2 as pb
@@ -71,6 +72,32 @@ def fake(server: RunningServer) -> FakeRunner:
     runner = server.engine.runner
     assert isinstance(runner, FakeRunner)
     return runner
+
+
+def after_each_step(engine: Engine, observer: Callable[[float, int], None]) -> None:
+    """Call `observer` after the server's own step hook (metrics), on the step thread."""
+    server_hook = engine.on_step
+
+    def both(seconds: float, batch: int) -> None:
+        if server_hook is not None:
+            server_hook(seconds, batch)
+        observer(seconds, batch)
+
+    engine.on_step = both
+
+
+def after_each_finish(
+    engine: Engine, observer: Callable[[GenerationRequest, Finished | Failure], None]
+) -> None:
+    """Call `observer` after the server's own finish hook (log line, metrics), on the step thread."""
+    server_hook = engine.on_finish
+
+    def both(request: GenerationRequest, result: Finished | Failure) -> None:
+        if server_hook is not None:
+            server_hook(request, result)
+        observer(request, result)
+
+    engine.on_finish = both
 
 
 # ---- Generate ----
@@ -192,6 +219,15 @@ async def test_rpc_ending_aborts_its_requests(served: RunningServer, how: str) -
     engine = served.engine
     assert engine is not None
     fake(served).step_delay = 0.01  # the requests would run for ~2.5 s on their own
+    ended: dict[str, StopReason] = {}
+    both_ended = threading.Event()
+
+    def record(request: GenerationRequest, result: Finished | Failure) -> None:
+        ended[request.request_id] = result.reason if isinstance(result, Finished) else StopReason.ERROR
+        if len(ended) == 2:
+            both_ended.set()
+
+    after_each_finish(engine, record)
     channel = grpc.aio.insecure_channel(served.address)
     stub = pb_grpc.TokenWireStub(channel)
     call = stub.Generate(timeout=0.5) if how == "deadline" else stub.Generate()
@@ -205,19 +241,23 @@ async def test_rpc_ending_aborts_its_requests(served: RunningServer, how: str) -
         await channel.close()
     with pytest.raises((asyncio.CancelledError, grpc.aio.AioRpcError)):
         await read_rest(call)
-    took = await wait_until_idle(engine, timeout=2.0)
-    assert took < 1.0
+    assert await asyncio.to_thread(both_ended.wait, 5.0), ended
+    # Stopped by the RPC's end, not run to their own (CONTEXT_LENGTH, seconds later).
+    assert ended == {"long-1": StopReason.CANCELLED, "long-2": StopReason.CANCELLED}
+    await wait_until_idle(engine)
     await channel.close()
-    # A new request is not slowed by the abandoned ones.
+    # A new request is not slowed by the abandoned ones: every forward it takes is its own alone.
     fake(served).step_delay = 0.002
+    before = len(fake(served).calls)
     async with grpc.aio.insecure_channel(served.address) as fresh:
-        began = time.monotonic()
         call = pb_grpc.TokenWireStub(fresh).Generate()
         await call.write(start("next", 5))
         await call.done_writing()
         responses = await read_rest(call)
         assert check_lifecycle(responses).reason == pb.STOP_REASON_MAX_TOKENS
-        assert time.monotonic() - began < 0.5
+    forwards = fake(served).calls[before:]
+    assert [kind for kind, _ in forwards] == ["prefill"] + ["decode"] * 4  # a token each
+    assert all(len(sequences) == 1 for _, sequences in forwards), forwards  # type: ignore[arg-type]
 
 
 async def test_half_close_lets_running_requests_finish(
@@ -422,9 +462,20 @@ async def test_not_serving_until_the_engine_is_attached() -> None:
         await server.stop(0)
 
 
+async def health_becomes(watch: Any, status: int, timeout: float = 5.0) -> None:
+    """Read a Health.Watch stream until it reports `status`."""
+    while True:
+        response = await asyncio.wait_for(watch.read(), timeout)
+        assert response is not grpc.aio.EOF, f"the health watch ended before status {status}"
+        if response.status == status:
+            return
+
+
 async def test_stuck_step_loop_turns_health_not_serving() -> None:
     config = EngineConfig(max_batch_size=4, stuck_after_s=0.2)
     async with running_server(config) as server, grpc.aio.insecure_channel(server.address) as ch:
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest())
+        await health_becomes(watch, SERVING)
         release = threading.Event()
 
         def stall() -> None:
@@ -433,13 +484,14 @@ async def test_stuck_step_loop_turns_health_not_serving() -> None:
         fake(server).on_forward = stall
         call = pb_grpc.TokenWireStub(ch).Generate()
         await call.write(start("stuck", 3))
-        await asyncio.sleep(0.5)
+        await health_becomes(watch, NOT_SERVING)  # the step has run longer than stuck_after_s
         assert await health_of(server.address) == NOT_SERVING
         release.set()
         check_lifecycle(await read_until_done(call, ["stuck"]))
-        await asyncio.sleep(0.3)
+        await health_becomes(watch, SERVING)  # and back, once the step loop moves again
         assert await health_of(server.address) == SERVING
         await call.done_writing()
+        watch.cancel()
 
 
 async def test_reflection_lists_the_service(served: RunningServer) -> None:
@@ -453,14 +505,20 @@ async def test_reflection_lists_the_service(served: RunningServer) -> None:
 
 async def test_drain_finishes_running_work_and_refuses_new() -> None:
     async with running_server(step_delay=0.005) as server, grpc.aio.insecure_channel(server.address) as ch:
+        engine = server.engine
+        assert engine is not None
+        gate = ForwardGate()  # holds the model: "running" cannot end before the drain has begun
+        fake(server).on_forward = gate
         call = pb_grpc.TokenWireStub(ch).Generate()
         await call.write(start("running", 60))
-        seen = [await asyncio.wait_for(call.read(), 5)]
+        await gate.held()  # admitted, in its prefill
         stopping = asyncio.create_task(server.stop(grace_s=5.0))
-        await asyncio.sleep(0.05)
+        await until(lambda: not engine.accepting, what="the engine refuses new requests")
+        assert engine.num_live() == 1  # the drain began with work still running
         assert await health_of(server.address) == NOT_SERVING
         await call.write(start("late", 5))
-        seen += await read_until_done(call, ["running", "late"])
+        gate.open()
+        seen = await read_until_done(call, ["running", "late"])
         assert of(seen, "late")[0].error.code == grpc.StatusCode.UNAVAILABLE.value[0]
         assert check_lifecycle(of(seen, "running")).reason == pb.STOP_REASON_MAX_TOKENS
         await asyncio.wait_for(stopping, 5)
@@ -548,12 +606,23 @@ async def test_metrics_move_after_a_generation() -> None:
     port = free_port()
     async with running_server(metrics_port=port) as server, grpc.aio.insecure_channel(server.address) as ch:
         assert server.metrics_port == port
+        engine = server.engine
+        assert engine is not None
+        # The step thread records a step's metrics after delivering its outputs: wait until the step
+        # that ended the generation was recorded (the first step after which the engine is idle).
+        last_step_recorded = threading.Event()
+
+        def check(seconds: float, batch: int) -> None:
+            if engine.is_idle():
+                last_step_recorded.set()
+
+        after_each_step(engine, check)
         call = pb_grpc.TokenWireStub(ch).Generate()
         await call.write(start("m", 7))
         await call.write(start("bad", 7, sampling=pb.SamplingParams(top_p=2)))
         await call.done_writing()
         await read_rest(call)
-        await asyncio.sleep(0.05)  # the step thread records the last step after delivering
+        assert await asyncio.to_thread(last_step_recorded.wait, 5.0)
         url = f"http://127.0.0.1:{port}/metrics"
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
     samples = {}
