@@ -49,6 +49,8 @@ endif
 # The kernel tests against a build with AddressSanitizer and UndefinedBehaviorSanitizer: any
 # out-of-bounds access, use after free or undefined behaviour ends the run with a report.
 sanitize: $(STAMP)
+	@case "$$($(CC) -print-file-name=libasan.so)" in /*) ;; *) echo "make sanitize needs the compiler's" \
+		"AddressSanitizer runtime (Debian: apt-get install libgcc-12-dev, which gcc brings)"; exit 1;; esac
 	$(PY) service/kernels/build.py sanitized
 	$(SANITIZE_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_quantized.py \
 		tests/model/test_model_runner.py -m "not model" $(ARGS)

@@ -1,4 +1,4 @@
-"""Where tokenwire keeps what it builds once per machine: unpacked models, compiled kernels."""
+"""Where tokenwire keeps what it builds once per machine: GGUF models unpacked for loading."""
 
 from __future__ import annotations
 
