@@ -19,12 +19,12 @@ import secrets
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from tokenwire.service.engine.prompts import Prompts
 from tokenwire.service.engine.requests import (
     Delta,
     ErrorCode,
@@ -46,6 +46,7 @@ from tokenwire.service.engine.requests import (
 from tokenwire.service.engine.runner import Runner
 from tokenwire.service.engine.scheduler import Phase, ScheduledSequence, Scheduler, SchedulerConfig
 from tokenwire.service.engine.sessions import SessionStore
+from tokenwire.service.engine.streams import RequestStream
 from tokenwire.service.engine.text import TextStream
 from tokenwire.service.model.types import PrefillChunk, TokenSample
 
@@ -69,48 +70,6 @@ class EngineConfig:
     stuck_after_s: float = 30.0  # a step running longer than this makes the engine unhealthy
     session_ttl_s: float = 600.0
     session_cache_bytes: int = 512 * 1024 * 1024
-
-
-class RequestStream:
-    """The asyncio side of one request: a bounded buffer of outputs, iterated by the servicer.
-
-    Lives on the event loop; the step thread only reaches it through `call_soon_threadsafe`.
-    Deltas that pile up past the bound are merged into the last queued delta (a slow reader gets
-    fewer, larger chunks; memory stays bounded by the generation itself)."""
-
-    def __init__(self, request_id: str, bound: int) -> None:
-        self.request_id = request_id
-        self._bound = bound
-        self._items: deque[Output] = deque()
-        self._wakeup = asyncio.Event()
-        self.result: asyncio.Future[Finished | Failure] = asyncio.get_running_loop().create_future()
-
-    def push(self, item: Output) -> None:
-        last = self._items[-1] if self._items else None
-        if isinstance(item, Delta) and isinstance(last, Delta) and len(self._items) >= self._bound:
-            last.merge(item)
-        else:
-            self._items.append(item)
-        if isinstance(item, Finished | Failure) and not self.result.done():
-            self.result.set_result(item)
-        self._wakeup.set()
-
-    @property
-    def done(self) -> bool:
-        return self.result.done()
-
-    def __aiter__(self) -> AsyncIterator[Output]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Output]:
-        while True:
-            while not self._items:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            item = self._items.popleft()
-            yield item
-            if isinstance(item, Finished | Failure):
-                return
 
 
 @dataclass
@@ -169,6 +128,7 @@ class Engine:
             SchedulerConfig(batch, self.config.prefill_tokens_per_step, self.config.prefill_attention_span)
         )
         self.sessions = SessionStore(self.config.session_ttl_s, self.config.session_cache_bytes)
+        self._prompts = Prompts(runner, self.sessions)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._live: dict[str, _Live] = {}  # by request id; guarded by _lock
         # Requests that `submit` is tokenizing, by id: taken, not yet live; guarded by _lock
@@ -299,7 +259,7 @@ class Engine:
         free while the input is tokenized."""
         self._check_open()
         self._name(request)
-        request.prompt_token_ids, max_tokens = self._prepare(request)
+        request.prompt_token_ids, max_tokens = self._prompts.prepare(request)
         live = self._live_for(request, max_tokens)
         with self._lock:
             refusal = self._refusal(request.request_id, request.session_id)
@@ -325,7 +285,7 @@ class Engine:
             if refusal is None:
                 self._reserved[request_id] = reservation
         try:
-            request.prompt_token_ids, max_tokens = await self._off_loop(self._prepare, request)
+            request.prompt_token_ids, max_tokens = await self._off_loop(self._prompts.prepare, request)
             if refusal is not None:
                 raise refusal
             live = self._live_for(request, max_tokens)
@@ -422,80 +382,15 @@ class Engine:
             raise RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down") from None
         return await pending
 
-    # ---- tokenizing (the tokenizer thread, or add_request's caller) ----
-
-    def _prepare(self, request: GenerationRequest) -> tuple[list[int], int]:
-        """The request's prompt token ids, checked against the model, and the most tokens it may generate."""
-        ids = self._prompt_ids(request)
-        return ids, self._check_tokens(request, ids)
-
-    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        try:
-            return self.sessions.prompt_ids(request, self.runner)
-        except RequestError:
-            raise
-        except Exception as error:  # a chat template that rejects the messages, say
-            field = RequestField.CHAT if request.input.chat is not None else RequestField.INPUT
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT, f"cannot tokenize the input: {error}", field
-            ) from error
+    # ---- tokenizing (on the tokenizer thread) ----
 
     async def tokenize_text(self, text: str) -> Tokenized:
         """A text's tokens as the model's tokenizer gives them (on the tokenizer thread)."""
-        return await self._off_loop(self._tokenize_text, text)
+        return await self._off_loop(self._prompts.tokenize_text, text)
 
     async def tokenize_chat(self, messages: Sequence[tuple[str, str]]) -> Tokenized:
         """A chat's tokens after the model's chat template (on the tokenizer thread). Raises RequestError."""
-        return await self._off_loop(self._tokenize_chat, messages)
-
-    def _tokenize_text(self, text: str) -> Tokenized:
-        ids = self.runner.encode(text)
-        return Tokenized(ids, self.runner.token_texts(ids))
-
-    def _tokenize_chat(self, messages: Sequence[tuple[str, str]]) -> Tokenized:
-        try:
-            ids = self.runner.encode_chat(messages)
-        except Exception as error:
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT, f"cannot apply the chat template: {error}", RequestField.CHAT
-            ) from error
-        return Tokenized(ids, self.runner.token_texts(ids))
-
-    def _check_tokens(self, request: GenerationRequest, ids: list[int]) -> int:
-        """Validate the prompt against the model; return the most tokens this request may generate."""
-        runner = self.runner
-        if not ids:
-            raise RequestError(ErrorCode.INVALID_ARGUMENT, "the input is empty", RequestField.INPUT)
-        bad = next((t for t in ids if not 0 <= t < runner.vocab_size), None)
-        if bad is not None:
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"token id {bad} is outside the vocabulary [0, {runner.vocab_size})",
-                RequestField.TOKEN_IDS,
-            )
-        for t in request.stopping.stop_token_ids:
-            if not 0 <= t < runner.vocab_size:
-                raise RequestError(
-                    ErrorCode.INVALID_ARGUMENT,
-                    f"stop token id {t} is outside the vocabulary [0, {runner.vocab_size})",
-                    RequestField.STOP_TOKEN_IDS,
-                )
-        room = runner.context_length - len(ids)
-        if room < 1:
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"the prompt has {len(ids)} tokens; the context holds {runner.context_length}",
-                RequestField.INPUT,
-            )
-        asked = request.stopping.max_tokens
-        if asked is not None and asked > room:
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"prompt ({len(ids)} tokens) plus max_tokens ({asked}) exceeds the context length "
-                f"({runner.context_length})",
-                RequestField.MAX_TOKENS,
-            )
-        return asked if asked is not None else room
+        return await self._off_loop(self._prompts.tokenize_chat, messages)
 
     # ---- stopping requests ----
 

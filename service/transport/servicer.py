@@ -11,8 +11,9 @@ import grpc
 from google.protobuf.message import DecodeError
 
 import tokenwire
-from tokenwire.service.engine.engine import Engine, RequestStream
+from tokenwire.service.engine.engine import Engine
 from tokenwire.service.engine.requests import ErrorCode, OutputOptions, RequestError, StopReason
+from tokenwire.service.engine.streams import RequestStream
 from tokenwire.service.transport import convert
 from tokenwire.service.transport.convert import MessageError
 from tokenwire.service.transport.interceptors import RequestFailed

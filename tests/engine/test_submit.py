@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tests.fake_runner import FakeRunner, token_id
-from tokenwire.service.engine.engine import Engine, EngineConfig, RequestStream
+from tokenwire.service.engine.engine import Engine, EngineConfig
 from tokenwire.service.engine.requests import (
     ErrorCode,
     Finished,
@@ -22,6 +22,7 @@ from tokenwire.service.engine.requests import (
     StoppingParams,
     StopReason,
 )
+from tokenwire.service.engine.streams import RequestStream
 
 T = TypeVar("T")
 HELLO = token_id("Ġhello")
