@@ -265,8 +265,8 @@ class Engine:
             refusal = self._refusal(request.request_id, request.session_id)
             if refusal is not None:
                 raise refusal
-            self._live[request.request_id] = live
-        self._enqueue(live)
+            self._register(live)
+        self._wake.set()
         return live.stream
 
     async def submit(self, request: GenerationRequest) -> RequestStream:
@@ -293,18 +293,16 @@ class Engine:
                 del self._reserved[request_id]
                 if not self._accepting:  # stop() began while the input was being tokenized
                     raise RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down")
-                self._live[request_id] = live
-                pending_abort = reservation.abort
+                self._register(live)
+                if reservation.abort is not None:  # a Cancel or Interrupt came while it was tokenized
+                    self._aborts.put(reservation.abort)
         except BaseException:  # refused, or the caller went away (cancelled) while it waited
             if refusal is None:
                 with self._lock:
                     self._reserved.pop(request_id, None)
                 reservation.settled.set_result(None)
             raise
-        self._enqueue(live)
-        if pending_abort is not None:  # after the request: the step thread takes both in order
-            self._aborts.put(pending_abort)
-            self._wake.set()
+        self._wake.set()
         reservation.settled.set_result(live)
         return live.stream
 
@@ -370,9 +368,11 @@ class Engine:
             deadline=now + limit if limit else None,
         )
 
-    def _enqueue(self, live: _Live) -> None:
+    def _register(self, live: _Live) -> None:
+        """Make the request live and queue it for the step thread. Call with _lock held: `abort`
+        finds it live under the same lock, so an abort is always queued after its request."""
+        self._live[live.request.request_id] = live
         self._incoming.put(live)
-        self._wake.set()
 
     async def _off_loop(self, work: Callable[..., T], *args: object) -> T:
         """Run tokenizer work on the tokenizer thread and wait for it without blocking the loop."""
@@ -380,7 +380,14 @@ class Engine:
             pending = asyncio.get_running_loop().run_in_executor(self._tokenizer, work, *args)
         except RuntimeError:  # stop() has shut the thread down
             raise RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down") from None
-        return await pending
+        try:
+            return await pending
+        except asyncio.CancelledError:
+            cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python 3.11+
+            if cancelling is None or cancelling():
+                raise  # our caller went away
+            # stop() dropped the work before it ran: a refusal the client can act on, not a silent end
+            raise RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down") from None
 
     # ---- tokenizing (on the tokenizer thread) ----
 
@@ -685,6 +692,8 @@ class Engine:
                 return
             with self._lock:
                 live = self._live.get(abort.request_id)
+            if live is not None and not live.finished and live.seq_id not in self._by_seq:
+                self._take_incoming(now)  # queued since this step took its incoming requests
             if live is None or live.finished or live.seq_id not in self._by_seq:
                 continue
             if abort.after_segment and live.text.in_segment:

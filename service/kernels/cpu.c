@@ -14,7 +14,14 @@ const char *kernels_build_cpu(void) { return KERNELS_BUILD_CPU; }
  * 3: x86-64-v4 with AVX512-VNNI (the 8-bit activations of block_matmul_int8.c).
  * __builtin_cpu_supports also checks that the OS saves the vector registers. */
 int kernels_cpu_level(void) {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+    /* The levels the builds are compiled for (-march=x86-64-v3/v4): every feature they assume */
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("x86-64-v3")) return 0;
+    if (!__builtin_cpu_supports("x86-64-v4")) return 1;
+    return __builtin_cpu_supports("avx512vnni") ? 3 : 2;
+#elif defined(__x86_64__) && defined(__GNUC__)
+    /* Older compilers name features only: the ones the builds' code relies on */
     __builtin_cpu_init();
     if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2")))
         return 0;

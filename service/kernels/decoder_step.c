@@ -143,8 +143,9 @@ int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *co
     const int64_t qkv_width = (heads + 2 * kv) * head_dim, layer_cache = d->max_rows * kv * d->max_len * head_dim;
     const int64_t element = d->half_cache ? 2 : 4;  /* bytes per cached value */
     if (!slots && rows > d->max_rows) return KERNEL_BAD_ARGUMENT;
-    for (int64_t r = 0; slots && r < rows; r++)
-        if (slots[r] >= d->max_rows) return KERNEL_BAD_ARGUMENT;  /* decode_attention checks the rest */
+    for (int64_t r = 0; r < rows; r++)  /* the rope table and the cache end at max_len, the cache at max_rows */
+        if (positions[r] < 0 || positions[r] >= d->max_len || (slots && (slots[r] < 0 || slots[r] >= d->max_rows)))
+            return KERNEL_BAD_ARGUMENT;
     float *normed = kernel_malloc(sizeof(float) * rows * hidden);
     float *qkv = kernel_malloc(sizeof(float) * rows * qkv_width);
     float *attended = kernel_malloc(sizeof(float) * rows * heads * head_dim);

@@ -183,8 +183,10 @@ def decode_attention(
             index.dtype == torch.int64 and index.is_contiguous() and len(index) == rows
         ):
             raise ValueError(f"decode_attention: {name} must be a contiguous int64 tensor, one per row")
-    if slots is not None and len(slots) and int(slots.max()) >= cache_k.shape[0]:
-        raise ValueError(f"decode_attention: a slot past the cache's {cache_k.shape[0]} rows")
+    if (slots is None and rows > cache_k.shape[0]) or (
+        slots is not None and len(slots) and int(slots.max()) >= cache_k.shape[0]
+    ):
+        raise ValueError(f"decode_attention: a row past the cache's {cache_k.shape[0]} rows")
     status = _module().lib.decode_attention(
         pointer(query), query.stride(0), query.stride(1),
         pointer(key), key.stride(0), key.stride(1),

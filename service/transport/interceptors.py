@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 log = logging.getLogger("tokenwire.internal")
 
@@ -53,27 +54,33 @@ class CatchAllInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler`, its behaviour wrapped by the catch-all."""
-    serializers = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    """A handler of the same shape as `handler`, its behaviour wrapped by the catch-all. A single
+    request is decoded inside the wrapper (grpc would answer UNKNOWN with the parser's exception for
+    bytes that are not the message): undecodable bytes get INVALID_ARGUMENT. A request stream's
+    messages are decoded as they are read, where the handler sees the error (Generate answers it)."""
+    decode = handler.request_deserializer
+    streamed = {"request_deserializer": decode, "response_serializer": handler.response_serializer}
+    single = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(_wrap(handler.stream_stream, method), **serializers)
+        return grpc.stream_stream_rpc_method_handler(_wrap(handler.stream_stream, method), **streamed)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(_wrap(handler.stream_unary, method), **serializers)
+        return grpc.stream_unary_rpc_method_handler(_wrap(handler.stream_unary, method), **streamed)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(_wrap(handler.unary_stream, method), **serializers)
-    return grpc.unary_unary_rpc_method_handler(_wrap(handler.unary_unary, method), **serializers)
+        return grpc.unary_stream_rpc_method_handler(_wrap(handler.unary_stream, method, decode), **single)
+    return grpc.unary_unary_rpc_method_handler(_wrap(handler.unary_unary, method, decode), **single)
 
 
-def _wrap(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap(
+    behaviour: Callable[..., Any], method: str, decode: Callable[[bytes], Any] | None = None
+) -> Callable[..., Any]:
     """The same kind of callable as `behaviour` (grpc.aio tells them apart by kind): an async
     generator function for one that yields responses, a coroutine function for one that returns a
-    response or writes its responses with `context.write`. Anything else (a sync handler) is left be."""
+    response or writes its responses with `context.write`. Anything else (a sync handler) is left be.
+    `decode`: the request's deserializer, for a single request passed in as bytes."""
     if inspect.isasyncgenfunction(behaviour):
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            request = await _decoded(request, decode, context, method)
             try:
                 async for response in behaviour(request, context):
                     yield response
@@ -87,6 +94,7 @@ def _wrap(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
     if inspect.iscoroutinefunction(behaviour):
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            request = await _decoded(request, decode, context, method)
             try:
                 return await behaviour(request, context)
             except grpc.aio.AbortError:
@@ -96,14 +104,28 @@ def _wrap(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
 
         return unary
 
+    if decode is not None:  # a sync handler: grpc must decode for it
+        raise TypeError(f"{method}: the catch-all wraps async handlers only")
     return behaviour
+
+
+async def _decoded(
+    request: Any, decode: Callable[[bytes], Any] | None, context: grpc.aio.ServicerContext, method: str
+) -> Any:
+    if decode is None:
+        return request
+    try:
+        return decode(request)
+    except DecodeError:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {method} request")
 
 
 async def _answer_internal(
     error: Exception, request: Any, context: grpc.aio.ServicerContext, method: str
 ) -> None:
-    """Log `error` once and end the RPC with INTERNAL (re-raises it when the handler chose a status)."""
-    if _status_chosen(context):  # set_code, or an abort whose AbortError was caught: grpc sends that code
+    """Log `error` once and end the RPC with INTERNAL (re-raises it when the handler chose a status,
+    or when the RPC is already over: grpc's own errors for a client that left are not bugs)."""
+    if _status_chosen(context) or context.cancelled() or context.done():
         raise error
     request_id = error.request_id if isinstance(error, RequestFailed) else _request_id(request)
     logged_id = request_id[:MAX_ECHOED_ID_CHARS]

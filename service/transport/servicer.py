@@ -177,6 +177,11 @@ class _GenerateCall:
         try:
             async for output in stream:
                 await self.out.put(convert.output_to_response(request_id, output, options))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a bug: as on the request side, the RPC ends with INTERNAL
+            self.failed = (request_id, error)
+            self.abandon()
         finally:
             owned = self.owned.get(request_id)
             if owned is not None and owned[0] is asyncio.current_task():

@@ -155,12 +155,18 @@ async def test_a_caller_that_goes_away_gives_its_reservation_back(engine: Engine
 async def test_stopping_while_tokenizing_refuses_the_request(engine: Engine) -> None:
     pending = asyncio.ensure_future(engine.submit(text("late")))
     await runner(engine).wait_until_stuck()
+    queued = await begun(engine.submit(ids("queued")))  # waits behind "late" for the tokenizer thread
+    queued_tokenize = await begun(engine.tokenize_text(" hello"))
     stopping = await begun(engine.stop())
     assert not engine.accepting
+    # stop drops the queued work (while "late" still holds the thread): each gets a refusal it can
+    # act on, not a bare cancellation
+    await asyncio.wait({queued, queued_tokenize}, timeout=5)
     runner(engine).release.set()
-    with pytest.raises(RequestError) as caught:
-        await asyncio.wait_for(pending, 5)
-    assert caught.value.code is ErrorCode.UNAVAILABLE
+    for refused in (pending, queued, queued_tokenize):
+        with pytest.raises(RequestError) as caught:
+            await asyncio.wait_for(refused, 5)
+        assert caught.value.code is ErrorCode.UNAVAILABLE
     await asyncio.wait_for(stopping, 10)
     assert engine.is_idle()
     with pytest.raises(RequestError) as caught:
@@ -192,3 +198,17 @@ async def test_a_cancel_of_a_request_refused_after_tokenizing_finds_nothing(engi
     with pytest.raises(RequestError):
         await pending
     assert engine.is_idle()
+
+
+async def test_an_abort_queued_after_the_step_took_its_requests_still_applies() -> None:
+    """The step takes new requests, then applies aborts; a request and its abort that arrive between
+    the two must not lose the abort (a Cancel right after a Start, or one kept while tokenizing)."""
+    engine = Engine(StuckRunner(), EngineConfig(max_batch_size=4))  # not started: the test is the step
+    engine.healthy = lambda: True  # type: ignore[method-assign]
+    stream = engine.add_request(ids("raced", max_tokens=20))
+    assert engine.abort("raced", StopReason.CANCELLED)
+    outputs: list = []
+    engine._apply_aborts(0.0, outputs)  # as if _take_incoming had run just before the request came
+    finished = [item for _, item in outputs if isinstance(item, Finished)]
+    assert [f.reason for f in finished] == [StopReason.CANCELLED]
+    assert all(target is stream for target, _ in outputs)

@@ -378,6 +378,24 @@ def test_the_c_step_refuses_token_ids_outside_its_embedding() -> None:
             step([5, bad], [0, 0])
 
 
+def test_the_c_step_refuses_positions_and_slots_outside_its_cache() -> None:
+    """decoder_step.c checks before it reads the rope table or writes the cache: an error, not a
+    read or write past them (make sanitize runs this against the sanitized build)."""
+    runner, _ = runner_and_reference(tiny_q4_model())
+    step = runner._decoder_step
+    assert step is not None
+    max_len, max_rows = runner._attention.keys.shape[3], runner._attention.keys.shape[1]
+    for positions, slots in [
+        ([0, max_len], None),
+        ([-1, 0], None),
+        ([0, 1], [0, max_rows]),
+        ([0, 1], [-1, 0]),
+    ]:
+        with pytest.raises(ops.KernelError, match="bad argument"):
+            step([5, 6], positions, slots)
+    assert step([5, 6], [0, 0]).shape[0] == 2  # and it still steps
+
+
 @pytest.mark.model
 def test_the_c_step_runs_the_lm_head_and_greedy_argmax_as_torch_and_sample_do() -> None:
     """Where the lm_head is on blocks, a decode step runs it in C, and for rows that only need the

@@ -18,6 +18,7 @@ from tests.reliability.contract import (
     read_until_done,
     start,
 )
+from tests.waiting import until
 from tokenwire.service.engine.engine import EngineConfig
 from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
@@ -42,6 +43,8 @@ async def test_a_request_stopped_while_waiting_still_gets_started() -> None:
         await call.write(start("cancelled", 5))
         await call.write(start("deadline", 5, stopping=pb.StoppingParams(max_tokens=5, time_limit_ms=30)))
         await call.write(pb.GenerateRequest(interrupt=pb.Interrupt(request_id="interrupted")))
+        # Nothing orders a Cancel on another connection after a Start the server has not read yet
+        await until(lambda: engine_of(server).stream_of("cancelled") is not None, what="'cancelled' is live")
         answer = await stub.Cancel(pb.CancelRequest(request_id="cancelled"))
         assert answer.found
         await asyncio.sleep(0.1)  # past the 30 ms time limit

@@ -232,3 +232,21 @@ async def test_every_handler_shape_is_guarded(caplog: pytest.LogCaptureFixture) 
         assert len([r for r in caplog.records if r.name == LOGGER and r.levelno == logging.ERROR]) == 2
     finally:
         await server.stop(0)
+
+
+@pytest.mark.parametrize("method", ["Cancel", "Tokenize", "GetModelInfo"])
+async def test_bytes_that_are_not_the_request_answer_invalid_argument(
+    server: RunningServer, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """grpc decodes a single request before any handler runs, and answered UNKNOWN with the parser's
+    exception text; the catch-all decodes it itself and names the RPC instead."""
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        call = channel.unary_unary(f"/tokenwire.v1.TokenWire/{method}")  # bytes in, bytes out
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(b"\xff\xff\xff\xff", timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == f"the request is not a valid /tokenwire.v1.TokenWire/{method} request"
+    assert not [r for r in caplog.records if r.name == LOGGER]
+    async with grpc.aio.insecure_channel(server.address) as channel:  # and the server serves on
+        info = await pb_grpc.TokenWireStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    assert info.context_length > 0
