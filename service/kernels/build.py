@@ -8,8 +8,8 @@ same family without its instructions; ops.py picks the best build this CPU runs,
 
 setup.py lists `builders()`; `python service/kernels/build.py sanitized` builds the kernels with
 AddressSanitizer and UndefinedBehaviorSanitizer into this folder, for `make sanitize`.
-Set TOKENWIRE_KERNELS_NATIVE=1 at set-up to add a -march=native build (used only on the CPU it
-was built on).
+Set TOKENWIRE_KERNELS_NATIVE=1 at set-up to add a -march=native build, named after the CPU it is
+built on (`_native_<cpu key>`), so ops.py never even imports it on another CPU.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def cdef_text() -> str:
 
 
 def cpu_key() -> str:
-    """The CPU a -march=native build is for (ops.py compares it at load): its flags, hashed."""
+    """The CPU a -march=native build is for, in its name (ops.py looks for this CPU's): its flags, hashed."""
     try:
         found = re.search(r"^(?:flags|Features)\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
         flags = found.group(1).split() if found else []
@@ -87,7 +87,7 @@ def build_flags() -> dict[str, list[str]]:
     else:
         found = {"portable": []}
     if os.environ.get("TOKENWIRE_KERNELS_NATIVE") == "1":
-        found["native"] = ["-march=native", f'-DKERNELS_BUILD_CPU="{cpu_key()}"']
+        found[f"native_{cpu_key()}"] = ["-march=native"]
     return found
 
 

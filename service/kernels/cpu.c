@@ -4,12 +4,6 @@
  * CPU of the same family without it. Compiled into every build; only the portable one is asked. */
 #include "kernels.h"
 
-#ifndef KERNELS_BUILD_CPU
-#define KERNELS_BUILD_CPU ""  /* set by build.py for a -march=native build: the build machine's CPU */
-#endif
-
-const char *kernels_build_cpu(void) { return KERNELS_BUILD_CPU; }
-
 /* 0: portable; 1: x86-64-v3 (AVX2, FMA, F16C); 2: x86-64-v4 (AVX-512 F/BW/CD/DQ/VL);
  * 3: x86-64-v4 with AVX512-VNNI (the 8-bit activations of block_matmul_int8.c).
  * __builtin_cpu_supports also checks that the OS saves the vector registers. */

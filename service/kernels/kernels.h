@@ -72,10 +72,8 @@ int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *co
                  int64_t *argmax, int threads);
 void argmax_rows(const float *logits, int64_t rows, int64_t vocab, int64_t *argmax, int threads);
 
-/* cpu.c: which builds this CPU runs (ops.py picks the best at load), and for a -march=native build
- * the CPU it was built for */
+/* cpu.c: which builds this CPU runs (ops.py picks the best at load) */
 int kernels_cpu_level(void);
-const char *kernels_build_cpu(void);
 
 /* alloc.c: make the `after`-th allocation from now fail, once (-1: none); for tests of the
  * failure path. */

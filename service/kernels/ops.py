@@ -10,6 +10,7 @@ Threads are the kernels' own (thread_pool.c says why not OpenMP's).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -24,7 +25,7 @@ log = logging.getLogger("tokenwire.model")
 
 TILE = 16  # output columns per vector in the block matmuls: they take layers whose width is a multiple
 # build -> the level kernels_cpu_level() must report for it to run (build.py builds them)
-_LEVELS = {"native": 0, "avx512_vnni": 3, "avx512": 2, "avx2": 1, "portable": 0}
+_LEVELS = {"avx512_vnni": 3, "avx512": 2, "avx2": 1, "portable": 0}
 _STATUS = {1: "out of memory", 2: "not supported by this build of the kernels", 3: "bad argument"}
 
 
@@ -66,32 +67,28 @@ def cpu_level() -> int:
 
 def pick_build(level: int | None = None, forced: str | None = None) -> ModuleType:
     """The best build for a CPU of `level` (default: this one's), or `forced`
-    (default: $TOKENWIRE_KERNELS) if it runs there. Raises NotBuilt."""
+    (default: $TOKENWIRE_KERNELS; "native" is this CPU's -march=native build) if it runs there.
+    Raises NotBuilt."""
     level = cpu_level() if level is None else level
     forced = os.environ.get("TOKENWIRE_KERNELS") if forced is None else forced
     if forced:
-        module = _import(forced)
         if _LEVELS.get(forced, 0) > level:
             raise NotBuilt(f"the {forced!r} build needs instructions this CPU lacks (its level is {level})")
-        return module
+        return _import(_native_name() if forced == "native" else forced)
+    with contextlib.suppress(NotBuilt):  # built only on request (TOKENWIRE_KERNELS_NATIVE=1 at set-up)
+        return _import(_native_name())
     for build, needs in _LEVELS.items():
-        if needs > level:
-            continue
-        try:
-            module = _import(build)
-        except NotBuilt:
-            continue
-        built_for = module.ffi.string(module.lib.kernels_build_cpu()).decode()
-        if build == "native" and built_for != _cpu_key():
-            continue  # a -march=native build from another CPU: it could fault here
-        return module
+        if needs <= level:
+            with contextlib.suppress(NotBuilt):
+                return _import(build)
     raise NotBuilt("no build of the kernels runs on this CPU")
 
 
-def _cpu_key() -> str:
-    from tokenwire.service.kernels.build import cpu_key  # cffi's builder: only for a native build
+def _native_name() -> str:
+    """This CPU's -march=native build: named after the CPU, so one from another CPU is never loaded."""
+    from tokenwire.service.kernels.build import cpu_key  # cffi's builder, for its CPU key
 
-    return cpu_key()
+    return f"native_{cpu_key()}"
 
 
 def available() -> bool:
