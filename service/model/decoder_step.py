@@ -201,7 +201,7 @@ def _matrix(matmul: Q4Matmul | Q8Matmul) -> dict[str, Any]:
         "in_features": matmul.in_features,
         "codes": ops.pointer(matmul.codes),
         "scale": ops.pointer(matmul.scale),
-        "minimum": ops.pointer(matmul.minimum if q4 else None),
+        "minimum": ops.pointer(matmul.minimum if isinstance(matmul, Q4Matmul) else None),
     }
 
 

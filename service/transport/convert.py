@@ -239,7 +239,7 @@ def status_number(code: ErrorCode) -> int:
     return number
 
 
-def stop_reason_to_pb(reason: StopReason) -> pb.StopReason.ValueType:
+def stop_reason_to_pb(reason: StopReason) -> pb.StopReason:
     return _STOP_REASON[reason]
 
 
