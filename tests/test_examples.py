@@ -56,6 +56,10 @@ async def test_voice_pipeline(served: RunningServer) -> None:
     assert counts is not None
     sent, spoken = map(int, counts.groups())
     assert spoken == len(" hello world. Dr Smith sat.") <= sent
+    # Only whole sentences are spoken: the follow-up's 40 tokens end mid-sentence, and that half
+    # sentence is reported instead of spoken.
+    assert all(line.endswith(".") for line in lines if line.startswith("speak: ")), out
+    assert "not spoken (max_tokens, mid-sentence): " in out
     cached = next(line for line in lines if line.startswith("cached prompt tokens: "))
     assert int(cached.split()[3]) > 0  # the second turn reused the session's KV cache
     await idle(served)
@@ -67,4 +71,7 @@ async def test_grpcurl_session(served: RunningServer) -> None:
     assert "tokenwire.v1.TokenWire\n" in out and "rpc Generate ( stream" in out
     assert '"started": {' in out and '"chunk": {' in out and '"reason": "STOP_REASON_MAX_TOKENS"' in out
     assert '"model": "fake"' in out and '"status": "SERVING"' in out
+    # Echoed commands paste into a shell: JSON arguments are quoted, documentation comes from the .proto.
+    assert f'$ grpcurl -plaintext -d \'{{"text": "Hello, world"}}\' {served.address} ' in out
+    assert "tokenwire.v1.Interrupt is a message:\n// " in out
     await idle(served)
