@@ -47,6 +47,7 @@ class StopReason(_StrEnum):
     DEADLINE = "deadline"
     CONTEXT_LENGTH = "context_length"
     ERROR = "error"
+    SHUTDOWN = "shutdown"  # the server shut down before the generation ended: it may be retried elsewhere
 
 
 class Chunking(_StrEnum):

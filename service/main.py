@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -18,16 +19,21 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import tokenwire
 from tokenwire.service.engine.engine import Engine, EngineConfig
 from tokenwire.service.engine.runner import Runner
-from tokenwire.service.transport.server import ServerConfig, host_port, serve
+from tokenwire.service.transport.server import BindError, ServerConfig, host_port, serve
 
 log = logging.getLogger("tokenwire.server")
 
 T = TypeVar("T")
+
+# Exit codes (listed in --help; argparse exits 2 on bad flags).
+EXIT_OK = 0  # stopped by a signal: drained, stopped at once after a second signal, or during the load
+EXIT_LOAD_FAILED = 1  # the model could not be loaded
+EXIT_BIND_FAILED = 3  # an address to listen on could not be bound (a port in use, ...)
 
 
 @dataclass(frozen=True)
@@ -147,29 +153,49 @@ async def _in_daemon_thread(fn: Callable[[], T]) -> T:
         try:
             result = fn()
         except BaseException as error:
-            loop.call_soon_threadsafe(settle, None, error)
+            outcome: tuple[T | None, BaseException | None] = (None, error)
         else:
-            loop.call_soon_threadsafe(settle, result, None)
+            outcome = (result, None)
+        # A closed loop: the server stopped during the load, and nobody waits for its result any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(settle, *outcome)
 
     threading.Thread(target=run, name="tokenwire-load", daemon=True).start()
     return await future
 
 
+def _bind_advice(error: BindError) -> str:
+    """What to do about an address that cannot be bound, in the flags (and variables) that set it."""
+    if not error.in_use:
+        return f"check {'--metrics-host' if error.metrics else '--host'} and the port"
+    if error.metrics:
+        return "choose another port with --metrics-port N (or TOKENWIRE_METRICS_PORT=N)"
+    return "choose another port with --port N (or TOKENWIRE_PORT=N; with make serve: PORT=N)"
+
+
 async def run_server(server_config: ServerConfig, model_config: ModelConfig) -> int:
-    """Serve until SIGTERM/SIGINT, then drain. Returns the process exit code."""
+    """Serve until SIGTERM/SIGINT, then drain; a second signal stops at once. Returns the exit code."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    stop_now = asyncio.Event()
 
     def on_signal(sig: signal.Signals) -> None:
-        log.info("received %s: shutting down (send it again to exit at once)", sig.name)
-        for s in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(s)  # the default action ends the process on a second signal
-        stop.set()
+        if stop.is_set():
+            log.warning("received %s again: stopping now", sig.name)
+            stop_now.set()
+        else:
+            log.info("received %s: shutting down (send it again to stop now)", sig.name)
+            stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    server = await serve(None, server_config)
+    try:
+        server = await serve(None, server_config)
+    except BindError as error:
+        what = "serve metrics" if error.metrics else "listen"
+        log.error("cannot %s on %s: %s; %s", what, error.address, error.reason, _bind_advice(error))
+        return EXIT_BIND_FAILED
     log.info("listening on %s (NOT_SERVING while model %r loads)", server.address, model_config.model)
     if server.metrics_port:
         log.info(
@@ -180,24 +206,36 @@ async def run_server(server_config: ServerConfig, model_config: ModelConfig) -> 
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not loading.done():
-        loading.cancel()
+        loading.cancel()  # the loading thread runs on: main ends the process without waiting for it
         await server.stop(0)
-        return 0
+        log.info("stopped during model load")
+        return EXIT_OK
     try:
         runner = loading.result()
     except Exception:
         log.exception("could not load model %r", model_config.model)
         stopping.cancel()
         await server.stop(0)
-        return 1
+        return EXIT_LOAD_FAILED
     engine = Engine(runner, model_config.engine_config())
     engine.start()
     await server.attach(engine)
     log.info("SERVING on %s", server.address)
     await stopping
-    await server.stop()
-    log.info("stopped")
-    return 0
+    draining = asyncio.ensure_future(server.stop())
+    hurrying = asyncio.ensure_future(stop_now.wait())
+    await asyncio.wait({draining, hurrying}, return_when=asyncio.FIRST_COMPLETED)
+    hurrying.cancel()
+    if draining.done():
+        draining.result()
+        log.info("stopped")
+    else:
+        await server.stop_now()
+        log.info("stopped now")
+    # 0 after a stop now as well: it is an order carried out, not a failure, and a supervisor reads
+    # any other code as a crash (systemd's Restart=on-failure would restart the server the operator
+    # just stopped). What was cut short is in the log and in each client's Error message.
+    return EXIT_OK
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -233,9 +271,14 @@ ping as often as every --min-client-ping-interval seconds (also with no call in 
 told GOAWAY: set the client's grpc.keepalive_time_ms to at least that. Streams are never cut for age.
 Behind a proxy, raise its stream idle timeout above the longest expected silence.
 
-Signals: SIGTERM or SIGINT drains (health NOT_SERVING, new Starts refused with UNAVAILABLE, running
-generations get --grace-period seconds, then end with STOP_REASON_DEADLINE) and exits 0; a second
-signal exits at once.
+Signals: SIGTERM or SIGINT drains: health NOT_SERVING, new Starts refused with UNAVAILABLE, running
+generations get --grace-period seconds, then end with STOP_REASON_SHUTDOWN (the client may retry them
+elsewhere). A second SIGTERM or SIGINT stops now: each live generation gets an Error (UNAVAILABLE, "the
+server is stopping now") instead of the rest of its output. A signal while the model loads stops at once.
+
+Exit codes: 0 stopped by a signal (drained, stopped now, or during the model load); 1 the model could
+not be loaded; 2 bad flags; 3 an address could not be bound (a port in use: choose another with --port
+or --metrics-port).
 
 Auth: with --auth-token every RPC but grpc.health.v1.Health (reflection and Cancel included) needs the
 metadata "authorization: Bearer <token>"; prefer the TOKENWIRE_AUTH_TOKEN variable to the flag, which
@@ -418,7 +461,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, ModelConf
     return server, model
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> NoReturn:
     parser = build_parser()
     args = parser.parse_args(argv)
     server_config, model_config = configs_from_args(args)
@@ -428,7 +471,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("TLS needs --tls-cert and --tls-key (and both for --tls-client-ca)")
     configure_logging(args.log_level, args.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download a model at run time
-    return asyncio.run(run_server(server_config, model_config))
+    code = asyncio.run(run_server(server_config, model_config))
+    # The process ends here, without the interpreter's finalization: a daemon thread may still run
+    # native code (the model loading after a signal during the load, a step after a stop now), and
+    # finalization tears such a thread down where it stands: std::terminate inside torch ("terminate
+    # called without an active exception", SIGABRT) or a half-printed traceback. The server is
+    # stopped and nothing else needs cleaning up; the logs are flushed first.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

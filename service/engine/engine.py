@@ -47,7 +47,8 @@ from tokenwire.service.engine.runner import Runner
 from tokenwire.service.engine.scheduler import Phase, ScheduledSequence, Scheduler, SchedulerConfig
 from tokenwire.service.engine.sessions import SessionStore
 from tokenwire.service.engine.streams import RequestStream
-from tokenwire.service.engine.text import TextStream
+from tokenwire.service.engine.text import TextPiece, TextStream
+from tokenwire.service.engine.wording import plural, shown_id
 from tokenwire.service.model.types import PrefillChunk, TokenSample
 
 log = logging.getLogger("tokenwire.engine")
@@ -89,7 +90,9 @@ class _Live:
     first_token_at: float = 0.0
     generated: list[int] = field(default_factory=list)
     last_token: int = -1
-    pending_tokens: list[int] = field(default_factory=list)  # generated since the last emitted delta
+    # Tokens pushed to `text` that no delta covers yet (and their logprobs, when asked for): each
+    # goes out with the piece its text starts in (see TextStream).
+    pending_tokens: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     sent_chars: int = 0
     sent_tokens: int = 0
@@ -161,14 +164,14 @@ class Engine:
         self._tokenizer.submit(lambda: None)
 
     async def stop(self, grace_s: float = 0.0) -> None:
-        """Refuse new requests; let live ones run for up to grace_s, end the rest (DEADLINE)."""
+        """Refuse new requests; let live ones run for up to grace_s, end the rest (SHUTDOWN)."""
         self._accepting = False
         deadline = time.monotonic() + grace_s
         while self._live and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         results = []
         for request_id, live in list(self._live.items()):
-            self.abort(request_id, StopReason.DEADLINE)
+            self.abort(request_id, StopReason.SHUTDOWN)
             results.append(live.stream.result)
         if results:
             await asyncio.wait(results, timeout=5.0)
@@ -328,13 +331,13 @@ class Engine:
         if request_id in self._live or request_id in self._reserved:
             return RequestError(
                 ErrorCode.ALREADY_EXISTS,
-                f"request_id {request_id!r} is already live",
+                f"request_id {shown_id(request_id)} is already live",
                 RequestField.REQUEST_ID,
             )
         if len(self._live) + len(self._reserved) >= self.config.max_live_requests:
             return RequestError(
                 ErrorCode.RESOURCE_EXHAUSTED,
-                f"the server is at its limit of {self.config.max_live_requests} live requests",
+                f"the server is at its limit of {plural(self.config.max_live_requests, 'live request')}",
             )
         if session_id and (
             any(reserved.session_id == session_id for reserved in self._reserved.values())
@@ -342,7 +345,7 @@ class Engine:
         ):
             return RequestError(
                 ErrorCode.FAILED_PRECONDITION,
-                f"session {session_id!r} already has a live request",
+                f"session {shown_id(session_id)} already has a live request",
                 RequestField.SESSION_ID,
             )
         return None
@@ -538,7 +541,7 @@ class Engine:
                     cached_prompt_tokens=live.cached_prompt_tokens,
                     seed=live.seed,
                     max_tokens=live.max_tokens,
-                    queue_s=time.monotonic() - live.arrival,
+                    queue_s=_to_us(time.monotonic() - live.arrival),
                 ),
             )
         )
@@ -564,23 +567,24 @@ class Engine:
             live.first_token_at = now
         live.generated.append(token)
         live.last_token = token
-        live.pending_tokens.append(token)
         request = live.request
-        if request.output.logprobs or request.output.top_logprobs:
-            live.pending_logprobs.append(self._logprob(sample))
         if request.stopping.min_tokens:
             self._update_bans(live)
 
         stopping = request.stopping
+        # A stop token or EOS has no text: no chunk covers it (the Finished message reports it).
         if token in stopping.stop_token_ids:
             self._finish(live, StopReason.STOP_SEQUENCE, outputs, stop_sequence=str(token))
             return
         if not stopping.ignore_eos and token in self.runner.eos_token_ids:
             self._finish(live, StopReason.EOS, outputs)
             return
+        live.pending_tokens.append(token)
+        if request.output.logprobs or request.output.top_logprobs:
+            live.pending_logprobs.append(self._logprob(sample))
         update = live.text.push(token)
         for piece in update.pieces:
-            self._emit(live, piece.text, piece.segment_end, outputs)
+            self._emit(live, piece, outputs)
             if live.stop_after_segment_at is not None and piece.segment_end:
                 self._finish(live, StopReason.INTERRUPTED, outputs, flush=False)
                 return
@@ -597,25 +601,24 @@ class Engine:
         top = tuple(TopLogprob(t, text, lp) for (t, lp), text in zip(sample.top, texts[1:], strict=True))
         return TokenLogprob(sample.token_id, texts[0], sample.logprob or 0.0, top)
 
-    def _emit(
-        self, live: _Live, text: str, segment_end: bool, outputs: list[tuple[RequestStream, Output]]
-    ) -> None:
-        if not text and not segment_end:
+    def _emit(self, live: _Live, piece: TextPiece, outputs: list[tuple[RequestStream, Output]]) -> None:
+        """Send a piece of text with the tokens it covers: the next `piece.tokens` pending ones."""
+        if not piece.text and not piece.segment_end:
             return
+        n = piece.tokens
         delta = Delta(
-            text=text,
-            token_ids=live.pending_tokens,
+            text=piece.text,
+            token_ids=live.pending_tokens[:n],
             index=live.sent_tokens,
-            logprobs=live.pending_logprobs,
-            segment_end=segment_end,
+            logprobs=live.pending_logprobs[:n],
+            segment_end=piece.segment_end,
             time=time.time(),
         )
-        live.sent_tokens += len(live.pending_tokens)
-        live.sent_chars += len(text)
+        del live.pending_tokens[:n], live.pending_logprobs[:n]
+        live.sent_tokens += n
+        live.sent_chars += len(piece.text)
         if live.request.session_id:
-            live.sent_text.append(text)
-        live.pending_tokens = []
-        live.pending_logprobs = []
+            live.sent_text.append(piece.text)
         outputs.append((live.stream, delta))
 
     def _finish(
@@ -641,7 +644,7 @@ class Engine:
         if flush if flush is not None else natural:
             whole = reason in (StopReason.EOS, StopReason.STOP_SEQUENCE)
             for piece in live.text.finish(complete=whole):
-                self._emit(live, piece.text, piece.segment_end, outputs)
+                self._emit(live, piece, outputs)
         else:
             tail = live.text.held_text()
         self._release(live, keep_session=reason is not StopReason.ERROR)
@@ -657,10 +660,12 @@ class Engine:
                 cached_prompt_tokens=live.cached_prompt_tokens,
             ),
             timings=Timings(
-                queue_s=(live.phase_started or now) - live.arrival,
-                time_to_first_token_s=(first - live.arrival) if first else 0.0,
-                total_s=now - live.arrival,
-                decode_tokens_per_second=(len(live.generated) - 1) / decode_s if decode_s > 0 else 0.0,
+                queue_s=_to_us((live.phase_started or now) - live.arrival),
+                time_to_first_token_s=_to_us(first - live.arrival) if first else 0.0,
+                total_s=_to_us(now - live.arrival),
+                decode_tokens_per_second=round((len(live.generated) - 1) / decode_s, 3)
+                if decode_s > 0
+                else 0.0,
             ),
             sent_text_chars=live.sent_chars,
             sent_tokens=live.sent_tokens,
@@ -711,7 +716,7 @@ class Engine:
             try:
                 self._finish(live, StopReason.ERROR, outputs, flush=False)
             except Exception:
-                log.exception("could not end request %s cleanly", live.request.request_id)
+                log.exception("could not end request %s cleanly", shown_id(live.request.request_id))
                 with self._lock:
                     self._live.pop(live.request.request_id, None)
                 self._by_seq.pop(live.seq_id, None)
@@ -729,6 +734,12 @@ class Engine:
 def _push_all(outputs: list[tuple[RequestStream, Output]]) -> None:
     for stream, item in outputs:
         stream.push(item)
+
+
+def _to_us(seconds: float) -> float:
+    """A duration rounded to the microsecond: finer digits are clock noise, and printed (JSON, logs)
+    they read 0.001656 rather than 0.001656249999996362."""
+    return round(seconds, 6)
 
 
 def _type_name(value: object) -> str:

@@ -18,6 +18,7 @@ from tokenwire.service.engine.requests import (
 )
 from tokenwire.service.engine.runner import Runner
 from tokenwire.service.engine.sessions import SessionStore
+from tokenwire.service.engine.wording import plural
 
 
 class Prompts:
@@ -79,15 +80,16 @@ class Prompts:
         if room < 1:
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,
-                f"the prompt has {len(ids)} tokens; the context holds {runner.context_length}",
+                f"the prompt has {plural(len(ids), 'token')}; the context holds "
+                f"{plural(runner.context_length, 'token')}",
                 RequestField.INPUT,
             )
         asked = request.stopping.max_tokens
         if asked is not None and asked > room:
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,
-                f"prompt ({len(ids)} tokens) plus max_tokens ({asked}) exceeds the context length "
-                f"({runner.context_length})",
+                f"prompt ({plural(len(ids), 'token')}) plus max_tokens ({asked}) exceeds the context "
+                f"length ({plural(runner.context_length, 'token')})",
                 RequestField.MAX_TOKENS,
             )
         return asked if asked is not None else room

@@ -30,9 +30,10 @@ class StopReason(enum.Enum):
     STOP_SEQUENCE = "stop_sequence"
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"
-    DEADLINE = "deadline"
+    DEADLINE = "deadline"  # the request's own time limit
     CONTEXT_LENGTH = "context_length"
     ERROR = "error"
+    SHUTDOWN = "shutdown"  # the server stopped: the drain's grace period ran out, or it stopped at once
 
 
 class ErrorCode(enum.Enum):

@@ -56,7 +56,7 @@ class SessionStore:
         with self._lock:
             return self._sessions.pop(session_id, None) is not None
 
-    # ---- building a turn's prompt (event loop thread) ----
+    # ---- building a turn's prompt (the engine's tokenizer thread; the lock guards the store) ----
 
     def prompt_ids(self, request: GenerationRequest, runner: Runner) -> list[int]:
         """Tokenize the request's input, after the session's history when it has one."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +36,9 @@ class TextPiece:
     text: str
     # True when the piece ends exactly at a sentence/clause boundary (SENTENCE/CLAUSE chunking).
     segment_end: bool = False
+    # How many of the pushed tokens, the next ones in order, this piece covers: those whose text
+    # starts in it (see `TextStream`). Not compared: pieces are equal when they say the same.
+    tokens: int = field(default=0, compare=False)
 
 
 @dataclass(slots=True)
@@ -55,11 +59,19 @@ class TextStream:
        complete. It is primed with the tail of the prompt so the first token keeps its space.
     2. Stop strings: a suffix of the text that could still grow into a stop string is held back
        until it either matches (the text before it is released, the rest dropped) or cannot.
-    3. Chunking: TOKEN releases what is ready; WORD holds the unfinished word; SENTENCE and
-       CLAUSE hold the unfinished segment (see `Segmenter`; whitespace between segments starts
-       the next piece). `min_segment_chars` joins short segments to the next one, and
+    3. Chunking: TOKEN releases what is ready; WORD holds the unfinished word and the whitespace
+       before it; SENTENCE and CLAUSE hold the unfinished segment (see `Segmenter`). Whitespace
+       between words or segments starts the next piece, as tokenizers put a word's space at the
+       start of its first token. `min_segment_chars` joins short segments to the next one, and
        `fast_first_segment` lets the first SENTENCE segment end at a clause once it is long
        enough to be worth speaking.
+
+    Each token is covered by exactly one piece, the one its text starts in (`TextPiece.tokens`),
+    so a chunk's tokens are the ones that made its text whatever the chunking. A token's text
+    starts where the text of the tokens before it ends: a token that adds no text of its own (the
+    first bytes of a character) goes with the character a later token completes, and a token whose
+    text runs on into the next piece counts in the first. Tokens whose text is never released (a
+    stop string and what follows it) are in no piece.
 
     Segments exist only with SENTENCE/CLAUSE chunking: with TOKEN or WORD, `in_segment` is
     always False and no piece has `segment_end`, so an AFTER_SEGMENT interrupt stops at once.
@@ -82,6 +94,9 @@ class TextStream:
         self._context = _decoder_context(tokenizer, prompt_token_ids)
         self._decoder = DecodeStream(ids=self._context, skip_special_tokens=True)
         self._unfinished: list[int] = []  # ids since the last decoded text: bytes of an unfinished character
+        self._decoded = 0  # characters decoded so far
+        self._released = 0  # of those, characters released in pieces
+        self._starts: deque[int] = deque()  # where the text of each token not yet in a piece starts
         self._stops = tuple(dict.fromkeys(s for s in stop if s))
         self._stop_held = ""
         self._chunking = chunking
@@ -99,7 +114,12 @@ class TextStream:
         """Add one generated token (never an EOS or stop-token id); return what it released."""
         if self._closed:
             return TextUpdate()
+        waiting = list(self._unfinished)
         text = self._decode(token_id)
+        self._starts.append(self._decoded)
+        if waiting and text:
+            self._place([*waiting, token_id], text)
+        self._decoded += len(text)
         if not text:
             return TextUpdate()
         if self._stops:
@@ -126,7 +146,12 @@ class TextStream:
         """
         if self._closed:
             return []
-        text, self._stop_held = self._stop_held + self._render_unfinished(), ""
+        waiting = list(self._unfinished)
+        rendered = self._render_unfinished()
+        if rendered:
+            self._place(waiting, rendered)
+        self._decoded += len(rendered)
+        text, self._stop_held = self._stop_held + rendered, ""
         pieces = self._chunk(text) if text else []
         pieces.extend(self._flush(complete))
         self._close()
@@ -164,10 +189,37 @@ class TextStream:
         self._unfinished.clear()
         return text
 
+    def _place(self, group: list[int], text: str) -> None:
+        """Where in `text` the text of each of `group` starts: the last tokens pushed, whose text
+        came out together (all but the last decoded to nothing, or all, when rendered at the end).
+
+        They were placed where `text` starts, which is right for the first bytes of a character.
+        But bytes that are not UTF-8 come out as replacement characters of their own (as a decode
+        of the tokens alone shows them), so a later token starts after those: at the end of what
+        the tokens before it decode to alone, as far as `text` agrees with that, unless the token
+        only adds bytes to the unfinished character that ends it (no character more).
+        """
+        # Their entries are the last ones, all still at self._decoded: they released no text.
+        first = len(self._starts) - len(group)
+        before = self._decode_alone(group[:1])  # what the group's tokens before token j decode to
+        at = 0
+        for j in range(1, len(group)):
+            upto = self._decode_alone(group[: j + 1])
+            start = _common_prefix(text, before)
+            joins = len(upto) == len(before) and self._decode_alone(group[j : j + 1]) != ""
+            if joins and start == len(before) and before.endswith("\ufffd"):
+                start -= 1  # its bytes belong to the unfinished character that ends `before`
+            at = max(at, start)
+            self._starts[first + j] = self._decoded + at
+            before = upto
+
+    def _decode_alone(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
     def _render_unfinished(self) -> str:
         """The ids that decoded to nothing yet, as a plain decode shows them ("\ufffd" per bad byte)."""
         ids, self._unfinished = self._unfinished, []
-        return self._tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        return self._decode_alone(ids) if ids else ""
 
     def _find_stop(self, text: str) -> tuple[str | None, int]:
         """The earliest stop string in `text` (held text plus new), and where it starts."""
@@ -194,24 +246,34 @@ class TextStream:
 
     def _chunk(self, text: str) -> list[TextPiece]:
         if self._segmenter is not None:
-            return [TextPiece(s, True) for s in self._segmenter.feed(text)]
+            return [self._piece(s, True) for s in self._segmenter.feed(text)]
         if self._chunking is Chunking.WORD:
             held = self._word_held
             text = held + text
             cut = _word_cut(text, len(held))
             text, self._word_held = text[:cut], text[cut:]
-        return [TextPiece(text)] if text else []
+        return [self._piece(text)] if text else []
 
     def _flush(self, complete: bool = True) -> list[TextPiece]:
         if self._segmenter is not None:
             rest = self._segmenter.flush()
-            return [TextPiece(rest, complete)] if rest else []
+            return [self._piece(rest, complete)] if rest else []
         rest, self._word_held = self._word_held, ""
-        return [TextPiece(rest)] if rest else []
+        return [self._piece(rest)] if rest else []
+
+    def _piece(self, text: str, segment_end: bool = False) -> TextPiece:
+        """Release the next `text`, with the tokens whose text starts in it."""
+        self._released += len(text)
+        tokens = 0
+        while self._starts and self._starts[0] < self._released:
+            self._starts.popleft()
+            tokens += 1
+        return TextPiece(text, segment_end, tokens)
 
     def _close(self) -> None:
         self._closed = True
         self._stop_held = self._word_held = ""
+        self._starts.clear()
         if self._segmenter is not None:
             self._segmenter.flush()
 
@@ -230,12 +292,25 @@ def _decoder_context(tokenizer: Tokenizer, prompt_token_ids: Sequence[int]) -> l
 
 
 def _word_cut(text: str, start: int) -> int:
-    """Index just after the last whitespace (or no-space-script character) at or after `start`.
+    """Where WORD chunking cuts `text`: before its last run of whitespace, or just after its last
+    character of a no-space script, whichever comes later.
 
-    Returns 0 when there is none: everything before `start` is known to hold none.
+    Only `text[start:]` is searched: the text before `start` was held back, so its only cut is at 0,
+    which is also the answer when there is none.
     """
     for i in range(len(text) - 1, start - 1, -1):
         c = text[i]
-        if c.isspace() or (c >= "\u2e80" and any(lo <= ord(c) <= hi for lo, hi in _NO_SPACE_SCRIPTS)):
+        if c.isspace():
+            return len(text[: i + 1].rstrip())  # the start of the run (rstrip runs in C)
+        if c >= "\u2e80" and any(lo <= ord(c) <= hi for lo, hi in _NO_SPACE_SCRIPTS):
             return i + 1
     return 0
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix of `a` and `b`."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

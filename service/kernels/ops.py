@@ -183,7 +183,7 @@ def decode_attention(
     if (slots is None and rows > cache_k.shape[0]) or (
         slots is not None and len(slots) and int(slots.max()) >= cache_k.shape[0]
     ):
-        raise ValueError(f"decode_attention: a row past the cache's {cache_k.shape[0]} rows")
+        raise ValueError(f"decode_attention: a row past the cache (its row count: {cache_k.shape[0]})")
     status = _module().lib.decode_attention(
         pointer(query), query.stride(0), query.stride(1),
         pointer(key), key.stride(0), key.stride(1),

@@ -62,7 +62,13 @@ class ThreadGovernor:
             held -= 1
         threads = self._cores - held
         if threads != self.threads:
-            log.info("other processes use %.1f cores: the model now runs on %d threads", others, threads)
+            # "of N cores": the count reads right as 1 too (this runs only with 2 cores or more).
+            log.info(
+                "other processes use %.1f cores: the model now runs on %d of %d cores",
+                others,
+                threads,
+                self._cores,
+            )
             self._set_threads(threads)
             self.threads = threads
 

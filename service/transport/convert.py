@@ -249,8 +249,14 @@ def started_to_pb(started: Started) -> pb.Started:
         cached_prompt_tokens=started.cached_prompt_tokens,
         seed=started.seed,
         max_tokens=started.max_tokens,
-        queue_ms=started.queue_s * 1000,
+        queue_ms=_ms(started.queue_s),
     )
+
+
+def _ms(seconds: float) -> float:
+    """Milliseconds, to the microsecond the engine measures: 1.656, never 1.6560000000000001 (seconds
+    times 1000 is not exact in binary, even for a duration already rounded to the microsecond)."""
+    return round(seconds * 1000.0, 3)
 
 
 def _logprob_to_pb(logprob: TokenLogprob) -> pb.TokenLogprob:
@@ -285,10 +291,10 @@ def finished_to_pb(finished: Finished) -> pb.Finished:
             cached_prompt_tokens=usage.cached_prompt_tokens,
         ),
         timings=pb.Timings(
-            queue_ms=timings.queue_s * 1000.0,
-            time_to_first_token_ms=timings.time_to_first_token_s * 1000.0,
-            total_ms=timings.total_s * 1000.0,
-            decode_tokens_per_second=timings.decode_tokens_per_second,
+            queue_ms=_ms(timings.queue_s),
+            time_to_first_token_ms=_ms(timings.time_to_first_token_s),
+            total_ms=_ms(timings.total_s),
+            decode_tokens_per_second=round(timings.decode_tokens_per_second, 3),
         ),
         sent_text_chars=finished.sent_text_chars,
         sent_tokens=finished.sent_tokens,
@@ -307,6 +313,13 @@ def error_path(error: Failure | RequestError, root: str = START) -> str:
     if isinstance(error, MessageError):
         return error.path
     return field_path(error.field, root) if error.field is not None else ""
+
+
+def bare_message(error: Failure | RequestError, root: str = START) -> str:
+    """The error's message without the field at fault in front (for a log line that names the field
+    apart); `describe` is its inverse."""
+    path = error_path(error, root)
+    return error.message.removeprefix(f"{path}: ") if path else error.message
 
 
 def describe(error: Failure | RequestError, root: str = START) -> str:

@@ -16,6 +16,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from tokenwire.service.engine.wording import MAX_SHOWN_ID_CHARS, shown_id
+
 log = logging.getLogger("tokenwire.internal")
 
 
@@ -24,7 +26,7 @@ class RequestFailed(Exception):
     handler with the error itself as `__cause__`, so the catch-all can name the request."""
 
     def __init__(self, request_id: str) -> None:
-        super().__init__(f"request {request_id!r} failed" if request_id else "a request failed")
+        super().__init__(f"request {shown_id(request_id)} failed" if request_id else "a request failed")
         self.request_id = request_id
 
 
@@ -128,13 +130,12 @@ async def _answer_internal(
     if _status_chosen(context) or context.cancelled() or context.done():
         raise error
     request_id = error.request_id if isinstance(error, RequestFailed) else _request_id(request)
-    logged_id = request_id[:MAX_ECHOED_ID_CHARS]
     log.error(
         "internal error in %s request_id=%s",
         method,
-        logged_id or "-",
+        shown_id(request_id) if request_id else "-",
         exc_info=error,
-        extra={"method": method, "request_id": logged_id},
+        extra={"method": method, "request_id": request_id[:MAX_SHOWN_ID_CHARS]},
     )
     await context.abort(grpc.StatusCode.INTERNAL, internal_message(request_id))
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,6 +105,50 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+class BindError(Exception):
+    """An address the server was told to listen on cannot be bound (a port in use, an address that is
+    not this machine's, a port below 1024 without the right)."""
+
+    def __init__(self, address: str, reason: str, *, in_use: bool, metrics: bool = False) -> None:
+        super().__init__(f"cannot listen on {address}: {reason}")
+        self.address = address
+        self.reason = reason
+        self.in_use = in_use  # another socket holds the port
+        self.metrics = metrics  # the metrics endpoint's address, not the gRPC one
+
+    @classmethod
+    def from_os_error(cls, address: str, error: OSError, *, metrics: bool = False) -> BindError:
+        reason = error.strerror or str(error)
+        return cls(address, reason, in_use=error.errno == errno.EADDRINUSE, metrics=metrics)
+
+
+def _bind_refusal(host: str, port: int) -> OSError | None:
+    """Why the system would refuse to let the server listen on host:port, or None.
+
+    Asked before gRPC binds: gRPC reports a refusal only as "Failed to bind to address", after its core
+    has printed its own error line. Like gRPC, the address is taken when any of host's addresses binds,
+    with SO_REUSEADDR (a port whose connections are closing is free)."""
+    if port == 0:
+        return None
+    try:
+        addresses = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError:
+        return None  # unresolvable here: gRPC resolves it its own way, and refuses below if it must
+    refusal = None
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+        except OSError as error:
+            refusal = refusal or error
+        else:
+            return None
+    return refusal
+
+
 class RunningServer:
     """A started server. `engine` is None until `attach` (main loads the model while health answers)."""
 
@@ -118,6 +164,7 @@ class RunningServer:
         self._serving: bool | None = None
         self._draining = False
         self._stopped = False
+        self._stopping_now = False
 
     @property
     def engine(self) -> Engine | None:
@@ -149,14 +196,26 @@ class RunningServer:
             )
         bind = host_port(config.host, config.port)
         credentials = _server_credentials(config)
-        if credentials is not None:
-            self.port = server.add_secure_port(bind, credentials)
-        else:
-            self.port = server.add_insecure_port(bind)
+        refusal = _bind_refusal(config.host, config.port)
+        if refusal is not None:
+            raise BindError.from_os_error(bind, refusal)
+        try:
+            if credentials is not None:
+                self.port = server.add_secure_port(bind, credentials)
+            else:
+                self.port = server.add_insecure_port(bind)
+        except RuntimeError:  # taken since the check, or refused for a reason the check cannot see
+            reason = "gRPC could not bind it (its log line above, or GRPC_VERBOSITY=debug, says why)"
+            raise BindError(bind, reason, in_use=False) from None
         await server.start()
         self._server = server
         if config.metrics_port:
-            self.metrics_port = self.metrics.serve(config.metrics_port, config.metrics_host or config.host)
+            metrics_host = config.metrics_host or config.host
+            try:
+                self.metrics_port = self.metrics.serve(config.metrics_port, metrics_host)
+            except OSError as error:
+                address = host_port(metrics_host, config.metrics_port)
+                raise BindError.from_os_error(address, error, metrics=True) from None
         self._watcher = asyncio.create_task(self._watch_health(), name="tokenwire-health")
         if engine is not None:
             await self.attach(engine)
@@ -202,7 +261,7 @@ class RunningServer:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain and stop: health NOT_SERVING and new Starts refused (UNAVAILABLE); running generations
-        get up to grace_s to finish, then end with DEADLINE; open streams are flushed and closed."""
+        get up to grace_s to finish, then end with SHUTDOWN; open streams are flushed and closed."""
         if self._stopped:
             return
         self._stopped = True
@@ -225,6 +284,19 @@ class RunningServer:
         if self._server is not None:
             await self._server.stop(1.0)
         await asyncio.to_thread(self.metrics.stop)  # waits out the HTTP server's poll interval
+
+    async def stop_now(self) -> None:
+        """Stop without waiting for running generations (a second signal, during `stop`'s drain): each
+        live request gets an Error (UNAVAILABLE) instead of the rest of its output, the streams are
+        flushed and closed, and gRPC stops. A drain under way then finds nothing left to wait for. The
+        engine's step thread is not waited for: it may be deep in a long prefill (see main)."""
+        if self._stopping_now:
+            return
+        self._stopping_now = True
+        self._draining = True
+        await self.servicer.stop_streams_now(timeout=2.0)
+        if self._server is not None:
+            await self._server.stop(0)
 
 
 async def serve(engine: Engine | None, config: ServerConfig) -> RunningServer:

@@ -14,6 +14,7 @@ import tokenwire
 from tokenwire.service.engine.engine import Engine
 from tokenwire.service.engine.requests import ErrorCode, OutputOptions, RequestError, StopReason
 from tokenwire.service.engine.streams import RequestStream
+from tokenwire.service.engine.wording import MAX_SHOWN_ID_CHARS, shown_id
 from tokenwire.service.transport import convert
 from tokenwire.service.transport.convert import MessageError
 from tokenwire.service.transport.interceptors import RequestFailed
@@ -76,6 +77,20 @@ class _GenerateCall:
             self.cut_by_server = True
             self.reader.cancel()
 
+    def stop_now(self, error: RequestError) -> None:
+        """Server stop without a grace period: stop reading, and send each live request `error` in place
+        of the rest of its output. A request whose Finished is already on its way keeps it."""
+        self.close()
+        for request_id, (task, stream) in list(self.owned.items()):
+            if stream.done:
+                continue
+            if self.engine.stream_of(request_id) is stream:
+                self.engine.abort(request_id, StopReason.SHUTDOWN)
+            task.cancel()
+            self.producers += 1
+            response = convert.error_response(request_id, error)
+            self.owned[request_id] = (asyncio.create_task(self._send_last(request_id, response)), stream)
+
     def abandon(self) -> None:
         """The RPC is over (client gone, deadline, or done): free every request still live. Idempotent."""
         if self.reader is not None:
@@ -122,13 +137,15 @@ class _GenerateCall:
         if self.on_refused is not None:
             self.on_refused(error.code)
         field = convert.error_path(error)
+        # The id is the client's, unchecked (it may be what is refused): escaped and cut in the line;
+        # JSON escapes it in the record's own field, cut to the length the contract allows.
         log.info(
             "request refused request_id=%s code=%s field=%s: %s",
-            request_id,
+            shown_id(request_id),
             error.code.name,
             field,
-            error.message,
-            extra={"request_id": request_id, "code": error.code.name, "field": field},
+            convert.bare_message(error),
+            extra={"request_id": request_id[:MAX_SHOWN_ID_CHARS], "code": error.code.name, "field": field},
         )
         await self.out.put(convert.error_response(request_id, error))
 
@@ -143,7 +160,7 @@ class _GenerateCall:
             await self._refuse(start.request_id, error)
             return
         except Exception:
-            log.exception("could not start request %r", start.request_id)
+            log.exception("could not start request %s", shown_id(start.request_id))
             await self._refuse(start.request_id, RequestError(ErrorCode.INTERNAL, "internal error"))
             return
         request_id = request.request_id  # assigned by the engine when the client left it empty
@@ -162,7 +179,7 @@ class _GenerateCall:
         if owned is None:
             unknown = MessageError(
                 ErrorCode.NOT_FOUND,
-                f"interrupt.request_id: no live request {request_id!r} on this stream",
+                f"interrupt.request_id: no live request {shown_id(request_id)} on this stream",
                 "interrupt.request_id",
             )
             await self.out.put(convert.error_response(request_id, unknown))
@@ -183,10 +200,22 @@ class _GenerateCall:
             self.failed = (request_id, error)
             self.abandon()
         finally:
-            owned = self.owned.get(request_id)
-            if owned is not None and owned[0] is asyncio.current_task():
-                del self.owned[request_id]
-            self._producer_done()
+            self._request_done(request_id)
+
+    async def _send_last(self, request_id: str, response: pb.GenerateResponse) -> None:
+        """Send a request's last message in place of its forwarder (see `stop_now`)."""
+        try:
+            await self.out.put(response)
+        finally:
+            self._request_done(request_id)
+
+    def _request_done(self, request_id: str) -> None:
+        """A request's producer task ends: the stream no longer owns the request, unless another task
+        took it over (`stop_now`)."""
+        owned = self.owned.get(request_id)
+        if owned is not None and owned[0] is asyncio.current_task():
+            del self.owned[request_id]
+        self._producer_done()
 
 
 class TokenWireServicer(pb_grpc.TokenWireServicer):
@@ -244,6 +273,20 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
         """Drain: stop reading on every Generate stream and wait (up to timeout) for them to flush."""
         for call in list(self._calls):
             call.close()
+        await self._streams_ended(timeout)
+
+    async def stop_streams_now(self, timeout: float) -> None:
+        """Stop without a grace period: on every Generate stream, each live request gets an Error
+        (UNAVAILABLE) instead of the rest of its output; waits (up to timeout) for the streams to flush."""
+        stopping = RequestError(
+            ErrorCode.UNAVAILABLE,
+            "the server is stopping now: the generation was cut short (retry it elsewhere)",
+        )
+        for call in list(self._calls):
+            call.stop_now(stopping)
+        await self._streams_ended(timeout)
+
+    async def _streams_ended(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self._calls and loop.time() < deadline:

@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import wait_until_idle
 from tests.fake_runner import EOS, FakeRunner, ForwardGate, make_tokenizer, token_id
+from tests.reliability.contract import check_chunk_tokens
 from tokenwire.service.engine.engine import Engine, EngineConfig
 from tokenwire.service.engine.requests import (
     Chunking,
@@ -116,6 +117,48 @@ async def test_eos_stop_token_and_stop_string(engine: Engine) -> None:
     )
     assert items[-1].reason is StopReason.STOP_SEQUENCE and items[-1].stop_sequence == ". cat"  # type: ignore[attr-defined]
     assert "".join(i.text for i in items if isinstance(i, Delta)) == " cat"
+
+
+# " world. Dr. Smith, cat\ufffd\ufffd sat. hello": sentences, a clause, bytes that never form a character.
+STORY = [WORLD, DOT, token_id("ĠDr"), DOT, token_id("ĠSmith"), token_id(","), CAT]
+STORY += [token_id("µ"), token_id("µ"), token_id("Ġsat"), DOT, HELLO]
+ENDINGS = {  # how the story ends: (max_tokens, stop strings, stop token ids)
+    "eos": (40, (), ()),
+    "max_tokens_inside_a_character": (8, (), ()),
+    "stop_string": (40, (", cat",), ()),
+    "stop_string_prefix_held_to_the_end": (40, (" hello there",), ()),
+    "stop_token_id": (40, (), (token_id("Ġsat"),)),
+}
+
+
+@pytest.mark.parametrize("ending", list(ENDINGS))
+async def test_each_token_is_in_the_chunk_its_text_starts_in(engine: Engine, ending: str) -> None:
+    runner = engine.runner
+    assert isinstance(runner, FakeRunner)
+    runner.script[WORLD] = STORY
+    max_tokens, stop, stop_token_ids = ENDINGS[ending]
+    stopping = StoppingParams(max_tokens=max_tokens, stop=stop, stop_token_ids=stop_token_ids)
+    sent: dict[Chunking, tuple[str, list[int]]] = {}
+    for chunking in Chunking:
+        output = OutputOptions(chunking=chunking, logprobs=True, token_ids=True)
+        items = await collect(
+            engine.add_request(request(chunking.value, (WORLD,), stopping=stopping, output=output))
+        )
+        deltas = [i for i in items if isinstance(i, Delta)]
+        finished = items[-1]
+        assert isinstance(finished, Finished)
+        generated = [*STORY, EOS][: finished.usage.completion_tokens]
+        check_chunk_tokens([(d.text, d.token_ids) for d in deltas], generated, runner.tokenizer.decode)
+        covered = 0
+        for d in deltas:
+            assert d.index == covered  # the index of its first token
+            assert [lp.token_id for lp in d.logprobs] == d.token_ids
+            covered += len(d.token_ids)
+        assert finished.sent_tokens == covered
+        sent[chunking] = ("".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids])
+        if chunking is Chunking.WORD:  # a word's tokens are its chunk's, and decode to its text
+            assert all(runner.tokenizer.decode(d.token_ids) == d.text for d in deltas)
+    assert all(s == sent[Chunking.TOKEN] for s in sent.values()), sent
 
 
 async def test_min_tokens_bans_eos(engine: Engine) -> None:
@@ -389,3 +432,39 @@ async def test_started_reports_the_time_spent_waiting_for_a_row(engine: Engine, 
     assert queued[waited] >= min(decoding) > 0
     for items in results:
         assert items[0].queue_s <= items[-1].timings.total_s  # type: ignore[attr-defined]
+
+
+async def test_times_are_measured_to_the_microsecond(engine: Engine) -> None:
+    items = await collect(engine.add_request(request("us", max_tokens=5)))
+    started, finished = items[0], items[-1]
+    assert isinstance(started, Started) and isinstance(finished, Finished)
+    timings = finished.timings
+    seconds = [started.queue_s, timings.queue_s, timings.time_to_first_token_s, timings.total_s]
+    assert all(s == round(s, 6) for s in seconds), seconds
+    assert timings.total_s > 0 and timings.decode_tokens_per_second == round(
+        timings.decode_tokens_per_second, 3
+    )
+
+
+async def test_messages_count_in_the_singular() -> None:
+    runner = FakeRunner(max_batch_size=1, context_length=8)
+    engine = Engine(runner, EngineConfig(max_batch_size=1, max_live_requests=1))
+    engine.start()
+    try:
+        with pytest.raises(RequestError) as caught:
+            engine.add_request(request("one", (HELLO,), max_tokens=8))
+        assert (
+            caught.value.message
+            == "prompt (1 token) plus max_tokens (8) exceeds the context length (8 tokens)"
+        )
+        runner.context_length = 1
+        with pytest.raises(RequestError) as caught:
+            engine.add_request(request("one", (HELLO,), max_tokens=None))
+        assert caught.value.message == "the prompt has 1 token; the context holds 1 token"
+        runner.context_length = 8
+        engine.add_request(request("first", (HELLO,), max_tokens=1))
+        with pytest.raises(RequestError) as caught:
+            engine.add_request(request("second", (HELLO,), max_tokens=1))
+        assert caught.value.message == "the server is at its limit of 1 live request"
+    finally:
+        await engine.stop()

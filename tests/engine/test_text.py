@@ -10,6 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
+from tests.reliability.contract import check_chunk_tokens
 from tests.text_fixtures import (
     bytelevel_tokenizer,
     llama_tokenizer,
@@ -353,11 +354,13 @@ def test_word_chunking_holds_the_partial_word() -> None:
     stream = TextStream(tok, chunking=Chunking.WORD)
     assert stream.push(ids["Hel"]) == TextUpdate()
     assert stream.push(ids["lo"]) == TextUpdate()
-    assert stream.push(ids[" wor"]) == TextUpdate(pieces("Hello "))
+    # The space that ends a word starts the next one, as it starts that word's first token.
+    assert stream.push(ids[" wor"]) == TextUpdate(pieces("Hello"))
+    assert stream.held_text() == " wor"
     assert stream.push(ids["ld."]) == TextUpdate()
-    assert stream.push(ids[" How"]) == TextUpdate(pieces("world. "))
-    assert stream.push(ids["\n"]) == TextUpdate(pieces("How\n"))
-    assert stream.push(ids["你好"]) == TextUpdate(pieces("你好"))  # no spaces in this script
+    assert stream.push(ids[" How"]) == TextUpdate(pieces(" world."))
+    assert stream.push(ids["\n"]) == TextUpdate(pieces(" How"))
+    assert stream.push(ids["你好"]) == TextUpdate(pieces("\n你好"))  # no spaces in this script
     assert stream.push(ids["Hel"]) == TextUpdate()
     assert stream.held_text() == "Hel"
     assert stream.finish() == pieces("Hel")
@@ -421,12 +424,12 @@ def test_held_text_does_not_change_state() -> None:
 
 def test_in_segment_is_false_without_segments() -> None:
     tok, ids = piece_tokenizer(["Hello", " wor"])
-    for chunking in (Chunking.TOKEN, Chunking.WORD):
+    for chunking, held in ((Chunking.TOKEN, "wor"), (Chunking.WORD, " wor")):
         stream = TextStream(tok, chunking=chunking, stop=["world"])
         stream.push(ids["Hello"])
         stream.push(ids[" wor"])
         assert not stream.in_segment
-        assert stream.held_text() == "wor"
+        assert stream.held_text() == held
 
 
 def test_in_segment_counts_text_held_for_a_stop_string() -> None:
@@ -458,6 +461,58 @@ def test_finish_twice_and_push_after_finish() -> None:
     assert stream.finish() == []
     assert stream.push(ids[" b"]) == TextUpdate()
     assert TextStream(tok, chunking=Chunking.SENTENCE).finish() == []
+
+
+# ---- which tokens each piece covers ----
+
+
+def covered(pieces: Sequence[TextPiece], ids: Sequence[int]) -> list[tuple[str, list[int]]]:
+    """The pieces as (text, the ids they cover): each piece takes its `tokens` next ids."""
+    out, i = [], 0
+    for p in pieces:
+        out.append((p.text, list(ids[i : i + p.tokens])))
+        i += p.tokens
+    return out
+
+
+def test_word_pieces_cover_their_own_tokens() -> None:
+    fragments = ["Hel", "lo", " wor", "ld", ",", " the", " dog"]
+    tok, vocab = piece_tokenizer(fragments)
+    ids = [vocab[f] for f in fragments]
+    chunks = covered(run(tok, ids, chunking=Chunking.WORD)[0], ids)
+    assert [(text, tok.decode(chunk_ids)) for text, chunk_ids in chunks] == [
+        ("Hello", "Hello"),
+        (" world,", " world,"),
+        (" the", " the"),
+        (" dog", " dog"),
+    ]
+
+
+def test_a_token_split_over_two_pieces_is_in_the_first() -> None:
+    fragments = ["Hi", ".\n", "Yes", "."]  # the sentence ends before the newline, inside ".\n"
+    tok, vocab = piece_tokenizer(fragments)
+    ids = [vocab[f] for f in fragments]
+    chunks = covered(run(tok, ids, chunking=Chunking.SENTENCE)[0], ids)
+    assert [(text, [tok.id_to_token(i) for i in chunk_ids]) for text, chunk_ids in chunks] == [
+        ("Hi.", ["Hi", ".\n"]),
+        ("\nYes.", ["Yes", "."]),
+    ]
+
+
+def test_tokens_without_text_of_their_own_go_with_the_text_they_end_in() -> None:
+    tok = llama_tokenizer()
+    stray, lead = token_id(tok, "<0x80>"), token_id(tok, "<0xC3>")  # 0x80 never starts a character
+    world, tail = token_id(tok, "▁world"), token_id(tok, "<0xA9>")  # C3 A9: "é"
+    ids = [stray, world, lead, tail, world]
+    for chunking in Chunking:
+        chunks = covered(run(tok, ids, chunking=chunking)[0], ids)
+        assert "".join(text for text, _ in chunks) == "\ufffd worldé world"
+        assert [t for _, chunk_ids in chunks for t in chunk_ids] == ids
+    # The stray byte's replacement character comes out with " world", but is the stray byte's alone.
+    chunks = covered(run(tok, ids, chunking=Chunking.WORD)[0], ids)
+    assert chunks == [("\ufffd", [stray]), (" worldé", [world, lead, tail]), (" world", [world])]
+    chunks = covered(run(tok, ids)[0], ids)
+    assert chunks == [("\ufffd world", [stray, world]), ("é", [lead, tail]), (" world", [world])]
 
 
 # ---- properties over random texts and token splits ----
@@ -545,6 +600,47 @@ def test_smollm2_any_text_round_trips(smollm2: Tokenizer, text: str, chunking: C
     pieces = run(smollm2, ids, chunking=chunking, prompt_token_ids=prompt)[0]
     assert joined(pieces) == text
     assert all(p.text for p in pieces)
+
+
+def complete_text(tok: Tokenizer) -> Callable[[Sequence[int]], str]:
+    """What ids decode to, without the bytes of an unfinished last character (for texts without U+FFFD)."""
+    return lambda ids: tok.decode(list(ids)).rstrip("\ufffd")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fragments=st.lists(st.sampled_from(_FRAGMENTS), max_size=40),
+    stop=st.sampled_from([[], ["</s>"], ["Dr. S", "\n\n"], ["a", "."]]),
+    min_chars=st.sampled_from([0, 8]),
+)
+def test_each_token_is_in_the_piece_its_text_starts_in(
+    fragments: list[str], stop: list[str], min_chars: int
+) -> None:
+    tok, vocab = piece_tokenizer(_FRAGMENTS)
+    ids = [vocab[f] for f in fragments]
+    by_mode = {}
+    for chunking in Chunking:
+        pieces = run(tok, ids, chunking=chunking, stop=stop, min_segment_chars=min_chars)[0]
+        chunks = covered(pieces, ids)
+        check_chunk_tokens(chunks, ids, tok.decode)
+        by_mode[chunking] = [t for _, chunk_ids in chunks for t in chunk_ids]
+    assert all(mode_ids == by_mode[Chunking.TOKEN] for mode_ids in by_mode.values())
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    text=st.text(st.characters(codec="utf-8", exclude_characters="\ufffd"), max_size=60),
+    stop=st.sampled_from([[], [". "], ["\n", "é"]]),
+)
+def test_each_token_is_in_the_piece_its_text_starts_in_utf8(text: str, stop: list[str]) -> None:
+    tok = bytelevel_tokenizer()  # a character of several bytes is often split over tokens
+    ids = tok.encode(text).ids
+    by_mode = {}
+    for chunking in Chunking:
+        chunks = covered(run(tok, ids, chunking=chunking, stop=stop)[0], ids)
+        check_chunk_tokens(chunks, ids, complete_text(tok))
+        by_mode[chunking] = [t for _, chunk_ids in chunks for t in chunk_ids]
+    assert all(mode_ids == by_mode[Chunking.TOKEN] for mode_ids in by_mode.values())
 
 
 # Slow group: it measures wall-clock time per token against a fixed budget, so on a loaded machine

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import grpc
 
@@ -75,6 +75,36 @@ def check_generation(responses: Sequence[pb.GenerateResponse], *, token_ids: boo
         assert finished.sent_tokens == covered
     assert finished.reason != pb.STOP_REASON_UNSPECIFIED
     return finished
+
+
+def check_chunk_tokens(
+    chunks: Sequence[tuple[str, Sequence[int]]],
+    generated: Sequence[int],
+    text_of: Callable[[Sequence[int]], str],
+) -> None:
+    """Chunk.token_ids as the .proto defines them: each token is in the one chunk where its text starts.
+
+    `chunks` are (text, token ids) in order; `generated` every token the request generated;
+    `text_of(ids)` the text those ids complete, as a plain decode renders it (the bytes of a
+    character that only a later token completes left out). A token's text starts where the text of
+    the tokens before it ends; so a token's chunk is the one that text ends in, and a token whose text
+    was never sent (a stop string, EOS) is in none. Then a chunk's tokens decode to its text, but for
+    a token's text split over two chunks (it counts in the first), and held-back text.
+    """
+    ids = [t for _, chunk_ids in chunks for t in chunk_ids]
+    assert list(generated[: len(ids)]) == ids, "the chunks cover the first tokens, in order"
+    sent = "".join(text for text, _ in chunks)
+    before, i = "", 0  # the text of the chunks before this one; the tokens they hold
+    for text, chunk_ids in chunks:
+        upto = before + text
+        for _ in chunk_ids:
+            head = text_of(generated[:i])
+            assert upto.startswith(head) and len(before) <= len(head) < len(upto), (i, head, upto)
+            i += 1
+        assert text_of(generated[:i]).startswith(upto), ("text sent ahead of its tokens", i, upto)
+        before = upto
+    for j in range(i, len(generated)):
+        assert len(text_of(generated[:j])) >= len(sent), ("a token of sent text is in no chunk", j)
 
 
 def split_runs(responses: Sequence[pb.GenerateResponse]) -> list[list[pb.GenerateResponse]]:

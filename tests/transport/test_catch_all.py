@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.conftest import running_server, wait_until_idle
 from tests.reliability.contract import read_rest
 from tokenwire.service.engine.engine import Engine
+from tokenwire.service.engine.wording import MAX_SHOWN_ID_CHARS, shown_id
 from tokenwire.service.transport.interceptors import CatchAllInterceptor
 from tokenwire.service.transport.server import RunningServer
 from tokenwire.v1 import tokenwire_pb2 as pb
@@ -51,13 +52,15 @@ def check_internal(error: grpc.aio.AioRpcError, message: str) -> None:
 
 
 def check_logged(caplog: pytest.LogCaptureFixture, method: str, request_id: str) -> None:
-    """Exactly one ERROR line, with the traceback, the method and the request id."""
+    """Exactly one ERROR line, with the traceback, the method and the request id (escaped and capped
+    in the line, capped in the record's field)."""
     records = [r for r in caplog.records if r.name == LOGGER]
     assert len(records) == 1, [r.getMessage() for r in records]
     record = records[0]
     assert record.levelno == logging.ERROR and record.exc_info is not None
-    assert method in record.getMessage() and f"request_id={request_id or '-'}" in record.getMessage()
-    assert (record.method, record.request_id) == (method, request_id)  # type: ignore[attr-defined]
+    shown = shown_id(request_id) if request_id else "-"
+    assert record.getMessage() == f"internal error in {method} request_id={shown}"
+    assert (record.method, record.request_id) == (method, request_id[:MAX_SHOWN_ID_CHARS])  # type: ignore[attr-defined]
     assert SECRET in caplog.text and "Traceback" in caplog.text  # the log has what the client does not
 
 
@@ -108,7 +111,21 @@ async def test_an_overlong_request_id_is_not_repeated(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await pb_grpc.TokenWireStub(channel).Cancel(pb.CancelRequest(request_id="x" * 5000), timeout=5)
     check_internal(caught.value, "internal error; see the server log")
-    check_logged(caplog, "/tokenwire.v1.TokenWire/Cancel", "x" * 128)
+    check_logged(caplog, "/tokenwire.v1.TokenWire/Cancel", "x" * 5000)
+    assert "x" * 129 not in caplog.text and "(cut: 5,000 characters)" in caplog.text
+
+
+async def test_a_request_id_cannot_forge_a_log_line(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(engine_of(server), "cancel", async_boom)
+    caplog.set_level(logging.ERROR, LOGGER)
+    forged = "c-2\n2024-01-01 00:00:00,000 INFO tokenwire.server: all is well"
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await pb_grpc.TokenWireStub(channel).Cancel(pb.CancelRequest(request_id=forged), timeout=5)
+    check_logged(caplog, "/tokenwire.v1.TokenWire/Cancel", forged)
+    assert all("\n" not in r.getMessage() for r in caplog.records if r.name == LOGGER)
 
 
 async def test_a_bug_in_the_generate_stream_answers_internal_naming_the_request(

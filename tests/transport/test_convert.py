@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 
 from tokenwire.service.engine.requests import (
     Chunking,
@@ -269,6 +270,25 @@ def test_finished_to_pb() -> None:
     assert message.timings.total_ms == pytest.approx(500.0)
     assert message.timings.decode_tokens_per_second == 40.0
     assert (message.sent_text_chars, message.sent_tokens, message.tail_text) == (31, 8, "EN")
+
+
+def test_times_are_sent_to_the_microsecond() -> None:
+    """Milliseconds with at most three decimals: JSON shows 1.656, not 1.656249999996362."""
+    started = convert.started_to_pb(Started(3, 0, 1, 10, queue_s=0.001656249999996362))
+    timings = Timings(
+        queue_s=0.001656249999996362,
+        time_to_first_token_s=0.0173000000000001,
+        total_s=1.2345678999,
+        decode_tokens_per_second=342.712345678,
+    )
+    finished = convert.finished_to_pb(Finished(StopReason.EOS, timings=timings))
+    assert started.queue_ms == 1.656
+    assert finished.timings.queue_ms == 1.656
+    assert finished.timings.time_to_first_token_ms == 17.3
+    assert finished.timings.total_ms == 1234.568
+    assert finished.timings.decode_tokens_per_second == 342.712
+    shown = json_format.MessageToJson(finished, indent=None)
+    assert '"queueMs": 1.656,' in shown and '"totalMs": 1234.568,' in shown, shown
 
 
 DELTA = Delta(

@@ -1,4 +1,5 @@
-"""The tokenwire-server command as a real process with the real default model: grpcurl, JSON logs, SIGTERM."""
+"""The tokenwire-server command as a real process with the real default model: grpcurl, JSON logs,
+SIGTERM (while serving, twice, and at any moment of the start), a busy port."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +21,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import free_port
+from tests.reliability.contract import read_until_done
+from tokenwire.service.main import EXIT_BIND_FAILED
 from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
 
@@ -31,21 +36,25 @@ GRACE_S = 600.0
 WAIT_S = 60.0
 
 
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        # Some settings from the environment, to show that route works too.
+        "TOKENWIRE_LOG_FORMAT": "json",
+        "TOKENWIRE_GRACE_PERIOD": str(GRACE_S),
+        # This box has 2 cores shared with other test runs: torch's default of one thread per
+        # core then spins against them and decodes 5-10x slower (measured: ~1-2 vs ~11 tokens/s).
+        "OMP_NUM_THREADS": "1",
+        **(extra or {}),
+    }
+
+
 class ServerProcess:
     """A tokenwire-server process; its JSON log lines are collected by a reader thread."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, env: dict[str, str] | None = None) -> None:
         self.address = f"127.0.0.1:{port}"
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            # Some settings from the environment, to show that route works too.
-            "TOKENWIRE_LOG_FORMAT": "json",
-            "TOKENWIRE_GRACE_PERIOD": str(GRACE_S),
-            # This box has 2 cores shared with other test runs: torch's default of one thread per
-            # core then spins against them and decodes 5-10x slower (measured: ~1-2 vs ~11 tokens/s).
-            "OMP_NUM_THREADS": "1",
-        }
         self.process = subprocess.Popen(
             [
                 str(BIN / "tokenwire-server"),
@@ -56,7 +65,7 @@ class ServerProcess:
                 "--max-context",
                 "512",
             ],
-            env=env,
+            env=server_env(env),
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
@@ -91,6 +100,13 @@ class ServerProcess:
             if found is None:
                 raise AssertionError(f"no log line {prefix!r}; stderr:\n{''.join(self.raw[-30:])}")
             return found
+
+    def wait_for_output(self, fragment: str, timeout: float) -> None:
+        """Wait until a line of stderr (a log line, or another library's output) contains `fragment`."""
+        with self._changed:
+            self._changed.wait_for(lambda: any(fragment in line for line in self.raw) or self._ended, timeout)
+            if not any(fragment in line for line in self.raw):
+                raise AssertionError(f"no output {fragment!r}; stderr:\n{''.join(self.raw[-30:])}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -154,7 +170,7 @@ def test_grpcurl_streams_a_generation_from_json(server: ServerProcess) -> None:
 
 
 async def test_sigterm_drains_then_exits_zero(server: ServerProcess) -> None:
-    """Runs last in this module: it ends the shared server."""
+    """The last test of the shared server: it ends it."""
     async with grpc.aio.insecure_channel(server.address) as channel:
         call = pb_grpc.TokenWireStub(channel).Generate()
         stopping = pb.StoppingParams(max_tokens=12, ignore_eos=True)
@@ -186,3 +202,87 @@ async def test_sigterm_drains_then_exits_zero(server: ServerProcess) -> None:
         exit_code = await asyncio.to_thread(server.process.wait, WAIT_S)
     assert exit_code == 0
     server.wait_for_log("stopped", timeout=5)
+
+
+async def test_a_second_sigterm_stops_now_and_tells_each_live_request() -> None:
+    process = ServerProcess(free_port())
+    try:
+        process.wait_for_log("SERVING on", timeout=90)
+        async with grpc.aio.insecure_channel(process.address) as channel:
+            call = pb_grpc.TokenWireStub(channel).Generate()
+            # Far more tokens than this box decodes before the test is done with it.
+            stopping = pb.StoppingParams(max_tokens=400, ignore_eos=True)
+            await call.write(
+                pb.GenerateRequest(
+                    start=pb.Start(request_id="long", prompt="Once upon a time", stopping=stopping)
+                )
+            )
+            seen: list[pb.GenerateResponse] = []
+            while not any(r.HasField("chunk") for r in seen):
+                seen.append(await asyncio.wait_for(call.read(), 30))
+            process.process.send_signal(signal.SIGTERM)
+            process.wait_for_log("received SIGTERM", timeout=5)  # draining: it would wait GRACE_S
+            process.process.send_signal(signal.SIGTERM)
+            last = (await read_until_done(call, ["long"], timeout=WAIT_S))[-1]
+            assert last.request_id == "long" and last.WhichOneof("kind") == "error"
+            assert (
+                last.error.code == grpc.StatusCode.UNAVAILABLE.value[0] and "stopping" in last.error.message
+            )
+            assert await call.code() == grpc.StatusCode.UNAVAILABLE
+        assert await asyncio.to_thread(process.process.wait, WAIT_S) == 0
+        process.wait_for_log("received SIGTERM again: stopping now", timeout=5)
+    finally:
+        process.stop()
+
+
+# Moments of the start: the port is open; torch is being imported; transformers converts the GGUF
+# file (the first start with an empty cache); the C kernels and torch take the weights.
+LOAD_MOMENTS = [
+    ("listening on", 0.0),
+    ("listening on", 2.0),
+    ("unpacking", 1.0),
+    pytest.param("Loading weights", 0.0, marks=pytest.mark.slow),  # after the ~20 s unpacking
+]
+
+
+@pytest.mark.parametrize(("output", "after_s"), LOAD_MOMENTS)
+def test_a_sigterm_while_the_model_loads_exits_zero(output: str, after_s: float, tmp_path: Path) -> None:
+    """At any moment of the start, SIGTERM ends the server cleanly. The interpreter's exit would tear
+    the loading thread down inside torch: SIGABRT ("terminate called without an active exception"),
+    or half a traceback, depending on the moment."""
+    # An empty cache: the model is unpacked first, so the load lasts long enough to be interrupted.
+    process = ServerProcess(free_port(), env={"TOKENWIRE_CACHE": str(tmp_path)})
+    try:
+        process.wait_for_output(output, timeout=WAIT_S)
+        time.sleep(after_s)
+        assert process.process.poll() is None, "".join(process.raw[-30:])
+        process.process.send_signal(signal.SIGTERM)
+        exit_code = process.process.wait(WAIT_S)
+        process.wait_for_log("stopped during model load", timeout=5)
+    finally:
+        process.stop()
+    output_text = "".join(process.raw)
+    assert exit_code == 0, output_text[-3000:]
+    assert "terminate called" not in output_text and "Traceback" not in output_text, output_text[-3000:]
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_a_busy_port_is_one_error_line_that_says_what_to_do(flag: str) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        other = [] if flag == "--port" else ["--port", "0"]  # gRPC on any free port, metrics on the busy one
+        result = subprocess.run(
+            [str(BIN / "tokenwire-server"), flag, str(port), *other],
+            env=server_env(),
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+        )
+    assert result.returncode == EXIT_BIND_FAILED, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr  # no traceback, nor gRPC's own error line
+    logged = json.loads(lines[0])
+    assert logged["level"] == "ERROR"
+    assert f"127.0.0.1:{port}" in logged["message"] and flag in logged["message"], logged

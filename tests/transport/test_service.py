@@ -4,6 +4,7 @@ reflection, auth, TLS, metrics and drain — a real grpc.aio server with the fak
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -16,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.conftest import FAKE_ENGINE, free_port, running_server, wait_until_idle
-from tests.fake_runner import FakeRunner, ForwardGate
-from tests.reliability.contract import read_rest, read_until_done
+from tests.fake_runner import EOS, FakeRunner, ForwardGate, token_id
+from tests.reliability.contract import check_chunk_tokens, read_first_chunk, read_rest, read_until_done
 from tests.waiting import until
 from tokenwire.service.engine.engine import Engine, EngineConfig
 from tokenwire.service.engine.requests import Failure, Finished, GenerationRequest, StopReason
@@ -123,6 +124,51 @@ async def test_two_requests_multiplexed_on_one_stream(
     # Token ids only where asked for, and they cover every token.
     assert all(not r.chunk.token_ids for r in a if r.HasField("chunk"))
     assert sum(len(r.chunk.token_ids) for r in b if r.HasField("chunk")) == 30
+    await wait_until_idle(served.engine)  # type: ignore[arg-type]
+
+
+async def test_every_chunking_gives_each_token_to_the_chunk_its_text_starts_in(
+    served: RunningServer, stub: pb_grpc.TokenWireStub
+) -> None:
+    runner = fake(served)
+    first, stray = token_id("Ġworld"), token_id("µ")
+    # " cat. Dr. Smith, sat\ufffd hello mat." then EOS; the stop string cuts it inside " hello mat".
+    story = [token_id(w) for w in ("Ġcat", ".", "ĠDr", ".", "ĠSmith", ",", "Ġsat")]
+    story += [stray, token_id("Ġhello"), token_id("Ġmat"), token_id("."), EOS]
+    runner.script[first] = story
+    call = stub.Generate()
+    for chunking in ("TOKEN", "WORD", "SENTENCE", "CLAUSE"):
+        for stop in ([], ["o mat"]):
+            output = pb.OutputOptions(
+                chunking=pb.Chunking.Value(f"CHUNKING_{chunking}"), token_ids=True, logprobs=True
+            )
+            await call.write(
+                pb.GenerateRequest(
+                    start=pb.Start(
+                        request_id=f"{chunking}-{len(stop)}",
+                        token_ids=pb.TokenIds(ids=[first]),
+                        stopping=pb.StoppingParams(max_tokens=30, stop=stop),
+                        output=output,
+                    )
+                )
+            )
+    await call.done_writing()
+    responses = await read_rest(call)
+    for stop in ([], ["o mat"]):
+        sent = {}
+        for chunking in ("TOKEN", "WORD", "SENTENCE", "CLAUSE"):
+            mine = of(responses, f"{chunking}-{len(stop)}")
+            finished = check_lifecycle(mine)
+            chunks = [r.chunk for r in mine if r.HasField("chunk")]
+            check_chunk_tokens([(c.text, c.token_ids) for c in chunks], story, runner.tokenizer.decode)
+            covered = 0
+            for chunk in chunks:
+                assert chunk.index == covered
+                assert [lp.token_id for lp in chunk.logprobs] == list(chunk.token_ids)
+                covered += len(chunk.token_ids)
+            assert finished.sent_tokens == covered
+            sent[chunking] = (text_of(mine), [t for c in chunks for t in c.token_ids])
+        assert all(s == sent["TOKEN"] for s in sent.values()), sent
     await wait_until_idle(served.engine)  # type: ignore[arg-type]
 
 
@@ -331,6 +377,30 @@ async def test_bad_input_names_its_field_and_the_stream_goes_on(
     await wait_until_idle(served.engine)  # type: ignore[arg-type]
 
 
+async def test_refused_ids_are_logged_escaped_and_capped(
+    stub: pb_grpc.TokenWireStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "tokenwire.servicer")
+    forged = "r\n2024-01-01 00:00:00,000 INFO tokenwire.server: forged"
+    huge = "h" * 100_000
+    call = stub.Generate()
+    await call.write(pb.GenerateRequest(start=pb.Start(request_id=forged, prompt="")))  # start.input
+    await call.write(start(huge, 3))  # start.request_id: too long
+    await call.done_writing()
+    responses = await read_rest(call)
+    assert [r.error.field for r in responses] == ["start.input", "start.request_id"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "tokenwire.servicer"]
+    assert len(lines) == 2 and not any("\n" in line for line in lines), lines
+    assert lines[0] == (
+        f"request refused request_id={forged!r} code=INVALID_ARGUMENT field=start.input: "
+        "prompt must not be empty"
+    )
+    assert len(lines[1]) < 400 and "(cut: 100,000 characters)" in lines[1], lines[1]
+    assert "field=start.request_id: at most 128 characters" in lines[1]
+    logged_ids = [getattr(r, "request_id", None) for r in caplog.records if r.name == "tokenwire.servicer"]
+    assert logged_ids == [forged, "h" * 128]
+
+
 async def test_duplicate_live_id_is_refused_server_wide(
     served: RunningServer, stub: pb_grpc.TokenWireStub
 ) -> None:
@@ -525,16 +595,45 @@ async def test_drain_finishes_running_work_and_refuses_new() -> None:
         assert await call.code() == grpc.StatusCode.UNAVAILABLE  # the server ended the open stream
 
 
-async def test_drain_grace_period_ends_the_rest_with_deadline() -> None:
+async def test_drain_grace_period_ends_the_rest_with_shutdown() -> None:
+    """A request the drain cuts short says so (the client may retry it elsewhere); a request's own
+    time limit still ends it with DEADLINE."""
     async with running_server(step_delay=0.01) as server, grpc.aio.insecure_channel(server.address) as ch:
         call = pb_grpc.TokenWireStub(ch).Generate()
         await call.write(start("too-long", None))
+        await call.write(start("timed", None, stopping=pb.StoppingParams(time_limit_ms=100)))
         await call.done_writing()
-        assert (await asyncio.wait_for(call.read(), 5)).HasField("started")
+        seen = await read_until_done(call, ["timed"])
         await server.stop(grace_s=0.2)
-        responses = await read_rest(call)
-        assert responses[-1].finished.reason == pb.STOP_REASON_DEADLINE
+        responses = seen + await read_rest(call)
+        assert check_lifecycle(of(responses, "timed")).reason == pb.STOP_REASON_DEADLINE
+        finished = check_lifecycle(of(responses, "too-long"))
+        assert finished.reason == pb.STOP_REASON_SHUTDOWN and finished.sent_text_chars > 0
         assert await call.code() == grpc.StatusCode.OK  # the client had half-closed: a normal end
+
+
+async def test_stop_now_ends_each_live_request_with_an_error() -> None:
+    """A second signal during the drain: every live request gets an Error (UNAVAILABLE) at once,
+    instead of the rest of its grace period, and the streams end UNAVAILABLE."""
+    async with running_server(step_delay=0.01) as server, grpc.aio.insecure_channel(server.address) as ch:
+        engine = server.engine
+        assert engine is not None
+        calls = {f"long-{n}": pb_grpc.TokenWireStub(ch).Generate() for n in range(2)}
+        for request_id, call in calls.items():
+            await call.write(start(request_id, None))
+            await read_first_chunk(call, request_id, [])
+        draining = asyncio.create_task(server.stop(grace_s=60))
+        await until(lambda: not engine.accepting, what="the drain began")
+        await asyncio.wait_for(server.stop_now(), 5)
+        for request_id, call in calls.items():
+            last = (await read_until_done(call, [request_id]))[-1]
+            assert last.WhichOneof("kind") == "error" and last.request_id == request_id
+            assert (
+                last.error.code == grpc.StatusCode.UNAVAILABLE.value[0] and "stopping" in last.error.message
+            )
+            assert await call.code() == grpc.StatusCode.UNAVAILABLE
+        await asyncio.wait_for(draining, 5)  # nothing is left for the drain to wait for
+        assert engine.num_live() == 0
 
 
 # ---- security ----

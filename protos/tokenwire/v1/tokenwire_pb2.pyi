@@ -32,6 +32,7 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_REASON_DEADLINE: _ClassVar[StopReason]
     STOP_REASON_CONTEXT_LENGTH: _ClassVar[StopReason]
     STOP_REASON_ERROR: _ClassVar[StopReason]
+    STOP_REASON_SHUTDOWN: _ClassVar[StopReason]
 INTERRUPT_MODE_UNSPECIFIED: InterruptMode
 INTERRUPT_MODE_IMMEDIATE: InterruptMode
 INTERRUPT_MODE_AFTER_SEGMENT: InterruptMode
@@ -49,6 +50,7 @@ STOP_REASON_INTERRUPTED: StopReason
 STOP_REASON_DEADLINE: StopReason
 STOP_REASON_CONTEXT_LENGTH: StopReason
 STOP_REASON_ERROR: StopReason
+STOP_REASON_SHUTDOWN: StopReason
 
 class GenerateRequest(_message.Message):
     __slots__ = ("start", "interrupt")

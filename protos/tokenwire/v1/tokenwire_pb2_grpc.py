@@ -68,6 +68,10 @@ class TokenWireServicer:
         one Finished or Error message. Half-closing the request side means "no more requests": the
         running ones finish, then the RPC ends with OK. Cancelling the RPC (disconnect, deadline) stops
         every generation on it at the next decode step.
+        When the server shuts down it reads no more requests; running generations get its grace period,
+        then end with STOP_REASON_SHUTDOWN, and the RPC ends with UNAVAILABLE (OK if the client had
+        half-closed). Told to stop at once, the server sends each live generation an Error (UNAVAILABLE)
+        instead of the rest of its output, and ends the RPC the same way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
