@@ -23,21 +23,9 @@ keeps the gRPC status code and the field at fault. The `tokenwire` command is `t
 
 from __future__ import annotations
 
-from ._async import AsyncClient, AsyncGeneration, AsyncStream
-from ._errors import (
-    AlreadyExists,
-    Cancelled,
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    ServerError,
-    TokenWireError,
-    Unauthenticated,
-    Unavailable,
-)
-from ._sync import Client, Generation, Stream
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._types import (
     CancelResult,
     Chunk,
@@ -57,6 +45,61 @@ from ._types import (
     TopLogprob,
     Usage,
 )
+
+if TYPE_CHECKING:
+    from ._async import AsyncClient, AsyncGeneration, AsyncStream
+    from ._errors import (
+        AlreadyExists,
+        Cancelled,
+        DeadlineExceeded,
+        FailedPrecondition,
+        InvalidArgument,
+        NotFound,
+        ResourceExhausted,
+        ServerError,
+        TokenWireError,
+        Unauthenticated,
+        Unavailable,
+    )
+    from ._sync import Client, Generation, Stream
+
+# The names from modules that import grpc, loaded on first use: importing the package (as the
+# `tokenwire` command does, before it has read its flags) does not load grpc, whose C core reads its
+# logging settings (GRPC_VERBOSITY, GRPC_TRACE) once, when it loads.
+_LAZY = {
+    **dict.fromkeys(("AsyncClient", "AsyncGeneration", "AsyncStream"), "._async"),
+    **dict.fromkeys(("Client", "Generation", "Stream"), "._sync"),
+    **dict.fromkeys(
+        (
+            "AlreadyExists",
+            "Cancelled",
+            "DeadlineExceeded",
+            "FailedPrecondition",
+            "InvalidArgument",
+            "NotFound",
+            "ResourceExhausted",
+            "ServerError",
+            "TokenWireError",
+            "Unauthenticated",
+            "Unavailable",
+        ),
+        "._errors",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "AlreadyExists",

@@ -423,8 +423,11 @@ class AsyncClient:
     stream has no deadline unless given one (`generate(..., timeout=)`), since generations run long:
     prefer `time_limit_ms`, which ends a generation cleanly with its Result. Before each call the client
     waits up to `connect_timeout` seconds for the connection (gRPC retries meanwhile), then raises
-    Unavailable; unary calls are retried on UNAVAILABLE within that time, a stream never is once
-    started. The channel is made on first use and belongs to the event loop in use then."""
+    Unavailable saying why the last attempt failed; unary calls are retried on UNAVAILABLE within that
+    time, a stream never is once started. `wait_for_server=False` gives up at the first failed attempt
+    instead (a refused connection, an unknown host, a failed TLS handshake: Unavailable; an address
+    that cannot be parsed: InvalidArgument), so `connect_timeout` then only bounds a host that does
+    not answer. The channel is made on first use and belongs to the event loop in use then."""
 
     def __init__(
         self,
@@ -438,9 +441,19 @@ class AsyncClient:
         timeout: float | None = None,
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
         keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
+        wait_for_server: bool = True,
     ) -> None:
         self._config = ChannelConfig(
-            address, tls, ca_file, client_cert, client_key, token, timeout, connect_timeout, keepalive_s
+            address,
+            tls,
+            ca_file,
+            client_cert,
+            client_key,
+            token,
+            timeout,
+            connect_timeout,
+            keepalive_s,
+            wait_for_server,
         )
         if self._config.secure:
             self._config.credentials()  # read the PEM files now: a wrong path fails here, not later

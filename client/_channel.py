@@ -12,7 +12,7 @@ import grpc
 import tokenwire
 from tokenwire.v1.metadata import REPLICA_HEADER
 
-from ._errors import Unavailable
+from ._errors import InvalidArgument, TokenWireError, Unavailable
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
@@ -49,6 +49,9 @@ class ChannelConfig:
     timeout: float | None = None
     connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S
     keepalive_s: float | None = DEFAULT_KEEPALIVE_S
+    # False: a refused connection or a bad address fails at once, saying so, instead of being retried
+    # until connect_timeout (which then only bounds a host that does not answer).
+    wait_for_server: bool = True
 
     def __post_init__(self) -> None:
         if (self.client_cert is None) != (self.client_key is None):
@@ -84,9 +87,58 @@ class ChannelConfig:
         # channels, and a token over plaintext to a local server (or a TLS-terminating proxy) is common.
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
-    def unavailable(self) -> Unavailable:
+    def unavailable(self, reason: str = "") -> Unavailable:
         waited = f" within {self.connect_timeout:g} s" if self.connect_timeout is not None else ""
-        return Unavailable(f"could not connect to {self.address}{waited}")
+        why = f": {reason}" if reason else ""
+        return Unavailable(f"could not connect to {self.address}{waited}{why}")
+
+    def not_connected(self, details: str, *, waited: bool) -> TokenWireError:
+        """The error for a connection that failed, from what gRPC said of the last attempt ("" when it
+        said nothing): InvalidArgument for an address that cannot work, else Unavailable. `waited`:
+        connect_timeout was spent (the message says so)."""
+        found = connect_failure(details)
+        if found is not None and found[0]:
+            return InvalidArgument(f"invalid address {self.address!r}: {found[1]}", field="address")
+        reason = found[1] if found is not None else ""
+        if waited or not reason:
+            return self.unavailable(reason)
+        return Unavailable(f"could not connect to {self.address}: {reason}")
+
+
+# What gRPC's details say when a connection attempt failed (grpcio 1.6x-1.8x wording, lower case).
+_BAD_ADDRESS = (
+    "target uri is not valid",
+    "failed to parse port",
+    "misformatted domain name",
+    "invalid target",
+)
+_NOT_RESOLVED = ("errors resolving", "dns resolution failed", "hostname lookup error")
+_UNKNOWN_HOST = ("domain name not found", "not known", "nxdomain")
+_NOT_CONNECTED = ("failed to connect to all addresses", "failed to create channel")
+
+
+def connect_failure(details: str) -> tuple[bool, str] | None:
+    """(whether the address itself is invalid, a short reason) for gRPC's details of a failed connection
+    attempt; None when the details are about something else."""
+    text = details.lower()
+    last = details.split("last error: ", 1)[-1].strip()  # "UNKNOWN: ipv4:127.0.0.1:1: Failed to ..."
+    tail = last.rsplit(": ", 1)[-1].strip(" ]")  # "Connection refused", "Domain name not found"
+    if any(s in text for s in _BAD_ADDRESS):
+        return True, "expected HOST:PORT (for example 127.0.0.1:50051)"
+    if any(s in text for s in _NOT_RESOLVED):
+        unknown = any(s in text for s in _UNKNOWN_HOST)
+        return False, "unknown host" if unknown else f"host lookup failed ({tail})"
+    if "handshake failed" in text or "ssl_error" in text:
+        if "wrong_version_number" in text:
+            return False, "TLS handshake failed: the server does not seem to use TLS"
+        if "certificate_verify_failed" in text:
+            return False, "TLS handshake failed: the server's certificate was not verified"
+        return False, "TLS handshake failed"
+    if "connection refused" in text:
+        return False, "connection refused"
+    if any(s in text for s in _NOT_CONNECTED):
+        return False, tail or last
+    return None
 
 
 def replica_metadata(replica: str | None) -> tuple[tuple[str, str], ...]:
@@ -121,16 +173,63 @@ def _connected(channel: grpc.Channel) -> bool:
         return False
 
 
+# A call that needs no particular service: any answer, even UNIMPLEMENTED, means the server was reached.
+_PROBE = "/grpc.health.v1.Health/Check"
+# How long a probe for the reason waits, once connect_timeout is spent: long enough for a channel in
+# TRANSIENT_FAILURE to report its last error, too short to matter when it is still connecting.
+_REASON_PROBE_S = 0.1
+
+
+def _failed_attempt(error: grpc.RpcError) -> str | None:
+    """What gRPC said of the failed connection attempt that failed a probe ("" for none: the probe's
+    time ran out first); None when the probe reached the server (which answered it with an error)."""
+    code = error.code() if hasattr(error, "code") else None
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ""
+    details = (error.details() if hasattr(error, "details") else None) or ""
+    return details if connect_failure(details) is not None else None
+
+
+def _probe_sync(channel: grpc.Channel, config: ChannelConfig, timeout: float | None) -> str | None:
+    """Connect with a call that does not wait for the channel: gRPC fails it as soon as an attempt to
+    connect fails, saying why (refused, unknown host, TLS...). None once the server answered; else
+    the reason, as _failed_attempt gives it."""
+    check = channel.unary_unary(_PROBE)  # bytes in and out: an empty HealthCheckRequest is b""
+    try:
+        check(b"", timeout=timeout, metadata=config.metadata, wait_for_ready=False)
+    except grpc.RpcError as error:
+        return _failed_attempt(error)
+    return None
+
+
+async def _probe_async(channel: grpc.aio.Channel, config: ChannelConfig, timeout: float | None) -> str | None:
+    """The asyncio form of _probe_sync."""
+    check = channel.unary_unary(_PROBE)
+    try:
+        await check(b"", timeout=timeout, metadata=config.metadata, wait_for_ready=False)
+    except grpc.aio.AioRpcError as error:
+        return _failed_attempt(error)
+    return None
+
+
 def wait_ready_sync(channel: grpc.Channel, config: ChannelConfig, timeout: float | None) -> None:
     """Block until the channel is connected (gRPC retries with backoff meanwhile); Unavailable after
-    `timeout` seconds (None: wait for ever)."""
+    `timeout` seconds (None: wait for ever), with the last attempt's reason. Without
+    `config.wait_for_server`, the first failed attempt raises (InvalidArgument for a bad address)."""
     if _connected(channel):
+        return
+    if not config.wait_for_server:
+        failed = _probe_sync(channel, config, timeout)
+        if failed is not None:
+            raise config.not_connected(failed, waited=not failed)
         return
     future = grpc.channel_ready_future(channel)
     try:
         future.result(timeout=timeout)
     except grpc.FutureTimeoutError:
-        raise config.unavailable() from None
+        failed = _probe_sync(channel, config, _REASON_PROBE_S)
+        if failed is not None:  # (None: it connected just now)
+            raise config.not_connected(failed, waited=True) from None
     finally:
         future.cancel()  # unsubscribes from the channel's connectivity updates
 
@@ -139,7 +238,14 @@ async def wait_ready_async(channel: grpc.aio.Channel, config: ChannelConfig, tim
     """The asyncio form of wait_ready_sync."""
     if channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
         return
+    if not config.wait_for_server:
+        failed = await _probe_async(channel, config, timeout)
+        if failed is not None:
+            raise config.not_connected(failed, waited=not failed)
+        return
     try:
         await asyncio.wait_for(channel.channel_ready(), timeout)
     except asyncio.TimeoutError:
-        raise config.unavailable() from None
+        failed = await _probe_async(channel, config, _REASON_PROBE_S)
+        if failed is not None:  # (None: it connected just now)
+            raise config.not_connected(failed, waited=True) from None

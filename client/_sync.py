@@ -434,8 +434,9 @@ class Client:
                 print(chunk.text, end="", flush=True)
             print(generation.result.reason)
 
-    The same API as AsyncClient (see there for `timeout` and `connect_timeout`), blocking. `generate`
-    starts at once and raises connection failures itself; refusals come from the iteration.
+    The same API as AsyncClient (see there for `timeout`, `connect_timeout` and `wait_for_server`),
+    blocking. `generate` starts at once and raises connection failures itself; refusals come from the
+    iteration.
 
     `channel`: a grpc.Channel to call through instead of one the client opens to `address` (a channel
     with interceptors, or a `grpc_testing` channel in tests). The caller owns it: `close()` leaves it
@@ -456,10 +457,20 @@ class Client:
         timeout: float | None = None,
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
         keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
+        wait_for_server: bool = True,
         channel: grpc.Channel | None = None,
     ) -> None:
         self._config = ChannelConfig(
-            address, tls, ca_file, client_cert, client_key, token, timeout, connect_timeout, keepalive_s
+            address,
+            tls,
+            ca_file,
+            client_cert,
+            client_key,
+            token,
+            timeout,
+            connect_timeout,
+            keepalive_s,
+            wait_for_server,
         )
         if channel is not None and self._config.secure:
             raise ValueError("tls, ca_file and client_cert apply to a channel the client opens")

@@ -56,8 +56,9 @@ class Spinner:
         self._stream.flush()
 
 
-def summary_line(summary: Summary) -> str:
-    """One line on how a generation ended: reason, tokens, prompt (and cache), first token, speed."""
+def summary_line(summary: Summary, *, seed: int | None = None) -> str:
+    """One line on how a generation ended: reason, tokens, prompt (and cache), first token, speed, and
+    the `seed` of a sampled generation (to replay it)."""
     reason = str(summary.reason)
     if summary.reason == StopReason.STOP_SEQUENCE and summary.stop_sequence:
         reason += f" {summary.stop_sequence!r}"
@@ -70,6 +71,8 @@ def summary_line(summary: Summary) -> str:
         f"{timings.decode_tokens_per_second:.1f} tokens/s",
         f"{timings.total_ms / 1000:.2f} s in all",
     ]
+    if seed is not None:
+        parts.append(f"seed {seed}")
     return f"[{reason}: " + ", ".join(parts) + "]"
 
 

@@ -40,10 +40,11 @@ from tokenwire.client import (
     Unauthenticated,
     Unavailable,
 )
-from tokenwire.client._convert import build_start
+from tokenwire.client._convert import build_start, summary_from_pb
 from tokenwire.client._errors import error_for
 from tokenwire.service.engine.engine import EngineConfig
 from tokenwire.service.transport.server import RunningServer
+from tokenwire.v1 import tokenwire_pb2 as pb
 
 # After " hello" the fake runner (greedy or not) says " cat sat. on mat, Dr Smith hello world the ...".
 LONG = 200  # max_tokens for a generation that runs until interrupted
@@ -253,6 +254,23 @@ async def test_cancel_from_another_connection(served: RunningServer, client: Asy
     assert result.sent_text_chars == answer.summary.sent_text_chars
 
 
+def test_every_stop_reason_of_the_contract_has_its_own_name() -> None:
+    for value in pb.StopReason.values():
+        reason = summary_from_pb(pb.Finished(reason=value)).reason
+        assert reason == pb.StopReason.Name(value).removeprefix("STOP_REASON_").lower()
+    assert summary_from_pb(pb.Finished(reason=pb.STOP_REASON_SHUTDOWN)).reason is StopReason.SHUTDOWN
+
+
+async def test_a_generation_the_servers_drain_cuts_short_ends_with_shutdown() -> None:
+    async with running_server(step_delay=0.01) as server, AsyncClient(server.address) as client:
+        generation = client.generate(" hello", max_tokens=LONG)
+        await anext(generation)
+        await server.stop(grace_s=0.1)
+        result = await generation.final_result()
+    assert result.reason is StopReason.SHUTDOWN and result.usage.completion_tokens < LONG
+    assert result.sent_text_chars == len(result.text)
+
+
 async def test_cancel_with_the_replica_header_for_the_proxy() -> None:
     """A server behind a proxy names its replica on Generate; cancel(replica=...) sends it back as the
     header the proxy routes on (the server itself ignores it)."""
@@ -353,6 +371,50 @@ async def test_unavailable_on_a_closed_port() -> None:
             await client.complete(" hello")
     with Client(address, connect_timeout=0.3) as sync, pytest.raises(Unavailable, match="could not connect"):
         sync.generate(" hello")
+
+
+async def test_a_connect_timeout_says_why_the_last_attempt_failed() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    async with AsyncClient(address, connect_timeout=0.3) as client:
+        with pytest.raises(Unavailable, match=r"within 0.3 s: connection refused$"):
+            await client.model_info()
+    with Client(address, connect_timeout=0.3) as sync, pytest.raises(Unavailable) as caught:
+        sync.health()
+    assert str(caught.value) == f"could not connect to {address} within 0.3 s: connection refused"
+
+
+async def test_without_wait_for_server_the_first_failed_attempt_says_why() -> None:
+    # A connect timeout that is never reached: the first refusal ends the wait, saying so (not
+    # "within 30 s"), as does an address that cannot work.
+    address = f"127.0.0.1:{free_port()}"
+    refused = f"could not connect to {address}: connection refused"
+    async with AsyncClient(address, connect_timeout=30, wait_for_server=False) as client:
+        with pytest.raises(Unavailable) as caught:
+            await client.model_info()
+        assert str(caught.value) == refused
+        with pytest.raises(Unavailable) as caught:
+            await client.complete(" hello")
+        assert str(caught.value) == refused
+    with Client(address, connect_timeout=30, wait_for_server=False) as sync:
+        for call in (sync.model_info, lambda: sync.generate(" hello")):
+            with pytest.raises(Unavailable) as caught:
+                call()
+            assert str(caught.value) == refused
+    with Client("127.0.0.1:port", connect_timeout=30, wait_for_server=False) as sync:
+        with pytest.raises(InvalidArgument, match=r"invalid address '127\.0\.0\.1:port'") as invalid:
+            sync.health()
+        assert invalid.value.field == "address"
+
+
+async def test_without_wait_for_server_a_server_that_answers_is_used(served: RunningServer) -> None:
+    async with AsyncClient(served.address, wait_for_server=False) as client:
+        assert (await client.model_info()).model == "fake"
+
+    def blocking() -> str:  # in a thread: the server runs on this test's event loop
+        with Client(served.address, wait_for_server=False) as sync:
+            return sync.complete(" hello", max_tokens=2).text
+
+    assert await asyncio.to_thread(blocking) == " cat sat"
 
 
 async def test_connecting_waits_for_a_server_that_starts_late() -> None:
