@@ -65,8 +65,8 @@ def summary_line(summary: Summary, *, seed: int | None = None) -> str:
     timings, usage = summary.timings, summary.usage
     cached = f", {usage.cached_prompt_tokens} cached" if usage.cached_prompt_tokens else ""
     parts = [
-        f"{usage.completion_tokens} tokens ({summary.sent_text_chars} characters sent)",
-        f"prompt {usage.prompt_tokens} tokens{cached}",
+        f"{_count(usage.completion_tokens, 'token')} ({_count(summary.sent_text_chars, 'character')} sent)",
+        f"prompt {_count(usage.prompt_tokens, 'token')}{cached}",
         f"first token after {timings.time_to_first_token_ms:.0f} ms",
         f"{timings.decode_tokens_per_second:.1f} tokens/s",
         f"{timings.total_ms / 1000:.2f} s in all",
@@ -74,6 +74,10 @@ def summary_line(summary: Summary, *, seed: int | None = None) -> str:
     if seed is not None:
         parts.append(f"seed {seed}")
     return f"[{reason}: " + ", ".join(parts) + "]"
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _quit_now(signum: int, frame: FrameType | None) -> None:

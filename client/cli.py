@@ -26,7 +26,16 @@ from tokenwire.v1 import tokenwire_pb2 as pb
 
 from ._pieces import piece_bytes, show_piece
 from ._terminal import CtrlC, Spinner, summary_line
-from ._types import Chunk, Chunking, GenerateOptions, HealthStatus, InterruptMode, Message, ModelInfo
+from ._types import (
+    Chunk,
+    Chunking,
+    GenerateOptions,
+    HealthStatus,
+    InterruptMode,
+    Message,
+    ModelInfo,
+    StopReason,
+)
 
 if TYPE_CHECKING:
     from ._sync import Client, Generation
@@ -476,10 +485,12 @@ def _stream_text(
         out.write("\n")
         out.flush()
     result = generation.result
-    if summary or interrupted:
+    # A reply the server cut short by stopping is said even when quiet, and is not a success
+    cut_short = result.reason == StopReason.SHUTDOWN
+    if summary or interrupted or cut_short:
         err.write(summary_line(result, seed=result.seed if _sampled(args) else None) + "\n")
         err.flush()
-    return EXIT_INTERRUPTED if interrupted else EXIT_OK
+    return EXIT_INTERRUPTED if interrupted else EXIT_ERROR if cut_short else EXIT_OK
 
 
 def _stream_json(generation: Generation, args: argparse.Namespace, out: TextIO) -> int:

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tokenwire.service.engine.engine import Engine
 from tokenwire.service.engine.requests import Failure, Finished, GenerationRequest
+from tokenwire.service.engine.wording import plural, shown_id
 from tokenwire.service.transport.auth import BearerTokenInterceptor
 from tokenwire.service.transport.interceptors import CatchAllInterceptor
 from tokenwire.service.transport.metrics import ServerMetrics
@@ -274,7 +275,7 @@ class RunningServer:
         if engine is not None:
             live = engine.num_live()
             if live:
-                log.info("draining: %d live requests, grace period %.1f s", live, grace)
+                log.info("draining: %s, grace period %.1f s", plural(live, "live request"), grace)
             started = time.monotonic()
             await engine.stop(grace)
             if live:
@@ -338,4 +339,6 @@ def _log_finished(request: GenerationRequest, result: Finished | Failure) -> Non
         "ttft_ms": round(timings.time_to_first_token_s * 1000, 1),
         "duration_ms": round(timings.total_s * 1000, 1),
     }
-    request_log.info("finished %s", " ".join(f"{k}={v}" for k, v in fields.items()), extra=fields)
+    # In the text the id is escaped (a newline in it must not start a forged line); JSON escapes its own
+    shown = {**fields, "request_id": shown_id(request.request_id)}
+    request_log.info("finished %s", " ".join(f"{k}={v}" for k, v in shown.items()), extra=fields)

@@ -246,7 +246,7 @@ def test_normal_end_prints_the_summary_without_a_spinner_when_piped(server: Runn
         check=True,
     )
     assert done.stdout == " cat sat. on\n"
-    assert done.stderr.startswith("[max_tokens: 4 tokens (12 characters sent), prompt 1 tokens")
+    assert done.stderr.startswith("[max_tokens: 4 tokens (12 characters sent), prompt 1 token")
     assert "waiting" not in done.stderr and "\r" not in done.stderr
 
 

@@ -160,7 +160,7 @@ def test_grpcurl_streams_a_generation_from_json(server: ServerProcess) -> None:
     assert "Paris" in text
     assert finished["sent_text_chars"] == len(text) and int(finished["usage"]["completion_tokens"]) <= 8
     # One structured log line for the finished request.
-    logged = server.wait_for_log("finished request_id=curl-1", timeout=5)
+    logged = server.wait_for_log("finished request_id='curl-1'", timeout=5)
     assert (
         logged["request_id"] == "curl-1"
         and logged["reason"] == finished["reason"].removeprefix("STOP_REASON_").lower()

@@ -787,3 +787,16 @@ async def test_replica_id_names_the_stream_and_prefixes_assigned_ids() -> None:
         responses = await read_rest(call)
         assert responses and all(r.request_id.startswith("replica-7.") for r in responses)
         assert responses[-1].WhichOneof("kind") == "finished"
+
+
+def test_the_finished_log_line_shows_the_request_id_escaped(caplog: pytest.LogCaptureFixture) -> None:
+    """An accepted id may hold a newline; the text log must not let it start a forged line."""
+    from tokenwire.service.engine.requests import PromptInput
+    from tokenwire.service.transport.server import _log_finished
+
+    caplog.set_level(logging.INFO, logger="tokenwire.requests")
+    forged = "a\nINFO tokenwire.server: forged"
+    _log_finished(GenerationRequest(forged, PromptInput(text="x")), Finished(reason=StopReason.EOS))
+    (record,) = [r for r in caplog.records if r.name == "tokenwire.requests"]
+    assert "\n" not in record.getMessage() and "request_id='a\\nINFO" in record.getMessage()
+    assert record.request_id == forged  # type: ignore[attr-defined]  # the JSON log escapes it itself
