@@ -24,7 +24,7 @@ from typing import Any, NoReturn, TypeVar
 import tokenwire
 from tokenwire.service.engine.engine import Engine, EngineConfig
 from tokenwire.service.engine.runner import Runner
-from tokenwire.service.transport.server import BindError, ServerConfig, host_port, serve
+from tokenwire.service.transport.server import BindError, ServerConfig, host_port, serve, tls_problem
 
 log = logging.getLogger("tokenwire.server")
 
@@ -34,6 +34,7 @@ T = TypeVar("T")
 EXIT_OK = 0  # stopped by a signal: drained, stopped at once after a second signal, or during the load
 EXIT_LOAD_FAILED = 1  # the model could not be loaded
 EXIT_BIND_FAILED = 3  # an address to listen on could not be bound (a port in use, ...)
+EXIT_TLS_FAILED = 4  # the TLS files cannot be used (unreadable, not PEM, a key not of the certificate)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class ModelConfig:
     threads: int = 0  # torch intra-op threads; 0: one per core, fewer while other processes hold cores
     max_live_requests: int = EngineConfig.max_live_requests
     prefill_tokens_per_step: int = EngineConfig.prefill_tokens_per_step
+    max_prompt_chars: int = EngineConfig.max_prompt_chars
+    max_chat_messages: int = EngineConfig.max_chat_messages
     # Where a prompt token's attention costs as much as the rest of its prefill: measured for the
     # default model in decoder_step.c here (128-token chunks at positions 0 to 3,000: ~0.44 ms a
     # token of matmuls, ~0.43 us a position of attention; 640 when attention took ~0.67 us).
@@ -62,6 +65,8 @@ class ModelConfig:
             prefill_tokens_per_step=self.prefill_tokens_per_step,
             prefill_attention_span=self.prefill_attention_span,
             max_live_requests=self.max_live_requests,
+            max_prompt_chars=self.max_prompt_chars,
+            max_chat_messages=self.max_chat_messages,
         )
 
 
@@ -241,6 +246,14 @@ async def run_server(server_config: ServerConfig, model_config: ModelConfig) -> 
 _TRUE = {"1", "true", "yes", "on"}
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a limit of 0 would refuse every request)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 class _Flags:
     """argparse flags that each also read TOKENWIRE_<NAME> from the environment (shown in --help)."""
 
@@ -278,7 +291,8 @@ server is stopping now") instead of the rest of its output. A signal while the m
 
 Exit codes: 0 stopped by a signal (drained, stopped now, or during the model load); 1 the model could
 not be loaded; 2 bad flags; 3 an address could not be bound (a port in use: choose another with --port
-or --metrics-port).
+or --metrics-port); 4 the TLS files cannot be used (unreadable, not PEM, or a --tls-key that does not
+match the --tls-cert certificate).
 
 Auth: with --auth-token every RPC but grpc.health.v1.Health (reflection and Cancel included) needs the
 metadata "authorization: Bearer <token>"; prefer the TOKENWIRE_AUTH_TOKEN variable to the flag, which
@@ -401,6 +415,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=EngineConfig.max_live_requests,
     )
     model.add(
+        "--max-prompt-chars",
+        "longest prompt or Tokenize text, and most characters of a chat's roles and contents in all, "
+        "refused with INVALID_ARGUMENT before it is tokenized (the tokenizer thread is shared: a huge "
+        "input would hold up every request's tokenizing)",
+        type=_positive_int,
+        metavar="N",
+        default=EngineConfig.max_prompt_chars,
+    )
+    model.add(
+        "--max-chat-messages",
+        "most messages in a chat, refused with INVALID_ARGUMENT before it is tokenized",
+        type=_positive_int,
+        metavar="N",
+        default=EngineConfig.max_chat_messages,
+    )
+    model.add(
         "--prefill-tokens-per-step",
         "prompt tokens prefilled per engine step (bounds how long a long prompt stalls running streams)",
         type=int,
@@ -456,6 +486,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, ModelConf
         threads=args.threads,
         max_live_requests=args.max_live_requests,
         prefill_tokens_per_step=args.prefill_tokens_per_step,
+        max_prompt_chars=args.max_prompt_chars,
+        max_chat_messages=args.max_chat_messages,
         prefill_attention_span=args.prefill_attention_span,
     )
     return server, model
@@ -471,7 +503,14 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         parser.error("TLS needs --tls-cert and --tls-key (and both for --tls-client-ca)")
     configure_logging(args.log_level, args.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download a model at run time
-    code = asyncio.run(run_server(server_config, model_config))
+    # Checked here, before anything binds: gRPC would report a bad pair only as "Failed to bind to
+    # address", which reads like a port in use.
+    problem = tls_problem(server_config)
+    if problem is not None:
+        log.error("cannot serve TLS: %s", problem)
+        code = EXIT_TLS_FAILED
+    else:
+        code = asyncio.run(run_server(server_config, model_config))
     # The process ends here, without the interpreter's finalization: a daemon thread may still run
     # native code (the model loading after a signal during the load, a step after a stop now), and
     # finalization tears such a thread down where it stands: std::terminate inside torch ("terminate

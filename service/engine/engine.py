@@ -18,6 +18,7 @@ import queue
 import secrets
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from tokenwire.service.engine.requests import (
     GenerationRequest,
     ModelInfo,
     Output,
+    PromptInput,
     RequestError,
     RequestField,
     Started,
@@ -56,6 +58,11 @@ log = logging.getLogger("tokenwire.engine")
 T = TypeVar("T")
 
 MAX_REQUEST_ID_CHARS = 128
+# Characters a request id may not hold (Unicode categories): control characters (\n, \r, \t, NUL,
+# ESC, ...), invisible format characters (bidi overrides, zero-width ones) and line/paragraph
+# separators. Ids are echoed in logs, metrics and clients' own output, where such a character could
+# end a line, forge the next or hide what the id really is.
+UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
 # An AFTER_SEGMENT interrupt waits at most this many more tokens for the segment to end: a model
 # that never closes its sentence must still stop.
 AFTER_SEGMENT_MAX_TOKENS = 64
@@ -71,6 +78,12 @@ class EngineConfig:
     stuck_after_s: float = 30.0  # a step running longer than this makes the engine unhealthy
     session_ttl_s: float = 600.0
     session_cache_bytes: int = 512 * 1024 * 1024
+    # Input refused before it is tokenized (INVALID_ARGUMENT): one tokenizer thread serves every
+    # request, so a huge input would hold up all the others for seconds, only to be refused for the
+    # context length afterwards. The characters of a prompt, of a Tokenize text, or of a chat's roles
+    # and contents in all; and a chat's messages (each costs a pass of the chat template).
+    max_prompt_chars: int = 1_000_000
+    max_chat_messages: int = 1000
 
 
 @dataclass
@@ -262,6 +275,7 @@ class Engine:
         free while the input is tokenized."""
         self._check_open()
         self._name(request)
+        self._check_size(request.input)
         request.prompt_token_ids, max_tokens = self._prompts.prepare(request)
         live = self._live_for(request, max_tokens)
         with self._lock:
@@ -281,6 +295,7 @@ class Engine:
         model cannot take is reported before a taken id, a full server or a busy session."""
         self._check_open()
         self._name(request)
+        self._check_size(request.input)
         request_id = request.request_id
         reservation = _Reservation(request.session_id, asyncio.get_running_loop().create_future())
         with self._lock:
@@ -325,6 +340,32 @@ class Engine:
                 f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters",
                 RequestField.REQUEST_ID,
             )
+        check_printable_id(request.request_id)
+
+    def _check_size(self, given: PromptInput) -> None:
+        """Refuse an input beyond the configured limits, before it reaches the tokenizer thread."""
+        limit = self.config.max_prompt_chars
+        if given.text is not None and len(given.text) > limit:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"{len(given.text):,} characters; the server takes at most {limit:,}",
+                RequestField.PROMPT,
+            )
+        if given.chat is not None:
+            if len(given.chat) > self.config.max_chat_messages:
+                raise RequestError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"{len(given.chat):,} messages; the server takes at most "
+                    f"{self.config.max_chat_messages:,}",
+                    RequestField.CHAT_MESSAGES,
+                )
+            chars = sum(len(role) + len(content) for role, content in given.chat)
+            if chars > limit:
+                raise RequestError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"{chars:,} characters of roles and contents in all; the server takes at most {limit:,}",
+                    RequestField.CHAT_MESSAGES,
+                )
 
     def _refusal(self, request_id: str, session_id: str) -> RequestError | None:
         """Why the registry cannot take this request now, if it cannot. Call with _lock held."""
@@ -395,11 +436,14 @@ class Engine:
     # ---- tokenizing (on the tokenizer thread) ----
 
     async def tokenize_text(self, text: str) -> Tokenized:
-        """A text's tokens as the model's tokenizer gives them (on the tokenizer thread)."""
+        """A text's tokens as the model's tokenizer gives them (on the tokenizer thread). Raises
+        RequestError for a text beyond max_prompt_chars."""
+        self._check_size(PromptInput(text=text))
         return await self._off_loop(self._prompts.tokenize_text, text)
 
     async def tokenize_chat(self, messages: Sequence[tuple[str, str]]) -> Tokenized:
         """A chat's tokens after the model's chat template (on the tokenizer thread). Raises RequestError."""
+        self._check_size(PromptInput(chat=tuple(messages)))
         return await self._off_loop(self._prompts.tokenize_chat, messages)
 
     # ---- stopping requests ----
@@ -729,6 +773,20 @@ class Engine:
             return
         with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
             loop.call_soon_threadsafe(_push_all, outputs)
+
+
+def check_printable_id(request_id: str) -> None:
+    """Refuse a request id holding a character of UNPRINTABLE_CATEGORIES (INVALID_ARGUMENT, naming
+    RequestField.REQUEST_ID): for a Start here, and for the Cancel or Interrupt that names one, so
+    such an id is refused alike wherever it comes. The message gives the character's code point,
+    never the character itself."""
+    for position, char in enumerate(request_id):
+        if unicodedata.category(char) in UNPRINTABLE_CATEGORIES:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"request_id must hold printable characters only: character {position} is U+{ord(char):04X}",
+                RequestField.REQUEST_ID,
+            )
 
 
 def _push_all(outputs: list[tuple[RequestStream, Output]]) -> None:

@@ -57,6 +57,8 @@ class RequestField(enum.Enum):
     SESSION_ID = "session_id"
     INPUT = "input"  # the input as a whole: the prompt, chat or token ids, however given
     CHAT = "chat"
+    CHAT_MESSAGES = "chat_messages"  # a chat's messages as a whole: how many, how long in all
+    PROMPT = "prompt"  # the input's text: a Start's prompt, a Tokenize request's text
     TOKEN_IDS = "token_ids"
     STOP_TOKEN_IDS = "stop_token_ids"
     MAX_TOKENS = "max_tokens"
@@ -166,9 +168,17 @@ class Delta:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     segment_end: bool = False
     time: float = 0.0  # wall-clock seconds since the epoch when it was produced
+    # Where merged deltas meet, as (tokens, characters) from this delta's start: the places it can be
+    # cut again and still give each token to the chunk its text starts in (see `merge`).
+    joins: list[tuple[int, int]] = field(default_factory=list)
 
     def merge(self, later: Delta) -> None:
-        """Append a later delta to this one (its tokens follow this one's)."""
+        """Append a later delta to this one (its tokens follow this one's). Where they meet is kept
+        in `joins`, so the transport can cut the result into several chunks again when one would be
+        larger than a message may be."""
+        tokens, chars = len(self.token_ids), len(self.text)
+        self.joins.append((tokens, chars))
+        self.joins.extend((tokens + t, chars + c) for t, c in later.joins)
         self.text += later.text
         self.token_ids.extend(later.token_ids)
         self.logprobs.extend(later.logprobs)

@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from tokenwire.service.engine.requests import GenerationRequest, SessionTruncation
 from tokenwire.service.engine.runner import Runner
@@ -155,15 +156,45 @@ def _truncate(session: _Session, truncation: SessionTruncation, runner: Runner) 
         chars = truncation.reply_chars or 0
         full = session.chat[-1][1] if session.chat else tokenizer.decode(reply_ids)
         heard = full[:chars]
-        keep_ids = reply_ids
-        while keep_ids and len(tokenizer.decode(keep_ids)) > chars:
-            keep_ids = keep_ids[:-1]
+        keep_ids = reply_ids[: _fitting_prefix(tokenizer, reply_ids, chars)]
     session.reply_ids = keep_ids
     if session.chat is not None and session.chat and session.chat[-1][0] == "assistant":
         session.chat[-1] = ("assistant", heard)
     elif session.chat is None:
         cut = len(session.history_ids) - len(reply_ids)
         session.history_ids = session.history_ids[:cut] + keep_ids
+
+
+# How many tokens past the binary search's boundary a longer prefix may still fit (see _fitting_prefix).
+_DIP_TOKENS = 16
+
+
+def _fitting_prefix(tokenizer: Any, ids: list[int], chars: int) -> int:
+    """The most tokens of `ids` whose decoded text has at most `chars` characters.
+
+    A binary search over prefix lengths, then a look at the _DIP_TOKENS prefixes just past where it
+    ends: O(log n) decodes, O(n log n) tokens decoded. Dropping the last token until the text fit
+    decoded every prefix from the longest down, O(n^2): 22 s to cut an 8,000-token reply to nothing.
+
+    The decoded length of a prefix is not monotone: with byte fallback each byte of an unfinished
+    character decodes to its own U+FFFD, so "\ufffd\ufffd\ufffd" (3) becomes "😀" (1) when the last
+    byte comes. Such a dip lasts only while a character is unfinished (at most 3 byte tokens), so the
+    longest fitting prefix is never more than a few tokens past any prefix that does not fit: the
+    look past the boundary finds the one the old loop did."""
+    n = len(ids)
+    if len(tokenizer.decode(ids)) <= chars:  # everything was heard: the common case, one decode
+        return n
+    low, high = 0, n  # the prefix of `low` tokens fits (none at all always does), `high` does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        if len(tokenizer.decode(ids[:mid])) <= chars:
+            low = mid
+        else:
+            high = mid
+    for k in range(min(low + _DIP_TOKENS, n - 1), low, -1):  # longest first, like the old loop
+        if len(tokenizer.decode(ids[:k])) <= chars:
+            return k
+    return low
 
 
 def _encode_plain(runner: Runner, text: str) -> list[int]:

@@ -15,12 +15,15 @@ OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Checks `authorization: Bearer <token>` on every call except those under `open_prefixes`."""
+    """Checks `authorization: Bearer <token>` on every call except those under `open_prefixes`.
+
+    The scheme name is case-insensitive (RFC 7235 section 2.1: "bearer" and "BEARER" are "Bearer"); the
+    token is compared exactly, in constant time."""
 
     def __init__(self, token: str, open_prefixes: Sequence[str] = OPEN_METHOD_PREFIXES) -> None:
         if not token:
             raise ValueError("the auth token must not be empty")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
         self._open_prefixes = tuple(open_prefixes)
 
     async def intercept_service(
@@ -38,8 +41,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
                 given = value.encode() if isinstance(value, str) else bytes(value)
-                # Constant time: the comparison must not leak how much of the token matched.
-                return hmac.compare_digest(given, self._expected)
+                scheme, _, credentials = given.partition(b" ")
+                # The scheme is public and compared plainly; then constant time: the comparison must not
+                # leak how much of the token matched. Spaces after the scheme are 1*SP in RFC 7235.
+                is_bearer = scheme.lower() == b"bearer"
+                return hmac.compare_digest(credentials.lstrip(b" "), self._expected) and is_bearer
         return False
 
 

@@ -54,11 +54,15 @@ FIELD_PATHS: dict[RequestField, str] = {
     RequestField.SESSION_ID: "session_id",
     RequestField.INPUT: "input",
     RequestField.CHAT: "chat",
+    RequestField.CHAT_MESSAGES: "chat.messages",
+    RequestField.PROMPT: "prompt",
     RequestField.TOKEN_IDS: "token_ids.ids",
     RequestField.STOP_TOKEN_IDS: "stopping.stop_token_ids",
     RequestField.MAX_TOKENS: "stopping.max_tokens",
 }
 START = "start"  # the path of a Generate request's fields
+# Where a TokenizeRequest's fields differ from a Start's (at its root, "").
+TOKENIZE_PATHS: dict[RequestField, str] = {RequestField.PROMPT: "text"}
 
 
 class MessageError(RequestError):
@@ -270,14 +274,54 @@ def _logprob_to_pb(logprob: TokenLogprob) -> pb.TokenLogprob:
 
 def delta_to_pb(delta: Delta, options: OutputOptions) -> pb.Chunk:
     """A Chunk with only what the request asked for (token ids, timestamps)."""
-    chunk = pb.Chunk(text=delta.text, index=delta.index, segment_end=delta.segment_end)
+    return _chunk(delta, options, (0, 0), (len(delta.token_ids), len(delta.text)), delta.segment_end)
+
+
+def _chunk(
+    delta: Delta, options: OutputOptions, begin: tuple[int, int], end: tuple[int, int], segment_end: bool
+) -> pb.Chunk:
+    """The Chunk of the part of `delta` between two of its (tokens, characters) offsets."""
+    (first, begin_char), (last, end_char) = begin, end
+    chunk = pb.Chunk(text=delta.text[begin_char:end_char], index=delta.index + first, segment_end=segment_end)
     if options.token_ids:
-        chunk.token_ids.extend(delta.token_ids)
+        chunk.token_ids.extend(delta.token_ids[first:last])
     if delta.logprobs:
-        chunk.logprobs.extend(_logprob_to_pb(lp) for lp in delta.logprobs)
+        chunk.logprobs.extend(_logprob_to_pb(lp) for lp in delta.logprobs[first:last])
     if options.timestamps:
         chunk.server_time_ms = int(delta.time * 1000)
     return chunk
+
+
+def delta_to_pbs(delta: Delta, options: OutputOptions, max_bytes: int) -> list[pb.Chunk]:
+    """The delta as Chunks of at most `max_bytes` each, when it can be cut that fine.
+
+    A delta merged for a slow reader may hold thousands of tokens (with top_logprobs, hundreds of
+    bytes each): sent whole it would pass the server's message size limit, and gRPC would end the
+    whole stream. It is cut where the deltas it was merged from meet (`Delta.joins`), the places
+    where each token is still in the chunk its text starts in; the pieces follow each other like the
+    deltas would have (consecutive `index`, segment_end on the last only). A single delta larger than
+    `max_bytes` has no such place and goes whole."""
+    whole = delta_to_pb(delta, options)
+    if not delta.joins or whole.ByteSize() <= max_bytes:
+        return [whole]
+    stops = [*delta.joins, (len(delta.token_ids), len(delta.text))]
+    cuts: list[tuple[int, int]] = []  # where each piece but the first begins
+    begin, size = (0, 0), 0
+    for stop in stops:
+        # Sizes add up: a piece's fields are the concatenation of its parts' (a length prefix of the
+        # sum is never longer than the prefixes of the parts), so the sum bounds the piece.
+        part = _chunk(delta, options, begin, stop, False).ByteSize()
+        if size and size + part > max_bytes:
+            cuts.append(begin)
+            size = 0
+        size += part
+        begin = stop
+    bounds = [(0, 0), *cuts, stops[-1]]
+    last = len(bounds) - 2
+    return [
+        _chunk(delta, options, bounds[i], bounds[i + 1], delta.segment_end and i == last)
+        for i in range(last + 1)
+    ]
 
 
 def finished_to_pb(finished: Finished) -> pb.Finished:
@@ -304,8 +348,9 @@ def finished_to_pb(finished: Finished) -> pb.Finished:
 
 def field_path(field: RequestField, root: str = START) -> str:
     """The .proto path of a field the engine names, in the message at `root` ("": the request itself)."""
-    path = FIELD_PATHS[field]
-    return f"{root}.{path}" if root else path
+    if not root:  # a TokenizeRequest: its text is not called prompt
+        return TOKENIZE_PATHS.get(field, FIELD_PATHS[field])
+    return f"{root}.{FIELD_PATHS[field]}"
 
 
 def error_path(error: Failure | RequestError, root: str = START) -> str:
@@ -334,6 +379,29 @@ def describe(error: Failure | RequestError, root: str = START) -> str:
 def failure_to_pb(failure: Failure | RequestError) -> pb.Error:
     """A Generate response's Error (the request's fields are under `start`)."""
     return pb.Error(code=status_number(failure.code), message=describe(failure), field=error_path(failure))
+
+
+# Room a GenerateResponse needs around its Chunk, besides the request id: tags and length prefixes,
+# index, segment_end, server_time_ms (a few dozen bytes), with plenty to spare.
+RESPONSE_OVERHEAD_BYTES = 256
+
+
+def output_to_responses(
+    request_id: str, output: Output, options: OutputOptions, max_message_bytes: int
+) -> list[pb.GenerateResponse]:
+    """One engine output as GenerateResponses of at most `max_message_bytes` each: a large merged
+    delta becomes several chunks (see `delta_to_pbs`), anything else one response.
+
+    Cut here rather than by capping the merging in RequestStream: only the transport knows the
+    message limit, which fields the request asked for (token ids, timestamps) and their exact
+    encoded size, where the engine could only guess at a byte budget."""
+    if not isinstance(output, Delta):
+        return [output_to_response(request_id, output, options)]
+    room = max_message_bytes - len(request_id.encode()) - RESPONSE_OVERHEAD_BYTES
+    return [
+        pb.GenerateResponse(request_id=request_id, chunk=chunk)
+        for chunk in delta_to_pbs(output, options, max(room, 1))
+    ]
 
 
 def output_to_response(request_id: str, output: Output, options: OutputOptions) -> pb.GenerateResponse:

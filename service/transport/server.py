@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,6 +103,46 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
+def tls_problem(config: ServerConfig) -> str | None:
+    """Why the TLS files cannot serve, in one line naming the flags; None when they can (or TLS is off).
+
+    Asked before the server starts: gRPC checks the key against the certificate only when it binds,
+    and then reports a mismatch as "Failed to bind to address", the same words as a port in use.
+    Python's ssl module loads the same PEM files with the same OpenSSL checks."""
+    if not config.tls_cert or not config.tls_key:
+        return None
+    files = [("--tls-cert", config.tls_cert), ("--tls-key", config.tls_key)]
+    if config.tls_client_ca:
+        files.append(("--tls-client-ca", config.tls_client_ca))
+    for flag, path in files:  # the ssl module's errors do not say which file it could not read
+        try:
+            Path(path).read_bytes()
+        except OSError as error:
+            return f"cannot read {flag} {path}: {error.strerror or error}"
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # A password callback, so an encrypted key fails here rather than prompting on the terminal
+        # (gRPC cannot take a passphrase either).
+        context.load_cert_chain(config.tls_cert, config.tls_key, password=lambda: b"")
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            return (
+                f"the key in --tls-key {config.tls_key} does not match the certificate in "
+                f"--tls-cert {config.tls_cert}"
+            )
+        # Not PEM, an encrypted key, ...: OpenSSL's words are all there is to say which.
+        return (
+            f"cannot load --tls-cert {config.tls_cert} with --tls-key {config.tls_key} (PEM expected): "
+            f"{error}"
+        )
+    if config.tls_client_ca:
+        try:
+            context.load_verify_locations(cafile=config.tls_client_ca)
+        except ssl.SSLError as error:
+            return f"cannot load --tls-client-ca {config.tls_client_ca} (PEM certificates expected): {error}"
+    return None
+
+
 def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -156,7 +197,11 @@ class RunningServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = ServerMetrics(lambda: self.engine)
-        self.servicer = TokenWireServicer(on_refused=self.metrics.on_refused, replica_id=config.replica_id)
+        self.servicer = TokenWireServicer(
+            on_refused=self.metrics.on_refused,
+            replica_id=config.replica_id,
+            max_message_bytes=config.max_message_bytes,
+        )
         self.health = HealthServicer()
         self.port = 0
         self.metrics_port = 0

@@ -11,7 +11,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 import tokenwire
-from tokenwire.service.engine.engine import Engine
+from tokenwire.service.engine.engine import Engine, check_printable_id
 from tokenwire.service.engine.requests import ErrorCode, OutputOptions, RequestError, StopReason
 from tokenwire.service.engine.streams import RequestStream
 from tokenwire.service.engine.wording import MAX_SHOWN_ID_CHARS, shown_id
@@ -27,6 +27,8 @@ log = logging.getLogger("tokenwire.servicer")
 # Responses queued per stream before the per-request forwarders wait. While they wait, the engine
 # merges the piling-up deltas of each request into fewer, larger chunks, so memory stays bounded.
 OUTGOING_BOUND = 64
+# gRPC's own default limit on a message's size, for a servicer not told the server's.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 class _GenerateCall:
@@ -37,11 +39,17 @@ class _GenerateCall:
     draining) and every request has delivered its last message."""
 
     def __init__(
-        self, engine: Engine, on_refused: Callable[[ErrorCode], None] | None, replica_id: str = ""
+        self,
+        engine: Engine,
+        on_refused: Callable[[ErrorCode], None] | None,
+        replica_id: str = "",
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.engine = engine
         self.on_refused = on_refused
         self.replica_id = replica_id
+        # No response may be larger: gRPC would fail the whole stream, every request on it included.
+        self.max_message_bytes = max_message_bytes
         self.out: asyncio.Queue[pb.GenerateResponse | None] = asyncio.Queue(OUTGOING_BOUND)
         # request id -> (forwarder, engine stream): the requests this stream may interrupt or abandon.
         self.owned: dict[str, tuple[asyncio.Task[None], RequestStream]] = {}
@@ -171,9 +179,13 @@ class _GenerateCall:
     async def _interrupt(self, interrupt: pb.Interrupt) -> None:
         request_id = interrupt.request_id
         try:
+            check_printable_id(request_id)
             after_segment = convert.interrupt_after_segment(interrupt)
         except RequestError as error:
-            await self.out.put(convert.error_response(request_id, error))
+            # An engine error names its field in the request: here under "interrupt.", not "start.".
+            path = convert.error_path(error, root="interrupt")
+            refused = MessageError(error.code, convert.describe(error, root="interrupt"), path)
+            await self.out.put(convert.error_response(request_id, refused))
             return
         owned = self.owned.get(request_id)
         if owned is None:
@@ -193,7 +205,10 @@ class _GenerateCall:
     async def _forward(self, request_id: str, stream: RequestStream, options: OutputOptions) -> None:
         try:
             async for output in stream:
-                await self.out.put(convert.output_to_response(request_id, output, options))
+                for response in convert.output_to_responses(
+                    request_id, output, options, self.max_message_bytes
+                ):
+                    await self.out.put(response)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # a bug: as on the request side, the RPC ends with INTERNAL
@@ -227,10 +242,12 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
         *,
         on_refused: Callable[[ErrorCode], None] | None = None,
         replica_id: str = "",
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.engine = engine
         self.on_refused = on_refused
         self.replica_id = replica_id
+        self.max_message_bytes = max_message_bytes  # the server's grpc.max_send_message_length
         self._calls: set[_GenerateCall] = set()
 
     async def _engine(self, context: grpc.aio.ServicerContext) -> Engine:
@@ -242,7 +259,9 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
     async def Generate(
         self, request_iterator: AsyncIterable[pb.GenerateRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        call = _GenerateCall(await self._engine(context), self.on_refused, self.replica_id)
+        call = _GenerateCall(
+            await self._engine(context), self.on_refused, self.replica_id, self.max_message_bytes
+        )
         if self.replica_id:
             # Which replica serves this stream: a client sends it back as a header on Cancel.
             await context.send_initial_metadata(((REPLICA_HEADER, self.replica_id),))
@@ -296,6 +315,10 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
         engine = await self._engine(context)
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required")
+        try:
+            check_printable_id(request.request_id)  # no live request could have it: say why
+        except RequestError as error:
+            await context.abort(convert.status_code(error.code), convert.describe(error, root=""))
         summary = await engine.cancel(request.request_id)
         if summary is None:
             return pb.CancelResponse(found=False)

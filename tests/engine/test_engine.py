@@ -448,6 +448,8 @@ async def test_times_are_measured_to_the_microsecond(engine: Engine) -> None:
 
 async def test_messages_count_in_the_singular() -> None:
     runner = FakeRunner(max_batch_size=1, context_length=8)
+    gate = ForwardGate()  # holds the model: "first" stays live while "second" is refused
+    runner.on_forward = gate
     engine = Engine(runner, EngineConfig(max_batch_size=1, max_live_requests=1))
     engine.start()
     try:
@@ -467,4 +469,5 @@ async def test_messages_count_in_the_singular() -> None:
             engine.add_request(request("second", (HELLO,), max_tokens=1))
         assert caught.value.message == "the server is at its limit of 1 live request"
     finally:
+        gate.open()
         await engine.stop()

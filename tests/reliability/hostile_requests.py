@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import unicodedata
 from collections.abc import Sequence
 
 from hypothesis import strategies as st
@@ -247,10 +248,15 @@ def _bad_float(value: float, low: float, high: float, *, low_open: bool) -> bool
     return not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high)
 
 
+def printable_id(request_id: str) -> bool:
+    """The contract's rule for request ids: no control, format or line/paragraph separator characters."""
+    return not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in request_id)
+
+
 def judge(message: pb.Start, runner: FakeRunner, interrupted: bool) -> Verdict:
     must: set[str] = set()
     may: set[str] = set()
-    if len(message.request_id) > 128:
+    if len(message.request_id) > 128 or not printable_id(message.request_id):
         must.add("start.request_id")
     if len(message.session_id) > 128:
         must.add("start.session_id")

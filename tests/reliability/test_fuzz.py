@@ -32,7 +32,16 @@ from tests.reliability.contract import (
     split_runs,
     start,
 )
-from tests.reliability.hostile_requests import ANY_CHAT, ANY_TEXT, BAD_ID, TEXT, cases, check_run, judge
+from tests.reliability.hostile_requests import (
+    ANY_CHAT,
+    ANY_TEXT,
+    BAD_ID,
+    TEXT,
+    cases,
+    check_run,
+    judge,
+    printable_id,
+)
 from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
 
@@ -154,15 +163,22 @@ class FuzzStream:
         starts_ = [m.start for m in sent if m.HasField("start")]
         for request_id, group in grouped.items():
             interrupt_errors = [r for r in group if _is_interrupt_error(r)]
+            printable = printable_id(request_id)
             for r in interrupt_errors:
                 check_error(r.error)
-                expected = INVALID if r.error.field == "interrupt.mode" else NOT_FOUND
-                assert r.error.code == expected, r
+                # An unprintable id is refused first, whatever the mode; then a bad mode; then unknown ids
+                if not printable:
+                    assert (r.error.code, r.error.field) == (INVALID, "interrupt.request_id"), r
+                else:
+                    expected = INVALID if r.error.field == "interrupt.mode" else NOT_FOUND
+                    assert r.error.code == expected, r
                 self.tally.outcomes[f"interrupt {r.error.field}"] += 1
             assert len(interrupt_errors) <= interrupts[request_id] + (
                 1 if request_id.endswith("marker") else 0
             )
-            assert sum(r.error.field == "interrupt.mode" for r in interrupt_errors) == bad_mode[request_id]
+            if printable:
+                modes = sum(r.error.field == "interrupt.mode" for r in interrupt_errors)
+                assert modes == bad_mode[request_id]
             rest = [r for r in group if not _is_interrupt_error(r)]
             if request_id.endswith("-marker"):
                 continue
@@ -588,7 +604,8 @@ class CancelCases:
             if request.ByteSize() > FUZZ_MESSAGE_BYTES:
                 assert answer.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, answer
             else:
-                assert not request_id and answer.code() == grpc.StatusCode.INVALID_ARGUMENT, answer
+                refused = not request_id or not printable_id(request_id)
+                assert refused and answer.code() == grpc.StatusCode.INVALID_ARGUMENT, answer
                 assert (answer.details() or "").startswith("request_id")
             self.outcomes[answer.code().name] += 1
         else:

@@ -128,3 +128,40 @@ async def test_slow_reader_fast() -> None:
 @pytest.mark.slow
 async def test_slow_reader_one_message_per_second() -> None:
     await run_slow_reader(reads=5, interval=1.0)
+
+
+async def test_merged_chunks_stay_under_the_message_limit() -> None:
+    """A reader that reads nothing until its generation is done: everything generated meanwhile is
+    merged for it, and the merged delta must not become one response over the server's message limit
+    (gRPC would end the whole stream: no Finished, for this request or any other on the stream).
+
+    The fake runner gives one alternative per token whatever top_logprobs asks (~40 bytes a token
+    with ids and logprobs, against ~400 for a real model's 20), so the limit is scaled down with it:
+    3,000 tokens merge into ~100 KB against 32 KiB. Each response carries the request id: a long
+    one makes the whole generation (~500 KB) more than the client's window and the server's queues
+    hold. How much gRPC buffers on the way still varies (in some runs here nothing was merged at
+    all), so whether this run merged is not asserted; the cut itself is tested deterministically in
+    tests/transport/test_convert.py (a merged delta too large for a message)."""
+    limit, tokens = 32 * 1024, 3_000
+    lazy = "lazy-" + "x" * 115
+    async with (
+        fake_server(step_delay=0.0005, context_length=4_096, max_message_bytes=limit) as server,
+        grpc.aio.insecure_channel(server.address, options=SLOW_CLIENT) as channel,
+    ):
+        engine = engine_of(server)
+        call = pb_grpc.TokenWireStub(channel).Generate()
+        output = pb.OutputOptions(logprobs=True, top_logprobs=20, token_ids=True)
+        await call.write(start(lazy, tokens, output=output))
+        await call.write(start("beside", 3))  # another request on the same stream
+        await call.done_writing()
+        await wait_until_idle(engine, timeout=30)  # all generated before anything is read
+        responses = await read_rest(call, timeout=30)
+        assert await call.code() == grpc.StatusCode.OK
+    assert all(r.ByteSize() <= limit for r in responses), max(r.ByteSize() for r in responses)
+    mine = [r for r in responses if r.request_id == lazy]
+    finished = check_generation(mine, token_ids=True)  # consecutive indexes, every token once
+    assert finished.sent_tokens == finished.usage.completion_tokens == tokens
+    chunks = [r.chunk for r in mine if r.HasField("chunk")]
+    for chunk in chunks:
+        assert [lp.token_id for lp in chunk.logprobs] == list(chunk.token_ids)
+    check_generation([r for r in responses if r.request_id == "beside"])

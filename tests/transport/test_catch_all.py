@@ -16,6 +16,7 @@ from tests.conftest import running_server, wait_until_idle
 from tests.reliability.contract import read_rest
 from tokenwire.service.engine.engine import Engine
 from tokenwire.service.engine.wording import MAX_SHOWN_ID_CHARS, shown_id
+from tokenwire.service.transport import servicer
 from tokenwire.service.transport.interceptors import CatchAllInterceptor
 from tokenwire.service.transport.server import RunningServer
 from tokenwire.v1 import tokenwire_pb2 as pb
@@ -122,8 +123,15 @@ async def test_a_request_id_cannot_forge_a_log_line(
     caplog.set_level(logging.ERROR, LOGGER)
     forged = "c-2\n2024-01-01 00:00:00,000 INFO tokenwire.server: all is well"
     async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.TokenWireStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Cancel(pb.CancelRequest(request_id=forged), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # such an id is refused first
+        assert not [r for r in caplog.records if r.name == LOGGER]
+        # Should one get past that check, the catch-all's line still escapes it.
+        monkeypatch.setattr(servicer, "check_printable_id", lambda _request_id: None)
         with pytest.raises(grpc.aio.AioRpcError):
-            await pb_grpc.TokenWireStub(channel).Cancel(pb.CancelRequest(request_id=forged), timeout=5)
+            await stub.Cancel(pb.CancelRequest(request_id=forged), timeout=5)
     check_logged(caplog, "/tokenwire.v1.TokenWire/Cancel", forged)
     assert all("\n" not in r.getMessage() for r in caplog.records if r.name == LOGGER)
 

@@ -386,3 +386,34 @@ def test_tokenize_reports_its_fields_at_the_request_root() -> None:
 def test_errors_carry_the_path_clients_read(error: RequestError, path: str, message: str) -> None:
     described = convert.failure_to_pb(error)
     assert (described.field, described.message) == (path, message)
+
+
+def test_a_merged_delta_too_large_for_a_message_is_cut_where_its_deltas_met() -> None:
+    tops = tuple(TopLogprob(t, f"<{t}>", -1.0) for t in range(20))
+    parts = [
+        Delta(
+            f"w{i}é ", [i, 100 + i], 10 + 2 * i, [TokenLogprob(j, f"t{j}", -0.5, tops) for j in (i, 100 + i)]
+        )
+        for i in range(50)
+    ]
+    parts[-1].segment_end = True
+    merged = Delta("", [], 10)
+    for part in parts:
+        merged.merge(part)
+    options = Options(logprobs=True, top_logprobs=20, token_ids=True)
+    limit = 4096
+    responses = convert.output_to_responses("r" * 128, merged, options, limit)
+    assert convert.delta_to_pb(merged, options).ByteSize() > 3 * limit  # it must be cut
+    assert len(responses) > 3 and all(r.ByteSize() <= limit for r in responses)
+    chunks = [r.chunk for r in responses]
+    assert "".join(c.text for c in chunks) == merged.text
+    assert [t for c in chunks for t in c.token_ids] == merged.token_ids
+    covered = 10
+    for chunk in chunks:
+        assert chunk.index == covered and chunk.text.endswith(" ")  # cut where two deltas met
+        assert [lp.token_id for lp in chunk.logprobs] == list(chunk.token_ids)
+        covered += len(chunk.token_ids)
+    assert [c.segment_end for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    # Small enough, or nothing to cut at: one response, as before.
+    assert len(convert.output_to_responses("r", merged, options, 1 << 20)) == 1
+    assert len(convert.output_to_responses("r", parts[0], options, 64)) == 1

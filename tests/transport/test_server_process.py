@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import free_port
 from tests.reliability.contract import read_until_done
-from tokenwire.service.main import EXIT_BIND_FAILED
+from tokenwire.service.main import EXIT_BIND_FAILED, EXIT_TLS_FAILED
 from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
 
@@ -286,3 +286,52 @@ def test_a_busy_port_is_one_error_line_that_says_what_to_do(flag: str) -> None:
     logged = json.loads(lines[0])
     assert logged["level"] == "ERROR"
     assert f"127.0.0.1:{port}" in logged["message"] and flag in logged["message"], logged
+
+
+def test_a_key_that_does_not_match_its_certificate_is_one_error_line(tmp_path: Path) -> None:
+    """Two self-signed pairs, the key of one given with the certificate of the other: gRPC alone
+    said "Failed to bind to address" (exit 3, like a busy port); the server now says what is wrong
+    before it binds."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"]
+    for name in ("a", "b"):
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                *ec,
+                "-keyout",
+                f"{name}.key",
+                "-out",
+                f"{name}.pem",
+                "-subj",
+                "/CN=localhost",
+            ],
+            cwd=tmp_path,
+            check=True,
+            capture_output=True,
+        )
+    cert, key = tmp_path / "a.pem", tmp_path / "b.key"
+    result = subprocess.run(
+        [
+            str(BIN / "tokenwire-server"),
+            "--port",
+            str(free_port()),
+            "--tls-cert",
+            str(cert),
+            "--tls-key",
+            str(key),
+        ],
+        env=server_env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
+    assert result.returncode == EXIT_TLS_FAILED, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr  # no traceback, nor gRPC's own error line
+    logged = json.loads(lines[0])
+    assert logged["level"] == "ERROR"
+    assert "does not match the certificate" in logged["message"], logged
+    assert str(key) in logged["message"] and str(cert) in logged["message"], logged
+    assert "bind" not in logged["message"].lower(), logged

@@ -401,6 +401,52 @@ async def test_refused_ids_are_logged_escaped_and_capped(
     assert logged_ids == [forged, "h" * 128]
 
 
+UNPRINTABLE_IDS = [
+    "a\nb",
+    "a\rb",
+    "a\tb",
+    "a\x00b",
+    "\x1b[31mred",
+    "a\u2028b",
+    "a\u2029b",
+    "evil\u202etxt",
+    "a\u200bb",
+]
+
+
+async def test_unprintable_request_ids_are_refused_naming_the_field(
+    served: RunningServer, stub: pb_grpc.TokenWireStub
+) -> None:
+    """Ids with control, format or separator characters: a Start, an Interrupt and a Cancel naming
+    one are refused (INVALID_ARGUMENT, their own field), and the stream goes on."""
+    call = stub.Generate()
+    for bad in UNPRINTABLE_IDS:
+        await call.write(start(bad, 3))
+        await call.write(interrupt(bad))
+    await call.write(start("ok\u00e9 \u4e2d", 2))  # printable, not ASCII: fine
+    errors: list[pb.GenerateResponse] = []
+    responses = []
+    while len(errors) < 2 * len(UNPRINTABLE_IDS):
+        response = await asyncio.wait_for(call.read(), 5)
+        responses.append(response)
+        if response.HasField("error"):
+            errors.append(response)
+    expected = [(bad, f) for bad in UNPRINTABLE_IDS for f in ("start.request_id", "interrupt.request_id")]
+    assert [(e.request_id, e.error.field) for e in errors] == expected
+    for error in errors:
+        assert error.error.code == INVALID and error.error.message.startswith(f"{error.error.field}: ")
+        assert "printable" in error.error.message
+    for bad in UNPRINTABLE_IDS:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Cancel(pb.CancelRequest(request_id=bad))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (caught.value.details() or "").startswith("request_id: ")
+    await call.done_writing()
+    responses += await read_rest(call)
+    check_lifecycle(of(responses, "ok\u00e9 \u4e2d"))
+    await wait_until_idle(served.engine)  # type: ignore[arg-type]
+
+
 async def test_duplicate_live_id_is_refused_server_wide(
     served: RunningServer, stub: pb_grpc.TokenWireStub
 ) -> None:
@@ -666,6 +712,23 @@ async def test_bearer_token_guards_every_rpc_but_health() -> None:
         await call.done_writing()
         check_lifecycle(await read_rest(call))
         assert not (await stub.Cancel(pb.CancelRequest(request_id="a"), metadata=good)).found
+
+
+async def test_bearer_scheme_is_case_insensitive() -> None:
+    """RFC 7235: the auth scheme's name is case-insensitive; the token itself is not."""
+    async with running_server(auth_token="s3cret") as server, grpc.aio.insecure_channel(server.address) as ch:
+        stub = pb_grpc.TokenWireStub(ch)
+        for scheme in ("bearer", "BEARER", "bEaReR"):
+            good = (("authorization", f"{scheme} s3cret"),)
+            assert not (await stub.Cancel(pb.CancelRequest(request_id="a"), metadata=good)).found
+            call = stub.Generate(metadata=good)
+            await call.write(start("a", 3))
+            await call.done_writing()
+            check_lifecycle(await read_rest(call))
+        for value in ("bearer S3CRET", "Basic s3cret", "Bearers3cret", "bearer s3cret2", "s3cret"):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Cancel(pb.CancelRequest(request_id="a"), metadata=(("authorization", value),))
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, value
 
 
 async def _model_name(address: str, credentials: grpc.ChannelCredentials) -> str:
