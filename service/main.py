@@ -205,7 +205,7 @@ async def run_server(server_config: ServerConfig, model_config: ModelConfig) -> 
     if server.metrics_port:
         log.info(
             "metrics on http://%s/metrics",
-            host_port(server_config.metrics_host or server_config.host, server.metrics_port),
+            host_port(server_config.metrics_host, server.metrics_port),
         )
     loading = asyncio.ensure_future(_in_daemon_thread(lambda: load_runner(model_config)))
     stopping = asyncio.ensure_future(stop.wait())
@@ -319,8 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add(
         "--metrics-host",
         metavar="ADDRESS",
-        help="address for the metrics endpoint (default: --host)",
-        default=None,
+        help="address for the metrics endpoint; it has no auth, so it stays on localhost unless you name "
+        "one (0.0.0.0 for a Prometheus scraper from outside the pod or host)",
+        default="127.0.0.1",
     )
     listen.add("--grace-period", "seconds running generations get on shutdown", type=float, default=30.0)
     listen.add(

@@ -51,7 +51,7 @@ class ServerConfig:
     auth_token: str | None = None  # bearer token required on every RPC but health
     max_message_bytes: int = 4 * 1024 * 1024
     metrics_port: int = 0  # 0: no metrics endpoint
-    metrics_host: str | None = None  # default: host
+    metrics_host: str = "127.0.0.1"  # no auth on metrics: localhost unless an operator names an address
     grace_period_s: float = 30.0
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
@@ -256,7 +256,7 @@ class RunningServer:
         await server.start()
         self._server = server
         if config.metrics_port:
-            metrics_host = config.metrics_host or config.host
+            metrics_host = config.metrics_host
             try:
                 self.metrics_port = self.metrics.serve(config.metrics_port, metrics_host)
             except OSError as error:

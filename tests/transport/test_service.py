@@ -863,3 +863,13 @@ def test_the_finished_log_line_shows_the_request_id_escaped(caplog: pytest.LogCa
     (record,) = [r for r in caplog.records if r.name == "tokenwire.requests"]
     assert "\n" not in record.getMessage() and "request_id='a\\nINFO" in record.getMessage()
     assert record.request_id == forged  # type: ignore[attr-defined]  # the JSON log escapes it itself
+
+
+def test_metrics_stay_on_localhost_unless_an_address_is_named() -> None:
+    """Metrics carry no auth: a server listening on every address must not publish them there too."""
+    parser = build_parser()
+    server, _ = configs_from_args(parser.parse_args(["--host", "0.0.0.0", "--metrics-port", "9100"]))
+    assert (server.host, server.metrics_host) == ("0.0.0.0", "127.0.0.1")
+    server, _ = configs_from_args(parser.parse_args(["--metrics-port", "9100", "--metrics-host", "0.0.0.0"]))
+    assert server.metrics_host == "0.0.0.0"
+    assert "no auth" in parser.format_help()
