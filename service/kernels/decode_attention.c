@@ -211,14 +211,16 @@ int decode_attention(
     const float *k, int64_t k_row, int64_t k_head,
     const float *v, int64_t v_row, int64_t v_head,
     void *cache_k, void *cache_v, int half, const int64_t *positions, const int64_t *slots,
-    int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_len,
+    int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_rows, int64_t max_len,
     float scale, float *out, int threads)
 {
     if (half && !half_kv_cache()) return KERNEL_UNSUPPORTED;  /* the caller asks half_kv_cache() first */
     if (head_dim % LANES || head_dim > MAX_CHUNKS * LANES || kv_heads <= 0 || heads % kv_heads || max_len % KEY_BLOCK)
         return KERNEL_BAD_ARGUMENT;
-    for (int64_t r = 0; r < rows; r++)  /* a position past the cache would write outside it */
-        if (positions[r] < 0 || positions[r] >= max_len || (slots && slots[r] < 0)) return KERNEL_BAD_ARGUMENT;
+    if (!slots && rows > max_rows) return KERNEL_BAD_ARGUMENT;
+    for (int64_t r = 0; r < rows; r++)  /* a position or slot past the cache would write outside it */
+        if (positions[r] < 0 || positions[r] >= max_len || (slots && (slots[r] < 0 || slots[r] >= max_rows)))
+            return KERNEL_BAD_ARGUMENT;
     atomic_int failed = 0;
     Attention a = {q, k, v, q_row, q_head, k_row, k_head, v_row, v_head, cache_k, cache_v, positions, slots,
                    heads, kv_heads, head_dim, max_len, scale, out, &failed};

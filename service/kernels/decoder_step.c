@@ -142,10 +142,10 @@ int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *co
     const int64_t hidden = d->hidden, head_dim = d->head_dim, heads = d->heads, kv = d->kv_heads;
     const int64_t qkv_width = (heads + 2 * kv) * head_dim, layer_cache = d->max_rows * kv * d->max_len * head_dim;
     const int64_t element = d->half_cache ? 2 : 4;  /* bytes per cached value */
-    if (!slots && rows > d->max_rows) return KERNEL_BAD_ARGUMENT;
-    for (int64_t r = 0; r < rows; r++)  /* the rope table and the cache end at max_len, the cache at max_rows */
-        if (positions[r] < 0 || positions[r] >= d->max_len || (slots && (slots[r] < 0 || slots[r] >= d->max_rows)))
-            return KERNEL_BAD_ARGUMENT;
+    /* The rope table ends at max_len too, and layer 0 reads it before its attention checks the rest
+     * (rows and slots against the cache): a position past it is refused here, before anything is read */
+    for (int64_t r = 0; r < rows; r++)
+        if (positions[r] < 0 || positions[r] >= d->max_len) return KERNEL_BAD_ARGUMENT;
     float *normed = kernel_malloc(sizeof(float) * rows * hidden);
     float *qkv = kernel_malloc(sizeof(float) * rows * qkv_width);
     float *attended = kernel_malloc(sizeof(float) * rows * heads * head_dim);
@@ -170,7 +170,7 @@ int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *co
                                   (char *)d->cache_k + l * layer_cache * element,
                                   (char *)d->cache_v + l * layer_cache * element,
                                   (int)d->half_cache, positions, slots,
-                                  rows, heads, kv, head_dim, d->max_len, d->attention_scale, attended, threads);
+                                  rows, heads, kv, head_dim, d->max_rows, d->max_len, d->attention_scale, attended, threads);
         if (status || (status = multiply(&layer->o, attended, rows, delta, threads))) break;
         j.norm = layer->post_attention_norm, j.add = 1;
         parallel_for(rows, threads, residual_norm_row, &j);

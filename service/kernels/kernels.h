@@ -63,7 +63,8 @@ int half_kv_cache(void);
 int decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k, int64_t k_row,
                      int64_t k_head, const float *v, int64_t v_row, int64_t v_head, void *cache_k,
                      void *cache_v, int half, const int64_t *positions, const int64_t *slots,
-                     int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_len,
+                     int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_rows,
+                     int64_t max_len,
                      float scale, float *out, int threads);
 
 /* decoder_step.c */

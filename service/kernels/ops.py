@@ -21,11 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from tokenwire.service.kernels.build import X86_BUILDS, cpu_key
+
 log = logging.getLogger("tokenwire.model")
 
 TILE = 16  # output columns per vector in the block matmuls: they take layers whose width is a multiple
-# build -> the level kernels_cpu_level() must report for it to run (build.py builds them)
-_LEVELS = {"avx512_vnni": 3, "avx512": 2, "avx2": 1, "portable": 0}
+# build -> the level kernels_cpu_level() must report for it to run, best first (build.py builds them)
+_LEVELS = {name: level for name, (level, _) in X86_BUILDS.items()}
 _STATUS = {1: "out of memory", 2: "not supported by this build of the kernels", 3: "bad argument"}
 
 
@@ -86,8 +88,6 @@ def pick_build(level: int | None = None, forced: str | None = None) -> ModuleTyp
 
 def _native_name() -> str:
     """This CPU's -march=native build: named after the CPU, so one from another CPU is never loaded."""
-    from tokenwire.service.kernels.build import cpu_key  # cffi's builder, for its CPU key
-
     return f"native_{cpu_key()}"
 
 
@@ -180,17 +180,14 @@ def decode_attention(
             index.dtype == torch.int64 and index.is_contiguous() and len(index) == rows
         ):
             raise ValueError(f"decode_attention: {name} must be a contiguous int64 tensor, one per row")
-    if (slots is None and rows > cache_k.shape[0]) or (
-        slots is not None and len(slots) and int(slots.max()) >= cache_k.shape[0]
-    ):
-        raise ValueError(f"decode_attention: a row past the cache (its row count: {cache_k.shape[0]})")
     status = _module().lib.decode_attention(
         pointer(query), query.stride(0), query.stride(1),
         pointer(key), key.stride(0), key.stride(1),
         pointer(value), value.stride(0), value.stride(1),
         pointer(cache_k), pointer(cache_v), int(cache_k.dtype == torch.float16),
         pointer(positions), pointer(slots),
-        rows, heads, key.shape[1], head_dim, cache_k.shape[2], scale, pointer(out), threads(),
+        rows, heads, key.shape[1], head_dim, cache_k.shape[0], cache_k.shape[2],
+        scale, pointer(out), threads(),
     )  # fmt: skip
     check(status, "decode_attention")
 
