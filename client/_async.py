@@ -337,7 +337,7 @@ class AsyncStream:
         is_error = response.WhichOneof("kind") == "error"
         # An Error about an Interrupt answers the interrupt; it never ends the request it names (the id
         # may even belong to a newer request by now).
-        if is_error and response.error.field.startswith("interrupt."):
+        if is_error and _convert.answers_interrupt(response.error):
             error = _convert.error_from_pb(request_id, response.error)
             waiters = self._interrupt_waiters.get(request_id)
             if waiters:

@@ -208,6 +208,12 @@ def health_from_number(status: int) -> HealthStatus:
     return _HEALTH.get(status, HealthStatus.UNKNOWN)
 
 
+def answers_interrupt(error: pb.Error) -> bool:
+    """Whether an Error refuses an Interrupt (and so ends no request). Servers before Error.refused
+    are known by the field path."""
+    return error.refused == pb.Error.REFUSAL_INTERRUPT or error.field.startswith("interrupt.")
+
+
 def error_from_pb(request_id: str, error: pb.Error) -> TokenWireError:
     return error_for(status_code(error.code), error.message, field=error.field, request_id=request_id)
 

@@ -24,7 +24,9 @@ from typing import Any, NoReturn, TypeVar
 import tokenwire
 from tokenwire.service.engine.engine import Engine, EngineConfig
 from tokenwire.service.engine.runner import Runner
+from tokenwire.service.transport.auth import TokensFileError
 from tokenwire.service.transport.server import BindError, ServerConfig, host_port, serve, tls_problem
+from tokenwire.service.transport.servicer import DEFAULT_MAX_STREAMS_PER_PRINCIPAL
 
 log = logging.getLogger("tokenwire.server")
 
@@ -33,8 +35,12 @@ T = TypeVar("T")
 # Exit codes (listed in --help; argparse exits 2 on bad flags).
 EXIT_OK = 0  # stopped by a signal: drained, stopped at once after a second signal, or during the load
 EXIT_LOAD_FAILED = 1  # the model could not be loaded
+EXIT_BAD_FLAGS = 2  # as argparse: a flag's value cannot be used (also an unusable --auth-tokens-file)
 EXIT_BIND_FAILED = 3  # an address to listen on could not be bound (a port in use, ...)
 EXIT_TLS_FAILED = 4  # the TLS files cannot be used (unreadable, not PEM, a key not of the certificate)
+# A quarter of the default --max-live-requests: one named caller cannot fill the server, and a few
+# busy ones still leave room for the rest.
+DEFAULT_LIVE_REQUESTS_PER_PRINCIPAL = 64
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class ModelConfig:
     max_context: int | None = None
     threads: int = 0  # torch intra-op threads; 0: one per core, fewer while other processes hold cores
     max_live_requests: int = EngineConfig.max_live_requests
+    max_live_requests_per_principal: int = DEFAULT_LIVE_REQUESTS_PER_PRINCIPAL
     prefill_tokens_per_step: int = EngineConfig.prefill_tokens_per_step
     max_prompt_chars: int = EngineConfig.max_prompt_chars
     max_chat_messages: int = EngineConfig.max_chat_messages
@@ -65,6 +72,7 @@ class ModelConfig:
             prefill_tokens_per_step=self.prefill_tokens_per_step,
             prefill_attention_span=self.prefill_attention_span,
             max_live_requests=self.max_live_requests,
+            max_live_requests_per_owner=self.max_live_requests_per_principal,
             max_prompt_chars=self.max_prompt_chars,
             max_chat_messages=self.max_chat_messages,
         )
@@ -201,6 +209,9 @@ async def run_server(server_config: ServerConfig, model_config: ModelConfig) -> 
         what = "serve metrics" if error.metrics else "listen"
         log.error("cannot %s on %s: %s; %s", what, error.address, error.reason, _bind_advice(error))
         return EXIT_BIND_FAILED
+    except TokensFileError as error:
+        log.error("cannot use --auth-tokens-file: %s", error)
+        return EXIT_BAD_FLAGS
     log.info("listening on %s (NOT_SERVING while model %r loads)", server.address, model_config.model)
     if server.metrics_port:
         log.info(
@@ -294,9 +305,13 @@ not be loaded; 2 bad flags; 3 an address could not be bound (a port in use: choo
 or --metrics-port); 4 the TLS files cannot be used (unreadable, not PEM, or a --tls-key that does not
 match the --tls-cert certificate).
 
-Auth: with --auth-token every RPC but grpc.health.v1.Health (reflection and Cancel included) needs the
-metadata "authorization: Bearer <token>"; prefer the TOKENWIRE_AUTH_TOKEN variable to the flag, which
-other users can see in the process list.
+Auth: with --auth-token or --auth-tokens-file every RPC but grpc.health.v1.Health (reflection and Cancel
+included) needs the metadata "authorization: Bearer <token>"; prefer the TOKENWIRE_AUTH_TOKEN variable
+to the flag, which other users can see in the process list. The token names the caller (a principal):
+request ids, sessions, Cancel, Interrupt and "already live" refusals are each principal's own, and one
+principal cannot see, touch or probe another's. Under mutual TLS without tokens, the client
+certificate's common name is the principal. Without either, every caller is one anonymous principal:
+anyone who can connect can cancel any request and use any session by its id.
 """
 
 
@@ -366,9 +381,49 @@ def build_parser() -> argparse.ArgumentParser:
     security.add(
         "--auth-token",
         metavar="TOKEN",
-        help="bearer token required on every RPC but health",
+        help="bearer token required on every RPC but health; its caller is the principal 'default'",
         default=None,
         secret=True,
+    )
+    security.add(
+        "--auth-tokens-file",
+        metavar="FILE",
+        help="named bearer tokens, one '<name> <token>' a line ('#' comments): each name is a principal "
+        "with its own request ids and sessions; read again within a second of a change",
+        default=None,
+    )
+    security.add(
+        "--operators",
+        metavar="NAMES",
+        help="comma-separated principals (token names, or client certificate common names under mutual "
+        "TLS) whose Cancel stops any principal's request with that id",
+        default="",
+    )
+    security.add(
+        "--max-live-requests-per-principal",
+        "live requests one named principal may have (0: only --max-live-requests; the anonymous caller "
+        "of a server without auth has only --max-live-requests)",
+        type=int,
+        default=DEFAULT_LIVE_REQUESTS_PER_PRINCIPAL,
+    )
+    security.add(
+        "--max-streams-per-principal",
+        "open Generate streams one principal may have, the anonymous one included (0: no limit)",
+        type=int,
+        default=DEFAULT_MAX_STREAMS_PER_PRINCIPAL,
+    )
+    security.add(
+        "--health-port",
+        "also serve grpc.health.v1 alone, in plaintext, on this port, for probes that cannot present a "
+        "client certificate under mutual TLS (0: off)",
+        type=int,
+        default=0,
+    )
+    security.add(
+        "--health-host",
+        metavar="ADDRESS",
+        help="address for --health-port (the pod's address, or 0.0.0.0, for a Kubernetes probe)",
+        default="127.0.0.1",
     )
 
     model = _Flags(parser.add_argument_group("model and engine"))
@@ -466,6 +521,11 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, ModelConf
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         auth_token=args.auth_token or None,
+        auth_tokens_file=args.auth_tokens_file or None,
+        operators=tuple(name.strip() for name in args.operators.split(",") if name.strip()),
+        max_streams_per_principal=args.max_streams_per_principal,
+        health_port=args.health_port,
+        health_host=args.health_host,
         replica_id=args.replica_id,
         max_message_bytes=args.max_message_bytes,
         metrics_port=args.metrics_port,
@@ -486,6 +546,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, ModelConf
         max_context=args.max_context,
         threads=args.threads,
         max_live_requests=args.max_live_requests,
+        max_live_requests_per_principal=args.max_live_requests_per_principal,
         prefill_tokens_per_step=args.prefill_tokens_per_step,
         max_prompt_chars=args.max_prompt_chars,
         max_chat_messages=args.max_chat_messages,

@@ -99,7 +99,7 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost and two client certificates."""
     d = tmp_path_factory.mktemp("certs")
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     _openssl(
@@ -117,8 +117,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         cwd=d,
     )
     (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    (d / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
-    for name in ("server", "client"):
+    for client in ("client", "client2"):  # two callers: principals by certificate
+        (d / f"{client}.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name in ("server", "client", "client2"):
         _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
         _openssl(
             "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",

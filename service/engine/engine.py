@@ -74,6 +74,9 @@ class EngineConfig:
     prefill_tokens_per_step: int = 256  # see SchedulerConfig
     prefill_attention_span: int = 0  # see SchedulerConfig
     max_live_requests: int = 256  # waiting + running; beyond this add_request is RESOURCE_EXHAUSTED
+    # The most live requests one named principal (owner) may have: no caller takes every slot.
+    # 0: no such limit. The anonymous owner ("": no auth) has only max_live_requests.
+    max_live_requests_per_owner: int = 0
     output_buffer: int = 16  # deltas queued per request before a slow reader's deltas are merged
     stuck_after_s: float = 30.0  # a step running longer than this makes the engine unhealthy
     session_ttl_s: float = 600.0
@@ -118,7 +121,7 @@ class _Live:
 
 @dataclass(frozen=True)
 class _Abort:
-    request_id: str
+    key: tuple[str, str]  # (owner, request id)
     reason: StopReason
     after_segment: bool = False
 
@@ -128,7 +131,7 @@ class _Reservation:
     """A request `submit` is tokenizing: its id and session are taken, it is not live yet. A Cancel
     or Interrupt that comes meanwhile is kept and applied the moment it becomes live."""
 
-    session_id: str
+    session_key: tuple[str, str]  # (owner, session id); the id is "" without a session
     settled: asyncio.Future[_Live | None]  # the live request, or None when it was refused
     abort: _Abort | None = None
 
@@ -146,9 +149,10 @@ class Engine:
         self.sessions = SessionStore(self.config.session_ttl_s, self.config.session_cache_bytes)
         self._prompts = Prompts(runner, self.sessions)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._live: dict[str, _Live] = {}  # by request id; guarded by _lock
-        # Requests that `submit` is tokenizing, by id: taken, not yet live; guarded by _lock
-        self._reserved: dict[str, _Reservation] = {}
+        # Live requests by (owner, request id): each principal names its requests in its own namespace.
+        self._live: dict[tuple[str, str], _Live] = {}  # guarded by _lock
+        # Requests that `submit` is tokenizing, by (owner, id): taken, not yet live; guarded by _lock
+        self._reserved: dict[tuple[str, str], _Reservation] = {}
         self._by_seq: dict[int, _Live] = {}  # step thread only
         self._incoming: queue.SimpleQueue[_Live] = queue.SimpleQueue()
         self._aborts: queue.SimpleQueue[_Abort] = queue.SimpleQueue()
@@ -183,8 +187,8 @@ class Engine:
         while self._live and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         results = []
-        for request_id, live in list(self._live.items()):
-            self.abort(request_id, StopReason.SHUTDOWN)
+        for (owner, request_id), live in list(self._live.items()):
+            self.abort(request_id, StopReason.SHUTDOWN, owner=owner)
             results.append(live.stream.result)
         if results:
             await asyncio.wait(results, timeout=5.0)
@@ -279,7 +283,7 @@ class Engine:
         request.prompt_token_ids, max_tokens = self._prompts.prepare(request)
         live = self._live_for(request, max_tokens)
         with self._lock:
-            refusal = self._refusal(request.request_id, request.session_id)
+            refusal = self._refusal(request)
             if refusal is not None:
                 raise refusal
             self._register(live)
@@ -296,19 +300,19 @@ class Engine:
         self._check_open()
         self._name(request)
         self._check_size(request.input)
-        request_id = request.request_id
-        reservation = _Reservation(request.session_id, asyncio.get_running_loop().create_future())
+        key = request.key
+        reservation = _Reservation(request.session_key, asyncio.get_running_loop().create_future())
         with self._lock:
-            refusal = self._refusal(request_id, request.session_id)
+            refusal = self._refusal(request)
             if refusal is None:
-                self._reserved[request_id] = reservation
+                self._reserved[key] = reservation
         try:
             request.prompt_token_ids, max_tokens = await self._off_loop(self._prompts.prepare, request)
             if refusal is not None:
                 raise refusal
             live = self._live_for(request, max_tokens)
             with self._lock:
-                del self._reserved[request_id]
+                del self._reserved[key]
                 if not self._accepting:  # stop() began while the input was being tokenized
                     raise RequestError(ErrorCode.UNAVAILABLE, "the server is shutting down")
                 self._register(live)
@@ -317,7 +321,7 @@ class Engine:
         except BaseException:  # refused, or the caller went away (cancelled) while it waited
             if refusal is None:
                 with self._lock:
-                    self._reserved.pop(request_id, None)
+                    self._reserved.pop(key, None)
                 reservation.settled.set_result(None)
             raise
         self._wake.set()
@@ -367,12 +371,13 @@ class Engine:
                     RequestField.CHAT_MESSAGES,
                 )
 
-    def _refusal(self, request_id: str, session_id: str) -> RequestError | None:
-        """Why the registry cannot take this request now, if it cannot. Call with _lock held."""
-        if request_id in self._live or request_id in self._reserved:
+    def _refusal(self, request: GenerationRequest) -> RequestError | None:
+        """Why the registry cannot take this request now, if it cannot. Call with _lock held. Every
+        check looks only at the request's owner's own requests and sessions, but the server-wide limit."""
+        if request.key in self._live or request.key in self._reserved:
             return RequestError(
                 ErrorCode.ALREADY_EXISTS,
-                f"request_id {shown_id(request_id)} is already live",
+                f"request_id {shown_id(request.request_id)} is already live",
                 RequestField.REQUEST_ID,
             )
         if len(self._live) + len(self._reserved) >= self.config.max_live_requests:
@@ -380,16 +385,27 @@ class Engine:
                 ErrorCode.RESOURCE_EXHAUSTED,
                 f"the server is at its limit of {plural(self.config.max_live_requests, 'live request')}",
             )
-        if session_id and (
-            any(reserved.session_id == session_id for reserved in self._reserved.values())
-            or any(other.request.session_id == session_id for other in self._live.values())
+        owner, share = request.owner, self.config.max_live_requests_per_owner
+        if owner and share and self._owned(owner) >= share:
+            return RequestError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"you have {plural(share, 'live request')}, the most one caller may have at once",
+            )
+        session_key = request.session_key
+        if request.session_id and (
+            any(reserved.session_key == session_key for reserved in self._reserved.values())
+            or any(other.request.session_key == session_key for other in self._live.values())
         ):
             return RequestError(
                 ErrorCode.FAILED_PRECONDITION,
-                f"session {shown_id(session_id)} already has a live request",
+                f"session {shown_id(request.session_id)} already has a live request",
                 RequestField.SESSION_ID,
             )
         return None
+
+    def _owned(self, owner: str) -> int:
+        """The owner's live and reserved requests. Call with _lock held."""
+        return sum(key[0] == owner for key in self._live) + sum(key[0] == owner for key in self._reserved)
 
     def _live_for(self, request: GenerationRequest, max_tokens: int) -> _Live:
         now = time.monotonic()
@@ -415,7 +431,7 @@ class Engine:
     def _register(self, live: _Live) -> None:
         """Make the request live and queue it for the step thread. Call with _lock held: `abort`
         finds it live under the same lock, so an abort is always queued after its request."""
-        self._live[live.request.request_id] = live
+        self._live[live.request.key] = live
         self._incoming.put(live)
 
     async def _off_loop(self, work: Callable[..., T], *args: object) -> T:
@@ -448,29 +464,44 @@ class Engine:
 
     # ---- stopping requests ----
 
-    def abort(self, request_id: str, reason: StopReason, *, after_segment: bool = False) -> bool:
-        """Stop a live request at the next step, or one `submit` is tokenizing as soon as it is live.
-        Idempotent, safe from any thread. Returns whether the request was found."""
+    def abort(
+        self, request_id: str, reason: StopReason, *, owner: str = "", after_segment: bool = False
+    ) -> bool:
+        """Stop the owner's live request at the next step, or one `submit` is tokenizing as soon as it
+        is live. Idempotent, safe from any thread. Returns whether the request was found."""
+        key = (owner, request_id)
         with self._lock:
-            found = request_id in self._live
-            reservation = None if found else self._reserved.get(request_id)
+            found = key in self._live
+            reservation = None if found else self._reserved.get(key)
             if reservation is not None and reservation.abort is None:
-                reservation.abort = _Abort(request_id, reason, after_segment)  # `submit` applies it
+                reservation.abort = _Abort(key, reason, after_segment)  # `submit` applies it
         if found:
-            self._aborts.put(_Abort(request_id, reason, after_segment))
+            self._aborts.put(_Abort(key, reason, after_segment))
             self._wake.set()
         return found or reservation is not None
 
-    async def cancel(self, request_id: str) -> Finished | None:
-        """Stop a live request and return what it had produced (None when it was not live)."""
+    async def cancel(self, request_id: str, owner: str | None = "") -> Finished | None:
+        """Stop the owner's live request and return what it had produced (None when it was not live).
+        With owner None (an operator's Cancel), the request of that id of every owner stops; the
+        summary is the first one's."""
         with self._lock:
-            live = self._live.get(request_id)
-            reservation = self._reserved.get(request_id)
-        if not self.abort(request_id, StopReason.CANCELLED):
+            keys = (
+                [(owner, request_id)]
+                if owner is not None
+                else sorted({k for k in [*self._live, *self._reserved] if k[1] == request_id})
+            )
+        summaries = [await self._cancel(key) for key in keys]
+        return next((summary for summary in summaries if summary is not None), None)
+
+    async def _cancel(self, key: tuple[str, str]) -> Finished | None:
+        with self._lock:
+            live = self._live.get(key)
+            reservation = self._reserved.get(key)
+        if not self.abort(key[1], StopReason.CANCELLED, owner=key[0]):
             return None
         if live is None and reservation is None:  # it became live between the two looks
             with self._lock:
-                live = self._live.get(request_id)
+                live = self._live.get(key)
         if live is None and reservation is not None:  # still being tokenized: wait until it is live
             live = await asyncio.shield(reservation.settled)
         if live is None:  # refused after all: it never ran
@@ -480,9 +511,9 @@ class Engine:
             return Finished(reason=StopReason.ERROR)
         return result
 
-    def stream_of(self, request_id: str) -> RequestStream | None:
+    def stream_of(self, request_id: str, owner: str = "") -> RequestStream | None:
         with self._lock:
-            live = self._live.get(request_id)
+            live = self._live.get((owner, request_id))
         return live.stream if live else None
 
     # ---- the step thread ----
@@ -553,7 +584,8 @@ class Engine:
             except queue.Empty:
                 return
             self._by_seq[live.seq_id] = live
-            self.scheduler.add(ScheduledSequence(live.seq_id, len(live.request.prompt_token_ids)))
+            request = live.request
+            self.scheduler.add(ScheduledSequence(live.seq_id, len(request.prompt_token_ids), request.owner))
 
     def _admit(self, live: _Live, outputs: list[tuple[RequestStream, Output]]) -> None:
         request = live.request
@@ -730,8 +762,8 @@ class Engine:
             live.has_row = False
         self._by_seq.pop(live.seq_id, None)
         with self._lock:
-            if self._live.get(live.request.request_id) is live:
-                del self._live[live.request.request_id]
+            if self._live.get(live.request.key) is live:
+                del self._live[live.request.key]
 
     def _apply_aborts(self, now: float, outputs: list[tuple[RequestStream, Output]]) -> None:
         while True:
@@ -740,7 +772,7 @@ class Engine:
             except queue.Empty:
                 return
             with self._lock:
-                live = self._live.get(abort.request_id)
+                live = self._live.get(abort.key)
             if live is not None and not live.finished and live.seq_id not in self._by_seq:
                 self._take_incoming(now)  # queued since this step took its incoming requests
             if live is None or live.finished or live.seq_id not in self._by_seq:
@@ -762,7 +794,7 @@ class Engine:
             except Exception:
                 log.exception("could not end request %s cleanly", shown_id(live.request.request_id))
                 with self._lock:
-                    self._live.pop(live.request.request_id, None)
+                    self._live.pop(live.request.key, None)
                 self._by_seq.pop(live.seq_id, None)
                 self.scheduler.remove(live.seq_id)
                 outputs.append((live.stream, Finished(reason=StopReason.ERROR)))

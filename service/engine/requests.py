@@ -129,6 +129,19 @@ class GenerationRequest:
     session_id: str = ""
     truncation: SessionTruncation | None = None
     prompt_token_ids: list[int] = field(default_factory=list)
+    # The principal (caller) the request belongs to: request ids and session ids are its own names,
+    # so another principal can neither reach nor probe them. "" is the anonymous principal.
+    owner: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The request id in its owner's namespace."""
+        return (self.owner, self.request_id)
+
+    @property
+    def session_key(self) -> tuple[str, str]:
+        """The session id in its owner's namespace."""
+        return (self.owner, self.session_id)
 
 
 # ---- outputs, in the order a request produces them: Started, Delta*, then Finished or Failure ----

@@ -1,4 +1,9 @@
-"""Which sequences run each step: FIFO admission by free KV rows, chunked prefill under a token budget.
+"""Which sequences run each step: admission by free KV rows, chunked prefill under a token budget.
+
+Fair between owners (principals): waiting sequences are admitted in turn from each owner's queue,
+oldest first within an owner, so one owner's long queue cannot hold another's request back; and the
+owners with prompts to prefill take turns at the front of each step's prefill budget, so one owner's
+long prompt cannot hold back another's short one for the whole of its prefill.
 
 Pure Python, no torch: the scheduler sees sequence ids and token counts, never text or tensors.
 """
@@ -7,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 
@@ -23,6 +28,7 @@ class ScheduledSequence:
 
     seq_id: int
     prompt_len: int
+    owner: str = ""  # the principal the sequence belongs to: the unit of fairness
     prefilled: int = 0  # prompt tokens whose KV is in the cache (including a reused prefix)
     phase: Phase = Phase.WAITING
 
@@ -58,7 +64,10 @@ class SchedulerConfig:
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self._waiting: deque[ScheduledSequence] = deque()
+        # Each owner's waiting sequences, oldest first; the owner whose turn is next comes first.
+        self._waiting: OrderedDict[str, deque[ScheduledSequence]] = OrderedDict()
+        self._num_waiting = 0
+        self._prefill_turns: list[str] = []  # owners in the order they lead the prefill budget
         self._prefilling: list[ScheduledSequence] = []
         self._decoding: dict[int, ScheduledSequence] = {}
         self._all: dict[int, ScheduledSequence] = {}
@@ -66,7 +75,8 @@ class Scheduler:
     # ---- membership ----
 
     def add(self, seq: ScheduledSequence) -> None:
-        self._waiting.append(seq)
+        self._waiting.setdefault(seq.owner, deque()).append(seq)
+        self._num_waiting += 1
         self._all[seq.seq_id] = seq
 
     def remove(self, seq_id: int) -> Phase | None:
@@ -75,7 +85,11 @@ class Scheduler:
         if seq is None:
             return None
         if seq.phase is Phase.WAITING:
-            self._waiting.remove(seq)
+            queue = self._waiting[seq.owner]
+            queue.remove(seq)
+            self._num_waiting -= 1
+            if not queue:
+                del self._waiting[seq.owner]
         elif seq.phase is Phase.PREFILL:
             self._prefilling.remove(seq)
         else:
@@ -87,7 +101,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._waiting)
+        return self._num_waiting
 
     @property
     def num_running(self) -> int:
@@ -106,10 +120,17 @@ class Scheduler:
     # ---- the plan ----
 
     def admit(self) -> list[int]:
-        """Move waiting sequences (oldest first) into prefill while KV rows are free."""
+        """Move waiting sequences into prefill while KV rows are free: one from each owner in turn,
+        each owner's oldest first. An owner that got a row goes to the back of the line."""
         admitted = []
         while self._waiting and self.num_running < self.config.max_batch_size:
-            seq = self._waiting.popleft()
+            owner, queue = next(iter(self._waiting.items()))
+            seq = queue.popleft()
+            self._num_waiting -= 1
+            if queue:
+                self._waiting.move_to_end(owner)
+            else:
+                del self._waiting[owner]
             seq.phase = Phase.PREFILL
             self._prefilling.append(seq)
             admitted.append(seq.seq_id)
@@ -121,7 +142,7 @@ class Scheduler:
         Called after admission, so a prefix reused at admission (sessions) is already skipped."""
         plan = StepPlan()
         budget = float(self.config.prefill_tokens_per_step)
-        for seq in self._prefilling:
+        for seq in self._prefill_order():
             remaining = seq.prompt_len - seq.prefilled
             take = self._tokens_within(budget, seq.prefilled, remaining)
             if take == 0 and not plan.prefill and remaining > 0:
@@ -132,6 +153,20 @@ class Scheduler:
             plan.prefill.append(PrefillSlice(seq.seq_id, seq.prefilled, end, end == seq.prompt_len))
             budget -= self._cost(seq.prefilled, take)
         return plan
+
+    def _prefill_order(self) -> list[ScheduledSequence]:
+        """This step's prefill order: owners take turns leading (the one that led last step goes
+        last), each owner's sequences oldest first. With one owner: oldest first."""
+        owners = list(dict.fromkeys(seq.owner for seq in self._prefilling))
+        if len(owners) < 2:
+            self._prefill_turns = owners
+            return list(self._prefilling)
+        known = [owner for owner in self._prefill_turns if owner in owners]
+        turns = known + [owner for owner in owners if owner not in known]
+        turns.append(turns.pop(0))  # the owner that led before waits its turn
+        self._prefill_turns = turns
+        rank = {owner: i for i, owner in enumerate(turns)}
+        return sorted(self._prefilling, key=lambda seq: rank[seq.owner])  # stable: oldest first per owner
 
     def _cost(self, start: int, count: int) -> float:
         """What `count` prompt tokens from position `start` take of the budget."""

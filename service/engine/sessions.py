@@ -5,7 +5,8 @@ tokens it last computed. A new turn's prompt is the history plus the turn's new 
 common token prefix with the cached tokens is copied into the new row instead of being prefilled.
 Truncation cuts the last reply to what the user heard, so the unheard text leaves the context.
 
-Sessions are keyed by id only (one session never reads another's cache), expire after an idle TTL,
+Sessions are keyed by their owner (the principal) and id: one session never reads another's cache,
+and one principal never reaches another's session by naming its id. They expire after an idle TTL,
 and are evicted least recently used first beyond a byte budget. Plain Python: the KV payload is
 opaque (the runner's own).
 """
@@ -40,7 +41,7 @@ class SessionStore:
         self.max_bytes = max_bytes
         # Seconds, for the idle TTL; only differences count. Tests swap in a clock they move by hand.
         self.clock = clock
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+        self._sessions: OrderedDict[tuple[str, str], _Session] = OrderedDict()  # by (owner, session id)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -53,10 +54,6 @@ class SessionStore:
         with self._lock:
             return sum(s.kv.nbytes for s in self._sessions.values() if s.kv is not None)
 
-    def drop(self, session_id: str) -> bool:
-        with self._lock:
-            return self._sessions.pop(session_id, None) is not None
-
     # ---- building a turn's prompt (the engine's tokenizer thread; the lock guards the store) ----
 
     def prompt_ids(self, request: GenerationRequest, runner: Runner) -> list[int]:
@@ -64,7 +61,7 @@ class SessionStore:
         given = request.input
         with self._lock:
             self._expire(self.clock())
-            session = self._sessions.get(request.session_id) if request.session_id else None
+            session = self._sessions.get(request.session_key) if request.session_id else None
             if session is not None and request.truncation is not None:
                 _truncate(session, request.truncation, runner)
             history_chat = list(session.chat) if session and session.chat is not None else None
@@ -82,10 +79,10 @@ class SessionStore:
         """Copy the longest cached prefix of the prompt into the sequence's row; return its length.
         At least the prompt's last token is always left to prefill (its logits start the reply)."""
         with self._lock:
-            session = self._sessions.get(request.session_id)
+            session = self._sessions.get(request.session_key)
             if session is None or session.kv is None:
                 return 0
-            self._sessions.move_to_end(request.session_id)
+            self._sessions.move_to_end(request.session_key)
             session.last_used = self.clock()
             prompt = request.prompt_token_ids
             limit = min(len(session.cached_ids), session.kv.length, len(prompt) - 1)
@@ -111,7 +108,7 @@ class SessionStore:
         kv = runner.save_prefix(seq_id, len(cached))
         reply_text = "".join(sent_text)
         with self._lock:
-            previous = self._sessions.get(request.session_id)
+            previous = self._sessions.get(request.session_key)
             if request.input.chat is not None:
                 history = list(previous.chat or []) if previous and previous.chat is not None else []
                 chat: list[tuple[str, str]] | None = [
@@ -123,7 +120,7 @@ class SessionStore:
             else:
                 chat = None
                 history_ids = prompt + [t for t in generated if t not in runner.eos_token_ids]
-            self._sessions[request.session_id] = _Session(
+            self._sessions[request.session_key] = _Session(
                 chat=chat,
                 history_ids=history_ids,
                 reply_ids=list(generated),
@@ -131,12 +128,12 @@ class SessionStore:
                 cached_ids=cached[: kv.length],
                 kv=kv,
             )
-            self._sessions.move_to_end(request.session_id)
+            self._sessions.move_to_end(request.session_key)
             self._evict()
 
     def _expire(self, now: float) -> None:
-        for session_id in [k for k, s in self._sessions.items() if now - s.last_used > self.ttl_s]:
-            del self._sessions[session_id]
+        for key in [k for k, s in self._sessions.items() if now - s.last_used > self.ttl_s]:
+            del self._sessions[key]
 
     def _evict(self) -> None:
         total = sum(s.kv.nbytes for s in self._sessions.values() if s.kv is not None)

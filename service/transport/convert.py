@@ -416,4 +416,16 @@ def output_to_response(request_id: str, output: Output, options: OutputOptions) 
 
 
 def error_response(request_id: str, error: Failure | RequestError) -> pb.GenerateResponse:
+    """The last message of a request that failed."""
     return pb.GenerateResponse(request_id=request_id, error=failure_to_pb(error))
+
+
+def refusal_response(
+    request_id: str, error: RequestError, refused: pb.Error.Refusal, message_index: int
+) -> pb.GenerateResponse:
+    """The answer to a request message that was refused (the `message_index`th on its stream): it
+    ends nothing, so a live request with the same id is not mistaken for over."""
+    response = error_response(request_id, error)
+    response.error.refused = refused
+    response.error.message_index = message_index
+    return response

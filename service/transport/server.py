@@ -21,10 +21,10 @@ from grpc_reflection.v1alpha import reflection
 from tokenwire.service.engine.engine import Engine
 from tokenwire.service.engine.requests import Failure, Finished, GenerationRequest
 from tokenwire.service.engine.wording import plural, shown_id
-from tokenwire.service.transport.auth import BearerTokenInterceptor
+from tokenwire.service.transport.auth import ANONYMOUS_NAME, Authenticator, BearerTokenInterceptor, TokenTable
 from tokenwire.service.transport.interceptors import CatchAllInterceptor
 from tokenwire.service.transport.metrics import ServerMetrics
-from tokenwire.service.transport.servicer import TokenWireServicer
+from tokenwire.service.transport.servicer import DEFAULT_MAX_STREAMS_PER_PRINCIPAL, TokenWireServicer
 from tokenwire.v1 import tokenwire_pb2, tokenwire_pb2_grpc
 
 log = logging.getLogger("tokenwire.server")
@@ -48,7 +48,14 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM files; with tls_client_ca the server requires client certificates
     tls_key: str | None = None
     tls_client_ca: str | None = None
-    auth_token: str | None = None  # bearer token required on every RPC but health
+    auth_token: str | None = None  # bearer token required on every RPC but health (principal "default")
+    auth_tokens_file: str | None = None  # named tokens, one "<name> <token>" a line; reloaded on change
+    operators: tuple[str, ...] = ()  # principals whose Cancel reaches every principal's requests
+    max_streams_per_principal: int = DEFAULT_MAX_STREAMS_PER_PRINCIPAL  # 0: no limit
+    # A plaintext port serving only grpc.health.v1 (0: none): probes that cannot present a client
+    # certificate reach health there under mutual TLS.
+    health_port: int = 0
+    health_host: str = "127.0.0.1"
     max_message_bytes: int = 4 * 1024 * 1024
     metrics_port: int = 0  # 0: no metrics endpoint
     metrics_host: str = "127.0.0.1"  # no auth on metrics: localhost unless an operator names an address
@@ -197,15 +204,25 @@ class RunningServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = ServerMetrics(lambda: self.engine)
+        tokens = None
+        if config.auth_token or config.auth_tokens_file:  # TokensFileError for a file that cannot be used
+            tokens = TokenTable(config.auth_token, config.auth_tokens_file)
+        self.authenticator = Authenticator(
+            tokens, operators=config.operators, certificates=bool(config.tls_client_ca)
+        )
         self.servicer = TokenWireServicer(
             on_refused=self.metrics.on_refused,
             replica_id=config.replica_id,
             max_message_bytes=config.max_message_bytes,
+            authenticator=self.authenticator,
+            max_streams_per_principal=config.max_streams_per_principal,
         )
         self.health = HealthServicer()
         self.port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port = 0
         self._watcher: asyncio.Task[None] | None = None
         self._serving: bool | None = None
         self._draining = False
@@ -231,8 +248,8 @@ class RunningServer:
         await self._set_health(False)  # HealthServicer starts out SERVING for ""
         # The first is the outermost: the catch-all guards every handler, the auth refusals included.
         interceptors: list[grpc.aio.ServerInterceptor] = [CatchAllInterceptor()]
-        if config.auth_token:
-            interceptors.append(BearerTokenInterceptor(config.auth_token))
+        if self.authenticator.tokens is not None:
+            interceptors.append(BearerTokenInterceptor(self.authenticator))
         server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
         tokenwire_pb2_grpc.add_TokenWireServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -255,6 +272,8 @@ class RunningServer:
             raise BindError(bind, reason, in_use=False) from None
         await server.start()
         self._server = server
+        if config.health_port:
+            self._health_server = await self._serve_health(config.health_host, config.health_port)
         if config.metrics_port:
             metrics_host = config.metrics_host
             try:
@@ -265,6 +284,23 @@ class RunningServer:
         self._watcher = asyncio.create_task(self._watch_health(), name="tokenwire-health")
         if engine is not None:
             await self.attach(engine)
+
+    async def _serve_health(self, host: str, port: int) -> grpc.aio.Server:
+        """grpc.health.v1 alone, in plaintext, on its own port: a probe (Kubernetes' gRPC probe, a load
+        balancer's check) that cannot present a client certificate still reaches it under mutual TLS.
+        Nothing else is served there, so the TokenWire RPCs stay behind TLS and auth."""
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        bind = host_port(host, port)
+        refusal = _bind_refusal(host, port)
+        if refusal is not None:
+            raise BindError.from_os_error(bind, refusal)
+        try:
+            self.health_port = server.add_insecure_port(bind)
+        except RuntimeError:
+            raise BindError(bind, "gRPC could not bind it", in_use=False) from None
+        await server.start()
+        return server
 
     async def attach(self, engine: Engine) -> None:
         """Start serving `engine` (already started): hooks for logs and metrics, then health SERVING."""
@@ -329,6 +365,8 @@ class RunningServer:
         await self.servicer.close_streams(timeout=2.0)
         if self._server is not None:
             await self._server.stop(1.0)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         await asyncio.to_thread(self.metrics.stop)  # waits out the HTTP server's poll interval
 
     async def stop_now(self) -> None:
@@ -343,6 +381,8 @@ class RunningServer:
         await self.servicer.stop_streams_now(timeout=2.0)
         if self._server is not None:
             await self._server.stop(0)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
 
 
 async def serve(engine: Engine | None, config: ServerConfig) -> RunningServer:
@@ -376,6 +416,7 @@ def _log_finished(request: GenerationRequest, result: Finished | Failure) -> Non
     timings = result.timings
     fields = {
         "request_id": request.request_id,
+        "principal": request.owner or ANONYMOUS_NAME,
         "reason": result.reason.value,
         "prompt_tokens": result.usage.prompt_tokens,
         "cached_prompt_tokens": result.usage.cached_prompt_tokens,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import grpc
@@ -14,8 +15,9 @@ import tokenwire
 from tokenwire.service.engine.engine import Engine, check_printable_id
 from tokenwire.service.engine.requests import ErrorCode, OutputOptions, RequestError, StopReason
 from tokenwire.service.engine.streams import RequestStream
-from tokenwire.service.engine.wording import MAX_SHOWN_ID_CHARS, shown_id
+from tokenwire.service.engine.wording import MAX_SHOWN_ID_CHARS, plural, shown_id
 from tokenwire.service.transport import convert
+from tokenwire.service.transport.auth import ANONYMOUS, Authenticator, Principal
 from tokenwire.service.transport.convert import MessageError
 from tokenwire.service.transport.interceptors import RequestFailed
 from tokenwire.v1 import tokenwire_pb2 as pb
@@ -29,6 +31,9 @@ log = logging.getLogger("tokenwire.servicer")
 OUTGOING_BOUND = 64
 # gRPC's own default limit on a message's size, for a servicer not told the server's.
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Open Generate streams one principal may have. Each costs ~27 KiB idle; a stream carries any number
+# of generations, so a caller needs many only to serve many independent conversations at once.
+DEFAULT_MAX_STREAMS_PER_PRINCIPAL = 512
 
 
 class _GenerateCall:
@@ -44,8 +49,12 @@ class _GenerateCall:
         on_refused: Callable[[ErrorCode], None] | None,
         replica_id: str = "",
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        principal: Principal = ANONYMOUS,
     ) -> None:
         self.engine = engine
+        self.principal = principal  # the caller: its requests are named in its own namespace
+        self.owner = principal.name
+        self.messages_read = 0  # request messages read so far: a refusal names its message by position
         self.on_refused = on_refused
         self.replica_id = replica_id
         # No response may be larger: gRPC would fail the whole stream, every request on it included.
@@ -92,8 +101,8 @@ class _GenerateCall:
         for request_id, (task, stream) in list(self.owned.items()):
             if stream.done:
                 continue
-            if self.engine.stream_of(request_id) is stream:
-                self.engine.abort(request_id, StopReason.SHUTDOWN)
+            if self.engine.stream_of(request_id, self.owner) is stream:
+                self.engine.abort(request_id, StopReason.SHUTDOWN, owner=self.owner)
             task.cancel()
             self.producers += 1
             response = convert.error_response(request_id, error)
@@ -105,8 +114,8 @@ class _GenerateCall:
             self.reader.cancel()
         for request_id, (task, stream) in list(self.owned.items()):
             # Only if the id still names this stream's request: after it ended, another stream may reuse it.
-            if self.engine.stream_of(request_id) is stream:
-                self.engine.abort(request_id, StopReason.CANCELLED)
+            if self.engine.stream_of(request_id, self.owner) is stream:
+                self.engine.abort(request_id, StopReason.CANCELLED, owner=self.owner)
             task.cancel()
         self.owned.clear()
 
@@ -132,51 +141,60 @@ class _GenerateCall:
             self._producer_done()
 
     async def _handle(self, message: pb.GenerateRequest) -> None:
+        index = self.messages_read
+        self.messages_read += 1
         kind = message.WhichOneof("kind")
         if kind == "start":
-            await self._start(message.start)
+            await self._start(message.start, index)
         elif kind == "interrupt":
-            await self._interrupt(message.interrupt)
+            await self._interrupt(message.interrupt, index)
         else:
             neither = MessageError(ErrorCode.INVALID_ARGUMENT, "kind: set either start or interrupt", "kind")
-            await self.out.put(convert.error_response("", neither))
+            await self.out.put(convert.refusal_response("", neither, pb.Error.REFUSAL_MESSAGE, index))
 
-    async def _refuse(self, request_id: str, error: RequestError) -> None:
+    async def _refuse(self, request_id: str, error: RequestError, index: int) -> None:
         if self.on_refused is not None:
             self.on_refused(error.code)
         field = convert.error_path(error)
         # The id is the client's, unchecked (it may be what is refused): escaped and cut in the line;
         # JSON escapes it in the record's own field, cut to the length the contract allows.
         log.info(
-            "request refused request_id=%s code=%s field=%s: %s",
+            "request refused request_id=%s principal=%s code=%s field=%s: %s",
             shown_id(request_id),
+            self.principal.shown,
             error.code.name,
             field,
             convert.bare_message(error),
-            extra={"request_id": request_id[:MAX_SHOWN_ID_CHARS], "code": error.code.name, "field": field},
+            extra={
+                "request_id": request_id[:MAX_SHOWN_ID_CHARS],
+                "principal": self.principal.shown,
+                "code": error.code.name,
+                "field": field,
+            },
         )
-        await self.out.put(convert.error_response(request_id, error))
+        await self.out.put(convert.refusal_response(request_id, error, pb.Error.REFUSAL_START, index))
 
-    async def _start(self, start: pb.Start) -> None:
+    async def _start(self, start: pb.Start, index: int) -> None:
         try:
             request = convert.start_to_request(start)
+            request.owner = self.owner
             if not request.request_id and self.replica_id:
                 # The id names its replica, so a proxy can route a later Cancel to it.
                 request.request_id = f"{self.replica_id}.{uuid.uuid4().hex}"
             stream = await self.engine.submit(request)
         except RequestError as error:
-            await self._refuse(start.request_id, error)
+            await self._refuse(start.request_id, error, index)
             return
         except Exception:
             log.exception("could not start request %s", shown_id(start.request_id))
-            await self._refuse(start.request_id, RequestError(ErrorCode.INTERNAL, "internal error"))
+            await self._refuse(start.request_id, RequestError(ErrorCode.INTERNAL, "internal error"), index)
             return
         request_id = request.request_id  # assigned by the engine when the client left it empty
         self.producers += 1
         task = asyncio.create_task(self._forward(request_id, stream, request.output))
         self.owned[request_id] = (task, stream)
 
-    async def _interrupt(self, interrupt: pb.Interrupt) -> None:
+    async def _interrupt(self, interrupt: pb.Interrupt, index: int) -> None:
         request_id = interrupt.request_id
         try:
             check_printable_id(request_id)
@@ -185,7 +203,9 @@ class _GenerateCall:
             # An engine error names its field in the request: here under "interrupt.", not "start.".
             path = convert.error_path(error, root="interrupt")
             refused = MessageError(error.code, convert.describe(error, root="interrupt"), path)
-            await self.out.put(convert.error_response(request_id, refused))
+            await self.out.put(
+                convert.refusal_response(request_id, refused, pb.Error.REFUSAL_INTERRUPT, index)
+            )
             return
         owned = self.owned.get(request_id)
         if owned is None:
@@ -194,11 +214,15 @@ class _GenerateCall:
                 f"interrupt.request_id: no live request {shown_id(request_id)} on this stream",
                 "interrupt.request_id",
             )
-            await self.out.put(convert.error_response(request_id, unknown))
+            await self.out.put(
+                convert.refusal_response(request_id, unknown, pb.Error.REFUSAL_INTERRUPT, index)
+            )
             return
         # When the request has just ended its Finished is already on its way: that is the answer.
-        if self.engine.stream_of(request_id) is owned[1]:
-            self.engine.abort(request_id, StopReason.INTERRUPTED, after_segment=after_segment)
+        if self.engine.stream_of(request_id, self.owner) is owned[1]:
+            self.engine.abort(
+                request_id, StopReason.INTERRUPTED, owner=self.owner, after_segment=after_segment
+            )
 
     # ---- the response side ----
 
@@ -243,12 +267,17 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
         on_refused: Callable[[ErrorCode], None] | None = None,
         replica_id: str = "",
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        authenticator: Authenticator | None = None,
+        max_streams_per_principal: int = DEFAULT_MAX_STREAMS_PER_PRINCIPAL,
     ) -> None:
         self.engine = engine
         self.on_refused = on_refused
         self.replica_id = replica_id
         self.max_message_bytes = max_message_bytes  # the server's grpc.max_send_message_length
+        self.authenticator = authenticator or Authenticator()
+        self.max_streams_per_principal = max_streams_per_principal  # 0: no limit
         self._calls: set[_GenerateCall] = set()
+        self._streams_of: Counter[str] = Counter()  # open Generate streams by principal name
 
     async def _engine(self, context: grpc.aio.ServicerContext) -> Engine:
         if self.engine is None:
@@ -256,12 +285,27 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
         assert self.engine is not None
         return self.engine
 
+    async def _principal(self, context: grpc.aio.ServicerContext) -> Principal:
+        principal = self.authenticator.principal(context)
+        if principal is None:  # its token was removed from the tokens file since the interceptor looked
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        assert principal is not None
+        return principal
+
     async def Generate(
         self, request_iterator: AsyncIterable[pb.GenerateRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        call = _GenerateCall(
-            await self._engine(context), self.on_refused, self.replica_id, self.max_message_bytes
-        )
+        engine = await self._engine(context)
+        principal = await self._principal(context)
+        limit = self.max_streams_per_principal
+        if limit and self._streams_of[principal.name] >= limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"you have {plural(limit, 'open Generate stream')}, the most one caller may have at once: "
+                "run several generations on one stream",
+            )
+        call = _GenerateCall(engine, self.on_refused, self.replica_id, self.max_message_bytes, principal)
+        self._streams_of[principal.name] += 1
         if self.replica_id:
             # Which replica serves this stream: a client sends it back as a header on Cancel.
             await context.send_initial_metadata(((REPLICA_HEADER, self.replica_id),))
@@ -285,8 +329,13 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
             self._end(call)
 
     def _end(self, call: _GenerateCall) -> None:
+        """The RPC is over (runs twice: from the done callback and the generator's end)."""
         call.abandon()
-        self._calls.discard(call)
+        if call in self._calls:
+            self._calls.discard(call)
+            self._streams_of[call.owner] -= 1
+            if not self._streams_of[call.owner]:
+                del self._streams_of[call.owner]
 
     async def close_streams(self, timeout: float) -> None:
         """Drain: stop reading on every Generate stream and wait (up to timeout) for them to flush."""
@@ -313,13 +362,15 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
 
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         engine = await self._engine(context)
+        principal = await self._principal(context)
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: required")
         try:
             check_printable_id(request.request_id)  # no live request could have it: say why
         except RequestError as error:
             await context.abort(convert.status_code(error.code), convert.describe(error, root=""))
-        summary = await engine.cancel(request.request_id)
+        # Only the caller's own requests, unless it is an operator: another's ids are not even probed.
+        summary = await engine.cancel(request.request_id, None if principal.operator else principal.name)
         if summary is None:
             return pb.CancelResponse(found=False)
         return pb.CancelResponse(found=True, summary=convert.finished_to_pb(summary))

@@ -97,8 +97,10 @@ def aborts(server: RunningServer, monkeypatch: pytest.MonkeyPatch) -> queue.Simp
     made: queue.SimpleQueue[Abort] = queue.SimpleQueue()
     abort = engine.abort
 
-    def recorded(request_id: str, reason: StopReason, *, after_segment: bool = False) -> bool:
-        found = abort(request_id, reason, after_segment=after_segment)
+    def recorded(
+        request_id: str, reason: StopReason, *, owner: str = "", after_segment: bool = False
+    ) -> bool:
+        found = abort(request_id, reason, owner=owner, after_segment=after_segment)
         made.put((request_id, reason, after_segment))
         return found
 

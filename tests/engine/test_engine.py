@@ -231,7 +231,7 @@ async def test_abort_while_waiting_in_prefill_and_decoding(engine: Engine, gate:
         streams[rid] = engine.add_request(request(rid, ids, max_tokens=40))
     gate.allow(2)  # step 1 ends (the blocker's prefill, then its first decode)
     await gate.held(3)  # step 2 admitted r0, r1, long (4 rows in all) and is prefilling them
-    scheduled = {rid: engine.scheduler.get(engine._live[rid].seq_id) for rid in ("long", "w")}
+    scheduled = {rid: engine.scheduler.get(engine._live[("", rid)].seq_id) for rid in ("long", "w")}
     assert scheduled["w"].phase is Phase.WAITING  # type: ignore[union-attr]
     assert scheduled["long"].phase is Phase.PREFILL  # type: ignore[union-attr]
     assert engine.abort("w", StopReason.CANCELLED)
@@ -248,7 +248,7 @@ async def test_abort_while_waiting_in_prefill_and_decoding(engine: Engine, gate:
     assert [type(i) for i in w] == [Started, Finished] and w[1].reason is StopReason.CANCELLED
     long = await collect(streams["long"])
     assert long[-1].reason is StopReason.INTERRUPTED and long[-1].usage.completion_tokens == 0  # type: ignore[attr-defined]
-    assert engine.scheduler.get(engine._live["r0"].seq_id).phase is Phase.DECODE  # type: ignore[union-attr]
+    assert engine.scheduler.get(engine._live[("", "r0")].seq_id).phase is Phase.DECODE  # type: ignore[union-attr]
     assert engine.abort("r0", StopReason.INTERRUPTED)  # decoding
     gate.open()
     r0 = await collect(streams["r0"])

@@ -392,7 +392,7 @@ async def test_refused_ids_are_logged_escaped_and_capped(
     lines = [r.getMessage() for r in caplog.records if r.name == "tokenwire.servicer"]
     assert len(lines) == 2 and not any("\n" in line for line in lines), lines
     assert lines[0] == (
-        f"request refused request_id={forged!r} code=INVALID_ARGUMENT field=start.input: "
+        f"request refused request_id={forged!r} principal=anonymous code=INVALID_ARGUMENT field=start.input: "
         "prompt must not be empty"
     )
     assert len(lines[1]) < 400 and "(cut: 100,000 characters)" in lines[1], lines[1]

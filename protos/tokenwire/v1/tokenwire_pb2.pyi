@@ -275,14 +275,28 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., decode_tokens_per_second: _Optional[float] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "message", "field")
+    __slots__ = ("code", "message", "field", "refused", "message_index")
+    class Refusal(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        REFUSAL_NONE: _ClassVar[Error.Refusal]
+        REFUSAL_START: _ClassVar[Error.Refusal]
+        REFUSAL_INTERRUPT: _ClassVar[Error.Refusal]
+        REFUSAL_MESSAGE: _ClassVar[Error.Refusal]
+    REFUSAL_NONE: Error.Refusal
+    REFUSAL_START: Error.Refusal
+    REFUSAL_INTERRUPT: Error.Refusal
+    REFUSAL_MESSAGE: Error.Refusal
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     FIELD_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     code: int
     message: str
     field: str
-    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
+    refused: Error.Refusal
+    message_index: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., field: _Optional[str] = ..., refused: _Optional[_Union[Error.Refusal, str]] = ..., message_index: _Optional[int] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("request_id",)

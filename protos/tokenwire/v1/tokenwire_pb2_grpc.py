@@ -78,9 +78,13 @@ class TokenWireServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Cancel(self, request, context):
-        """Stops a live (waiting or running) generation by id, from any connection. Idempotent: an unknown
-        or already finished id answers found = false. The stream that owns the generation receives its
-        Finished message with reason STOP_REASON_CANCELLED as usual.
+        """Stops a live (waiting or running) generation by id, from any connection of the same caller.
+        Idempotent: an unknown or already finished id answers found = false. The stream that owns the
+        generation receives its Finished message with reason STOP_REASON_CANCELLED as usual.
+        Request ids are the caller's own names: with auth, each principal (a bearer token's name, or the
+        client certificate's common name under mutual TLS) has its own ids and sessions, and a Cancel
+        reaches only its own requests (found = false for another's). An operator principal's Cancel
+        (the server's --operators) stops the requests with that id of every principal.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
