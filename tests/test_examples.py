@@ -75,3 +75,45 @@ async def test_grpcurl_session(served: RunningServer) -> None:
     assert f'$ grpcurl -plaintext -d \'{{"text": "Hello, world"}}\' {served.address} ' in out
     assert "tokenwire.v1.Interrupt is a message:\n// " in out
     await idle(served)
+
+
+async def test_pipecat_bot(served: RunningServer) -> None:
+    # One sentence, then one that runs on: the barge-in (an empty line) comes while it is generated.
+    runner = served.engine.runner if served.engine else None
+    assert isinstance(runner, FakeRunner)
+    runner.step_delay = 0.02
+    script = "Ġhello Ġworld . ĠDr ĠSmith Ġsat" + " Ġon Ġthe Ġmat" * 60
+    runner.script[runner.bos_token_id] = [token_id(w) for w in script.split()]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLES / "pipecat_bot.py"), served.address,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdin is not None and process.stdout is not None
+
+    async def line() -> str:
+        return (await asyncio.wait_for(process.stdout.readline(), 30)).decode().rstrip("\n")  # type: ignore[union-attr]
+
+    try:
+        assert (await line()).startswith("type a line to talk")
+        process.stdin.write(b"hello the cat\n")
+        assert await line() == "bot: hello world."
+        process.stdin.write(b"\n")  # barge in
+        assert await line() == "(barge-in)"
+        stopped = await line()
+        assert re.fullmatch(
+            r"\(interrupted: the server stopped with interrupted in [\d.]+ ms;"
+            r" 13 characters sent, 13 shown\)",
+            stopped,
+        ), stopped
+        process.stdin.write(b"the mat\n")  # the next turn, in the same session
+        assert await line() == "bot: hello world."
+        process.stdin.close()  # Ctrl-D: the reply runs to its end (the script's), then the bot quits
+        rest = (await asyncio.wait_for(process.stdout.read(), 30)).decode()
+        done = re.search(r"^\(done: eos, \d+ tokens, (\d+) of (\d+) prompt tokens cached\)$", rest, re.M)
+        assert done is not None and int(done.group(1)) > 0, rest
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    await idle(served)

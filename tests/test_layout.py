@@ -3,7 +3,8 @@
 grpc and protobuf only in the transport; torch (and what pulls it in) only in the model and the
 kernels; the engine plain Python. A floor may import its own modules and those of floors below it;
 the floors above the model may take only its plain types (model/types.py, no torch). The client
-imports no part of the server. Checked on every import statement, those inside functions too.
+imports no part of the server and no framework integration; an integration (integrations/) imports the
+client and its framework, never the server. Checked on every import statement, those inside functions too.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ SERVICE = "tokenwire.service"
 GRPC = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "tokenwire.v1")
 TORCH = ("torch", "transformers", "accelerate", "gguf", "safetensors", "numpy", "cffi")
 PLAIN_TYPES = (f"{SERVICE}.model.types",)  # what the floors above the model may take from it
+INTEGRATIONS = "tokenwire.integrations"
+FRAMEWORKS = ("pipecat", "livekit", INTEGRATIONS)  # what only integrations/ may import
+CLIENT = "client"  # the pseudo floors outside service/
+INTEGRATION = "integration"
 
 
 def imports(path: Path) -> list[str]:
@@ -47,13 +52,18 @@ def floor_of(name: str) -> str | None:
 
 
 def violations(path: Path, floor: str | None) -> list[str]:
-    """What `path` (a module of `floor`, or of the client when None) imports against the rules."""
+    """What `path` (a module of `floor`, of the client when None or "client", of an integration when
+    "integration") imports against the rules."""
     bad = []
     for name in imports(path):
         target = floor_of(name)
-        if floor is None:
-            if within(name, (SERVICE, *TORCH)):
+        if floor is None or floor == CLIENT:
+            if within(name, (SERVICE, *TORCH, *FRAMEWORKS)):
                 bad.append(f"the client imports {name}")
+            continue
+        if floor == INTEGRATION:
+            if within(name, (SERVICE, *TORCH)):
+                bad.append(f"an integration imports {name}: it may use the client, never the server")
             continue
         if within(name, GRPC) and floor != "transport":
             bad.append(f"{floor} imports {name}: grpc and protobuf belong to the transport")
@@ -77,6 +87,7 @@ def modules() -> list[tuple[Path, str | None]]:
         (p, floor) for floor in FLOORS for p in (ROOT / "service" / floor).glob("*.py")
     ]
     found.extend((p, None) for p in (ROOT / "client").glob("*.py"))
+    found.extend((p, INTEGRATION) for p in (ROOT / "integrations").rglob("*.py"))
     return found
 
 
@@ -105,6 +116,31 @@ def test_the_rules_catch_a_crossing(tmp_path: Path) -> None:
         "transport imports torch",
         "transport imports tokenwire.service.model.runner.ModelRunner",
     ]
+
+
+def test_the_client_and_an_integration_keep_to_their_side(tmp_path: Path) -> None:
+    module = tmp_path / "crossing.py"
+    module.write_text(
+        "import pipecat.frames.frames\nfrom tokenwire.client import AsyncClient\n"
+        "def late():\n    from tokenwire.service.engine import engine\n"
+    )
+    assert [v.split(":")[0] for v in violations(module, INTEGRATION)] == [
+        "an integration imports tokenwire.service.engine.engine"
+    ]
+    assert violations(module, CLIENT) == [
+        "the client imports pipecat.frames.frames",
+        "the client imports tokenwire.service.engine.engine",
+    ]
+
+
+def test_importing_the_client_loads_no_framework() -> None:
+    code = (
+        "import sys\n"
+        "import tokenwire.client, tokenwire.client.cli, tokenwire.client._async, tokenwire.client._sync\n"
+        "loaded = {m.split('.')[0] for m in sys.modules}\n"
+        "assert not {'pipecat', 'livekit', 'torch'} & loaded, 'a framework was loaded'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
 
 
 def test_the_floors_above_the_model_load_no_torch() -> None:
