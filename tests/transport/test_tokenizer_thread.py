@@ -133,3 +133,38 @@ async def test_a_stream_ending_while_its_start_is_tokenized_leaves_nothing_behin
         await again.write(start("gone", max_tokens=2))
         assert (await read_until_done(again, ["gone"], timeout=5))[-1].HasField("finished")
         await again.done_writing()
+
+
+async def test_a_deadline_drops_tokenizing_that_has_not_begun(
+    server: RunningServer, stuck: StuckTokenizer
+) -> None:
+    """Work queued for the tokenizer thread behind a long input is dropped when its caller's deadline
+    passes (or the caller goes away): it never runs, so a flood of expired requests costs nothing."""
+    assert server.engine is not None
+    runner = server.engine.runner
+    assert isinstance(runner, FakeRunner)
+    encoded: list[str] = []
+    encode = stuck.encode
+
+    def recording(text: str) -> list[int]:
+        encoded.append(text)
+        return encode(text)
+
+    runner.encode = recording  # type: ignore[method-assign]
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.TokenWireStub(channel)
+        first = asyncio.ensure_future(stub.Tokenize(pb.TokenizeRequest(text=SLOW), timeout=10))
+        await stuck.wait_until_stuck()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Tokenize(pb.TokenizeRequest(text=" late tokenize"), timeout=0.3)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        expiring = stub.Generate(timeout=0.3)
+        await expiring.write(start("late", " late start", max_tokens=2))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(expiring.read(), 5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        stuck.release.set()
+        await asyncio.wait_for(first, 5)
+        await wait_until_idle(server.engine)
+        assert encoded == [SLOW], encoded  # the expired ones were never tokenized
