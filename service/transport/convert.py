@@ -293,19 +293,26 @@ def _chunk(
 
 
 def delta_to_pbs(delta: Delta, options: OutputOptions, max_bytes: int) -> list[pb.Chunk]:
-    """The delta as Chunks of at most `max_bytes` each, when it can be cut that fine.
+    """The delta as Chunks of at most `max_bytes` each.
 
     A delta merged for a slow reader may hold thousands of tokens (with top_logprobs, hundreds of
     bytes each): sent whole it would pass the server's message size limit, and gRPC would end the
     whole stream. It is cut where the deltas it was merged from meet (`Delta.joins`), the places
     where each token is still in the chunk its text starts in; the pieces follow each other like the
-    deltas would have (consecutive `index`, segment_end on the last only). A single delta larger than
-    `max_bytes` has no such place and goes whole."""
+    deltas would have (consecutive `index`, segment_end on the last only). A part too large by itself
+    (one long sentence's tokens with top_logprobs) is cut between its tokens: its text goes with its
+    first tokens, and the chunks after it carry the rest of its tokens with empty text."""
     whole = delta_to_pb(delta, options)
-    if not delta.joins or whole.ByteSize() <= max_bytes:
+    if whole.ByteSize() <= max_bytes:
         return [whole]
-    stops = [*delta.joins, (len(delta.token_ids), len(delta.text))]
-    cuts: list[tuple[int, int]] = []  # where each piece but the first begins
+    stops: list[tuple[int, int]] = []  # (tokens, characters) offsets where a chunk may end
+    begin = (0, 0)
+    for stop in [*delta.joins, (len(delta.token_ids), len(delta.text))]:
+        if _chunk(delta, options, begin, stop, False).ByteSize() > max_bytes:
+            stops.extend(_token_stops(delta, options, begin, stop, max_bytes))
+        stops.append(stop)
+        begin = stop
+    cuts: list[tuple[int, int]] = []  # where each chunk but the first begins
     begin, size = (0, 0), 0
     for stop in stops:
         # Sizes add up: a piece's fields are the concatenation of its parts' (a length prefix of the
@@ -322,6 +329,23 @@ def delta_to_pbs(delta: Delta, options: OutputOptions, max_bytes: int) -> list[p
         _chunk(delta, options, bounds[i], bounds[i + 1], delta.segment_end and i == last)
         for i in range(last + 1)
     ]
+
+
+def _token_stops(
+    delta: Delta, options: OutputOptions, begin: tuple[int, int], stop: tuple[int, int], max_bytes: int
+) -> list[tuple[int, int]]:
+    """Offsets between the tokens of one part of `delta` too large for a message, so that each run
+    of its tokens fits (the first with all of the part's text: its end is every offset's character)."""
+    (first, _), (last, end_char) = begin, stop
+    stops = []
+    size = _chunk(delta, options, begin, (first, end_char), False).ByteSize()  # the text
+    for token in range(first, last):
+        part = _chunk(delta, options, (token, end_char), (token + 1, end_char), False).ByteSize()
+        if token > first and size + part > max_bytes:
+            stops.append((token, end_char))
+            size = 0
+        size += part
+    return stops
 
 
 def finished_to_pb(finished: Finished) -> pb.Finished:

@@ -414,6 +414,27 @@ def test_a_merged_delta_too_large_for_a_message_is_cut_where_its_deltas_met() ->
         assert [lp.token_id for lp in chunk.logprobs] == list(chunk.token_ids)
         covered += len(chunk.token_ids)
     assert [c.segment_end for c in chunks] == [False] * (len(chunks) - 1) + [True]
-    # Small enough, or nothing to cut at: one response, as before.
+    # Small enough: one response, as before.
     assert len(convert.output_to_responses("r", merged, options, 1 << 20)) == 1
-    assert len(convert.output_to_responses("r", parts[0], options, 64)) == 1
+
+
+def test_a_single_delta_too_large_for_a_message_is_cut_between_its_tokens() -> None:
+    """One long sentence's tokens with top_logprobs (a sentence-chunked reply that never ended its
+    sentence): the text goes with the first tokens, the rest follow in chunks with empty text."""
+    tops = tuple(TopLogprob(t, f"<{t}>", -1.0) for t in range(20))
+    ids = list(range(400))
+    sentence = Delta(
+        "a run-on sentence " * 100, ids, 7, [TokenLogprob(t, "x", -0.5, tops) for t in ids], segment_end=True
+    )
+    options = Options(logprobs=True, top_logprobs=20, token_ids=True)
+    limit = 8 * 1024
+    assert convert.delta_to_pb(sentence, options).ByteSize() > 8 * limit
+    chunks = [r.chunk for r in convert.output_to_responses("r", sentence, options, limit)]
+    assert len(chunks) > 8 and all(c.ByteSize() <= limit for c in chunks)
+    assert chunks[0].text == sentence.text and all(c.text == "" for c in chunks[1:])
+    assert [t for c in chunks for t in c.token_ids] == ids
+    assert [lp.token_id for c in chunks for lp in c.logprobs] == ids
+    assert [c.index for c in chunks] == [
+        7 + sum(len(c.token_ids) for c in chunks[:i]) for i in range(len(chunks))
+    ]
+    assert [c.segment_end for c in chunks] == [False] * (len(chunks) - 1) + [True]
