@@ -585,6 +585,7 @@ class Engine:
                 return
             self._by_seq[live.seq_id] = live
             request = live.request
+            self.sessions.truncate(request, self.runner)  # it runs: the cut its prompt was built on holds
             self.scheduler.add(ScheduledSequence(live.seq_id, len(request.prompt_token_ids), request.owner))
 
     def _admit(self, live: _Live, outputs: list[tuple[RequestStream, Output]]) -> None:

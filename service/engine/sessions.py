@@ -13,6 +13,7 @@ opaque (the runner's own).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections import OrderedDict
@@ -57,13 +58,15 @@ class SessionStore:
     # ---- building a turn's prompt (the engine's tokenizer thread; the lock guards the store) ----
 
     def prompt_ids(self, request: GenerationRequest, runner: Runner) -> list[int]:
-        """Tokenize the request's input, after the session's history when it has one."""
+        """Tokenize the request's input, after the session's history when it has one (cut as the
+        request's truncation asks). The session itself is not changed: a request refused after this
+        (its id taken, the session busy) must leave it as it was; see `truncate`."""
         given = request.input
         with self._lock:
             self._expire(self.clock())
             session = self._sessions.get(request.session_key) if request.session_id else None
             if session is not None and request.truncation is not None:
-                _truncate(session, request.truncation, runner)
+                session = _truncated(session, request.truncation, runner)
             history_chat = list(session.chat) if session and session.chat is not None else None
             history_ids = list(session.history_ids) if session and session.chat is None else []
         if given.chat is not None:
@@ -73,7 +76,17 @@ class SessionStore:
             return history_ids + ids
         return history_ids + list(given.token_ids or ())
 
-    # ---- reuse and save (step thread) ----
+    # ---- truncate, reuse and save (step thread) ----
+
+    def truncate(self, request: GenerationRequest, runner: Runner) -> None:
+        """Cut the session's last reply as the request asks, now that the request runs (its prompt
+        was built from the same cut: see `prompt_ids`)."""
+        if request.truncation is None or not request.session_id:
+            return
+        with self._lock:
+            session = self._sessions.get(request.session_key)
+            if session is not None:
+                self._sessions[request.session_key] = _truncated(session, request.truncation, runner)
 
     def restore(self, request: GenerationRequest, runner: Runner, seq_id: int) -> int:
         """Copy the longest cached prefix of the prompt into the sequence's row; return its length.
@@ -142,8 +155,8 @@ class SessionStore:
             total -= oldest.kv.nbytes if oldest.kv is not None else 0
 
 
-def _truncate(session: _Session, truncation: SessionTruncation, runner: Runner) -> None:
-    """Cut the session's last reply to what was heard (characters or tokens)."""
+def _truncated(session: _Session, truncation: SessionTruncation, runner: Runner) -> _Session:
+    """The session with its last reply cut to what was heard (characters or tokens)."""
     reply_ids = [t for t in session.reply_ids if t not in runner.eos_token_ids]
     tokenizer = runner.backend_tokenizer
     if truncation.reply_tokens is not None:
@@ -154,12 +167,12 @@ def _truncate(session: _Session, truncation: SessionTruncation, runner: Runner) 
         full = session.chat[-1][1] if session.chat else tokenizer.decode(reply_ids)
         heard = full[:chars]
         keep_ids = reply_ids[: _fitting_prefix(tokenizer, reply_ids, chars)]
-    session.reply_ids = keep_ids
-    if session.chat is not None and session.chat and session.chat[-1][0] == "assistant":
-        session.chat[-1] = ("assistant", heard)
-    elif session.chat is None:
-        cut = len(session.history_ids) - len(reply_ids)
-        session.history_ids = session.history_ids[:cut] + keep_ids
+    chat, history_ids = session.chat, session.history_ids
+    if chat is not None and chat and chat[-1][0] == "assistant":
+        chat = [*chat[:-1], ("assistant", heard)]
+    elif chat is None:
+        history_ids = history_ids[: len(history_ids) - len(reply_ids)] + keep_ids
+    return dataclasses.replace(session, chat=chat, history_ids=history_ids, reply_ids=keep_ids)
 
 
 # How many tokens past the binary search's boundary a longer prefix may still fit (see _fitting_prefix).

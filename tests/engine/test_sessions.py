@@ -10,12 +10,15 @@ from tests.models import runner_and_reference, tiny_model, tokenizer
 from tokenwire.service.engine.engine import Engine, EngineConfig
 from tokenwire.service.engine.requests import (
     Delta,
+    ErrorCode,
     Finished,
     GenerationRequest,
     PromptInput,
+    RequestError,
     SessionTruncation,
     Started,
     StoppingParams,
+    StopReason,
 )
 
 HISTORY = (
@@ -88,6 +91,32 @@ async def test_truncate_to_heard_removes_the_unheard_reply(engine: Engine) -> No
     assert tokenizer().decode(request.prompt_token_ids) == expected
     # What was heard is still reused; the cache stops where the history changed.
     assert 0 < started.cached_prompt_tokens < len(request.prompt_token_ids)
+
+
+async def test_a_refused_turn_leaves_the_session_as_it_was(engine: Engine) -> None:
+    _, _, reply, _, _ = await turn(engine, "r1", HISTORY, "kept")
+    busy = engine.add_request(
+        GenerationRequest(
+            "r2", PromptInput(chat=QUESTION), stopping=StoppingParams(max_tokens=400, ignore_eos=True), session_id="kept"
+        )
+    )
+    with pytest.raises(RequestError) as refused:  # the session is busy: this turn cannot run
+        await engine.submit(
+            GenerationRequest(
+                "r3",
+                PromptInput(chat=QUESTION),
+                session_id="kept",
+                truncation=SessionTruncation(reply_chars=0),
+            )
+        )
+    assert refused.value.code is ErrorCode.FAILED_PRECONDITION
+    engine.abort("r2", StopReason.CANCELLED)
+    async for _ in busy:
+        pass
+    # The refused turn's truncation was not applied: the cancelled turn r2 kept nothing new (it was
+    # cancelled in its prefill or with its reply), and r1's reply is still whole in the history.
+    request, _, _, _, _ = await turn(engine, "r4", QUESTION, "kept")
+    assert reply in tokenizer().decode(request.prompt_token_ids)
 
 
 async def test_sessions_are_isolated_and_expire(engine: Engine) -> None:

@@ -13,7 +13,7 @@ import pytest
 from tests.fake_runner import EOS, make_tokenizer, token_id
 from tests.text_fixtures import bytelevel_tokenizer, llama_tokenizer
 from tokenwire.service.engine.requests import SessionTruncation
-from tokenwire.service.engine.sessions import _Session, _truncate
+from tokenwire.service.engine.sessions import _Session, _truncated
 
 PROMPT = [2, 5, 6]  # raw sessions: the history's earlier tokens, kept as they are
 
@@ -100,8 +100,14 @@ def test_truncation_matches_the_original_loop_for_every_cut(name: str, chat: boo
     for truncation in cuts:
         expected = _session(list(reply), tokenizer, chat)
         _reference(expected, truncation, tokenizer)
-        got = _session(list(reply), tokenizer, chat)
-        _truncate(got, truncation, StubRunner(CountingTokenizer(tokenizer)))  # type: ignore[arg-type]
+        before = _session(list(reply), tokenizer, chat)
+        got = _truncated(before, truncation, StubRunner(CountingTokenizer(tokenizer)))  # type: ignore[arg-type]
+        untouched = _session(list(reply), tokenizer, chat)
+        assert (before.reply_ids, before.history_ids, before.chat) == (
+            untouched.reply_ids,
+            untouched.history_ids,
+            untouched.chat,
+        )  # a new session: the one given stays as it was
         assert (got.reply_ids, got.history_ids, got.chat) == (
             expected.reply_ids,
             expected.history_ids,
@@ -126,8 +132,9 @@ def test_truncation_table() -> None:
         (SessionTruncation(reply_tokens=2), [hello, world]),
     ]
     for truncation, kept in table:
-        session = _session(list(reply), fake, chat=False)
-        _truncate(session, truncation, StubRunner(CountingTokenizer(fake)))  # type: ignore[arg-type]
+        session = _truncated(
+            _session(list(reply), fake, chat=False), truncation, StubRunner(CountingTokenizer(fake))
+        )  # type: ignore[arg-type]
         assert session.reply_ids == kept, truncation
         assert session.history_ids == PROMPT + kept
 
@@ -143,7 +150,7 @@ def test_truncation_cost_grows_linearly_with_the_reply(chars: int | str) -> None
         reply = [words[i % len(words)] for i in range(n)]
         counting = CountingTokenizer(fake)
         heard = n * 3 if chars == "half" else int(chars)
-        _truncate(
+        _truncated(
             _session(reply, fake, chat=False), SessionTruncation(reply_chars=heard), StubRunner(counting)
         )  # type: ignore[arg-type]
         # A binary search over prefix lengths: about log2(n) decodes, none longer than the reply,
