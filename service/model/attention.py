@@ -3,10 +3,18 @@ batch-invariant decode attention it runs (decode_attention.c, or torch's ops wit
 
 Each live sequence owns a row of `[layers, rows, kv_heads, max_len, head_dim]`; the step sets a
 StepContext (positions, slots, packed prefill chunks) and every layer's call reads it.
+
+A layer may have a sliding window (it attends to its last `window` positions, itself included, as
+transformers' sliding_window_overlay: key > query - window) and its scores may be soft-capped
+(softcap * tanh(scores / softcap), before the mask, as transformers' eager attention). Both run in
+torch's ops: decode_attention.c computes neither, so a model with either keeps its whole cache in
+torch's layout (SlotAttention.native is False). The window is applied by the mask; the cache still
+holds every position of a row. A window no shorter than the context excludes nothing and is dropped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from tokenwire.service.kernels import ops
+from tokenwire.service.model.architectures import UnsupportedModelError
 
 
 @dataclass
@@ -32,22 +41,58 @@ class StepContext:
     # prefill: the chunks packed one after another in a single row of the batch, in order:
     # (cache row, start position, chunk length)
     prefill_rows: list[tuple[int, int, int]] = field(default_factory=list)
+    # decode, torch attention: the step's mask narrowed to each window, made by the first layer asking
+    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def decode_mask(self, mask: torch.Tensor | None, window: int | None) -> torch.Tensor | None:
+        """The decode mask [n, 1, 1, kv_len] (True = attend) for a layer with this window."""
+        if window is None or mask is None:
+            return mask
+        narrowed = self.window_masks.get(window)
+        if narrowed is None:
+            assert self.positions is not None
+            keys = torch.arange(mask.shape[-1], device=mask.device)
+            inside = keys[None, :] > (self.positions[:, None] - window)
+            narrowed = self.window_masks[window] = mask & inside[:, None, None, :]
+        return narrowed
+
+
+# Arguments transformers' attention modules pass that change nothing here (inference, no cache).
+_IGNORED_ARGUMENTS = frozenset(
+    {"position_ids", "cache_position", "output_attentions", "use_cache", "cache", "past_key_values"}
+)
 
 
 class SlotAttention:
-    """The attention function registered with transformers; holds the cache it writes into."""
+    """The attention function registered with transformers; holds the cache it writes into.
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, model_dtype: torch.dtype) -> None:
+    `windows` gives each layer's sliding window (None: its whole prefix), `softcap` the model's score
+    soft cap, both as architectures.model_features found them in the config; every call checks that
+    the layer asks for exactly that, so a module that wants something else fails instead of running
+    wrong. `context_length`: the longest sequence a row holds (default: the cache's length).
+    """
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        model_dtype: torch.dtype,
+        *,
+        windows: Sequence[int | None] | None = None,
+        softcap: float | None = None,
+        context_length: int | None = None,
+    ) -> None:
         self.keys = keys
         self.values = values
         self.ctx = StepContext()
+        self.context_length = context_length or keys.shape[3]
+        self.windows = effective_windows(windows or (None,) * keys.shape[0], self.context_length)
+        self.softcap = softcap
         # decode_attention.c: a float32 model on CPU (its cache float32, or float16 by cache_dtype),
-        # a head_dim it takes. A float16 model keeps torch's ops: the C reads activations as float32.
-        self.native = (
-            ops.available()
-            and keys.device.type == "cpu"
-            and model_dtype == torch.float32
-            and _c_head_dim(keys.shape[-1])
+        # a head_dim it takes, and plain attention (no window, no soft cap). A float16 model keeps
+        # torch's ops: the C reads activations as float32.
+        self.native = plain_attention(self.windows, softcap) and native_attention(
+            keys.device, model_dtype, keys.shape[-1]
         )
 
     def whole_key_blocks(self, length: int) -> int:
@@ -63,9 +108,15 @@ class SlotAttention:
         value: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float | None = None,
-        **_: Any,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         layer: int = module.layer_idx  # type: ignore[assignment]
+        window = self.windows[layer]
+        self._check(layer, sliding_window, softcap, dropout, kwargs)
+        softcap = self.softcap
         cache_k, cache_v = self.keys[layer], self.values[layer]
         ctx = self.ctx
         if ctx.decode and self.native:
@@ -78,7 +129,12 @@ class SlotAttention:
             cache_k.view(-1, head_dim).index_copy_(0, ctx.flat_index, key.reshape(-1, head_dim))
             cache_v.view(-1, head_dim).index_copy_(0, ctx.flat_index, value.reshape(-1, head_dim))
             out = decode_attention(
-                query, cache_k[:n, :, : ctx.kv_len], cache_v[:n, :, : ctx.kv_len], attention_mask, scaling
+                query,
+                cache_k[:n, :, : ctx.kv_len],
+                cache_v[:n, :, : ctx.kv_len],
+                ctx.decode_mask(attention_mask, window),
+                scaling,
+                softcap,
             )
         elif self.native:  # a prefill (the C step's way, for models it does not run whole)
             assert ctx.positions is not None and ctx.slots is not None
@@ -102,19 +158,36 @@ class SlotAttention:
                 packed = slice(offset, offset + length)
                 cache_k[row, :, start:end] = key[0, :, packed]
                 cache_v[row, :, start:end] = value[0, :, packed]
+                # Keys before the first query's window are masked for every query: not read at all.
+                first = 0 if window is None else max(0, start - window + 1)
                 outs.append(
-                    F.scaled_dot_product_attention(
+                    prefill_attention(
                         query[:, :, packed],
-                        cache_k[row : row + 1, :, :end].to(query.dtype),  # a copy, if the cache is float16
-                        cache_v[row : row + 1, :, :end].to(query.dtype),
-                        attn_mask=_prefill_mask(start, length, query.device),
-                        scale=scaling,
-                        enable_gqa=True,
+                        cache_k[row : row + 1, :, first:end].to(query.dtype),  # a copy if it is float16
+                        cache_v[row : row + 1, :, first:end].to(query.dtype),
+                        _prefill_mask(start, length, first, window, query.device),
+                        scaling,
+                        softcap,
                     )
                 )
                 offset += length
             out = torch.cat(outs, dim=2)
         return out.transpose(1, 2), None
+
+    def _check(
+        self, layer: int, window: int | None, softcap: float | None, dropout: float, kwargs: dict[str, Any]
+    ) -> None:
+        """Refuse a call asking for attention other than the config said (see the class docstring)."""
+        expected = self.windows[layer]
+        (window,) = effective_windows([window], self.context_length)
+        unknown = sorted(k for k, v in kwargs.items() if k not in _IGNORED_ARGUMENTS and v is not None)
+        if window != expected or softcap != self.softcap or dropout or unknown:
+            raise UnsupportedModelError(
+                f"layer {layer}'s attention asks for sliding_window={window}, softcap={softcap}, "
+                f"dropout={dropout}"
+                + (f" and {', '.join(unknown)}" if unknown else "")
+                + f"; its config said sliding_window={expected}, softcap={self.softcap}, no dropout"
+            )
 
 
 def _c_head_dim(head_dim: int) -> bool:
@@ -122,19 +195,30 @@ def _c_head_dim(head_dim: int) -> bool:
     return head_dim % 16 == 0 and head_dim <= 256
 
 
-def cache_dtype(device: torch.device, dtype: torch.dtype, activations: str, head_dim: int) -> torch.dtype:
+def effective_windows(windows: Sequence[int | None], context_length: int) -> tuple[int | None, ...]:
+    """Each layer's window where it can exclude a key within `context_length` positions; else None."""
+    return tuple(w if w is not None and w < context_length else None for w in windows)
+
+
+def plain_attention(windows: Sequence[int | None], softcap: float | None) -> bool:
+    """Whether every layer attends to its whole prefix with plain scores: what decode_attention.c does."""
+    return softcap is None and all(window is None for window in windows)
+
+
+def native_attention(device: torch.device, model_dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether decode_attention.c can run plain attention for this model (see SlotAttention)."""
+    return ops.available() and device.type == "cpu" and model_dtype == torch.float32 and _c_head_dim(head_dim)
+
+
+def cache_dtype(
+    device: torch.device, dtype: torch.dtype, activations: str, head_dim: int, *, plain: bool = True
+) -> torch.dtype:
     """float16 where the block layers already round their activations to 8 bits and the C attention
     takes it (as llama.cpp keeps its cache): a decode step reads every row's keys and values, and at
     16 rows that read is most of attention's time; float16 rounds them by ~2e-4 relative, far less
     than 8-bit activations round (values beyond 65,504 would become inf; these models' keys and
     values stay far below). Elsewhere the model's dtype, so dense or float32 runs stay exact."""
-    if (
-        device.type == "cpu"
-        and dtype == torch.float32
-        and activations == "int8"
-        and _c_head_dim(head_dim)
-        and ops.half_kv_cache()
-    ):
+    if plain and native_attention(device, dtype, head_dim) and activations == "int8" and ops.half_kv_cache():
         return torch.float16
     return dtype
 
@@ -153,6 +237,7 @@ def decode_attention(
     values: torch.Tensor,
     mask: torch.Tensor | None,  # [rows, 1, 1, kv_len] bool, True = attend; None = attend to all
     scale: float | None = None,
+    softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap), before the mask
 ) -> torch.Tensor:
     """Attention for one new token per row, whose result for a row does not depend on the others.
 
@@ -181,6 +266,8 @@ def decode_attention(
         kv_len += padding
     grouped = query.view(rows, kv_heads, group, head_dim)  # the query heads sharing one kv head
     scores = torch.matmul(grouped, keys.transpose(-1, -2)) * (head_dim**-0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     probs = torch.softmax(torch.where(mask, scores, float("-inf")), dim=-1)
     # Views, no copies: rows and kv heads fold into one batch dimension in the cache's layout.
     probs = probs.view(rows * kv_heads, group, kv_len)
@@ -224,8 +311,35 @@ def native_decode_attention(
     return out
 
 
-def _prefill_mask(start: int, length: int, device: torch.device) -> torch.Tensor | None:
-    """Causal mask for queries start..start+length over keys 0..start+length."""
+def prefill_attention(
+    query: torch.Tensor,  # [1, heads, q_len, head_dim]
+    keys: torch.Tensor,  # [1, kv_heads, kv_len, head_dim]
+    values: torch.Tensor,
+    mask: torch.Tensor,  # [q_len, kv_len] bool, True = attend
+    scale: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """One prefill chunk's attention over its row's keys: SDPA, or with a soft cap (which SDPA does
+    not take) the ops of transformers' eager attention."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+    group = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * (
+        query.shape[-1] ** -0.5 if scale is None else scale
+    )
+    scores = torch.tanh(scores / softcap) * softcap
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32)
+    return torch.matmul(probs.to(query.dtype), values)
+
+
+def _prefill_mask(
+    start: int, length: int, first: int, window: int | None, device: torch.device
+) -> torch.Tensor:
+    """Causal mask for queries start..start+length over keys first..start+length, within a window."""
     query_pos = torch.arange(start, start + length, device=device)[:, None]
-    key_pos = torch.arange(start + length, device=device)[None, :]
-    return key_pos <= query_pos
+    key_pos = torch.arange(first, start + length, device=device)[None, :]
+    mask = key_pos <= query_pos
+    return mask if window is None else mask & (key_pos > query_pos - window)

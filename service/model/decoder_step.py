@@ -52,6 +52,8 @@ class DecoderStep:
         float32 model on CPU, a head_dim they take) and the model is a plain llama (SiLU MLP,
         RMSNorm), every projection on native blocks, widths multiples of 16."""
         config = backbone.config
+        if getattr(config, "model_type", None) != "llama":  # before reading llama's module names
+            return None
         layers = list(backbone.layers)
         norms = [
             *(norm for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)),
@@ -70,7 +72,6 @@ class DecoderStep:
         if (
             not attention_in_c
             or not keys.is_contiguous()
-            or getattr(config, "model_type", None) != "llama"
             or getattr(config, "hidden_act", None) != "silu"
             or not all(_native_blocks(p) for p in projections)
             or not all(isinstance(norm, LlamaRMSNorm) for norm in norms)

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tokenwire.service.kernels import ops
+from tokenwire.service.model.architectures import UnsupportedModelError, architecture, model_features
 from tokenwire.service.model.cache import cache_root
 from tokenwire.service.model.quantized import extract_blocks, load_blocks, save_blocks, swap_in_block_linears
 
@@ -104,6 +105,8 @@ def load_model(
     folder = source.folder
     if source.gguf_file:
         folder = _cached_gguf_conversion(source)
+    else:
+        check_supported(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)  # type: ignore[arg-type]
     model.eval()
@@ -115,6 +118,17 @@ def load_model(
     return model, tokenizer
 
 
+def check_supported(folder: Path) -> None:
+    """Refuse a transformers folder tokenwire cannot run exactly (UnsupportedModelError), from its
+    config alone: before the weights load, and before transformers sees a model_type it may not know."""
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as error:
+        raise UnsupportedModelError(f"{folder}: cannot read config.json ({error})") from error
+    architecture(model_type)
+    model_features(AutoConfig.from_pretrained(folder))
+
+
 def _cached_gguf_conversion(source: ModelSource) -> Path:
     gguf_path = source.folder / str(source.gguf_file)
     stat = gguf_path.stat()
@@ -124,6 +138,8 @@ def _cached_gguf_conversion(source: ModelSource) -> Path:
     target = cache_root() / "models" / f"{source.name}-{key}"
     if (target / "done").exists():
         return target
+    # Refused before the unpacking, which takes minutes for a large file (the metadata only here).
+    model_features(AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file))
     started = time.monotonic()
     log.info("unpacking %s into %s (first run only)", gguf_path, target)
     from safetensors.torch import save_model

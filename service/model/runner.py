@@ -53,10 +53,13 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
+from tokenwire.service.model.architectures import model_features
 from tokenwire.service.model.attention import (
     SlotAttention,
     StepContext,
     cache_dtype,
+    effective_windows,
+    plain_attention,
     whole_blocks,
 )
 from tokenwire.service.model.cpu_threads import ThreadGovernor
@@ -110,11 +113,21 @@ class ModelRunner:
         self.name = name
         self.source = source
         config = model.config
+        # Refuses (UnsupportedModelError) what it cannot run exactly, before any cache is allocated.
+        self.features = model_features(config)
         self.device: torch.device = model.device
         self.dtype: torch.dtype = model.dtype
         self.vocab_size = int(config.vocab_size)
         model_context = int(getattr(config, "max_position_embeddings", 2048))
         self.context_length = min(model_context, max_context or model_context)
+        if self.features.rope_context is not None and self.features.rope_context < self.context_length:
+            log.warning(
+                "context capped at %d tokens (of %d): past it this model's rope switches frequencies "
+                "for every row of a batch at once, which would not be exact",
+                self.features.rope_context,
+                self.context_length,
+            )
+            self.context_length = self.features.rope_context
         self.max_batch_size = max_batch_size
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
@@ -127,11 +140,17 @@ class ModelRunner:
         shape = (layers, max_batch_size, kv_heads, whole_blocks(self.context_length), head_dim)
         # What the block layers multiply: "int8", "float32", "bfloat16"; "" when every layer is dense.
         self.activations = block_activations(model)
+        windows = effective_windows(self.features.windows, self.context_length)
+        softcap = self.features.attention_softcap
         # torch.empty: pages are committed only as positions are written, so a large context is cheap.
-        self.cache_dtype = cache_dtype(self.device, self.dtype, self.activations, head_dim)
+        self.cache_dtype = cache_dtype(
+            self.device, self.dtype, self.activations, head_dim, plain=plain_attention(windows, softcap)
+        )
         keys = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
         values = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
-        self._attention = SlotAttention(keys, values, self.dtype)
+        self._attention = SlotAttention(
+            keys, values, self.dtype, windows=windows, softcap=softcap, context_length=self.context_length
+        )
         # Registered by a name of its own: each runner (tests hold several) writes into its own cache.
         attention_name = f"{_ATTENTION_PREFIX}_{id(self):x}"
         AttentionInterface.register(attention_name, self._attention)
@@ -364,7 +383,7 @@ class ModelRunner:
         if not finishing:
             return {}
         last_hidden = hidden[0, [at for at, _ in finishing]]
-        logits = self._lm_head(last_hidden)
+        logits = self._logits(last_hidden)
         samples = self._sample(logits, [seq for _, seq in finishing], rows=None)
         for _, seq in finishing:
             self._start_decoding(seq)
@@ -423,13 +442,25 @@ class ModelRunner:
                 )
                 positions = torch.tensor(lengths, dtype=torch.long, device=self.device)
                 hidden = self._decode_in_torch(ids, lengths, positions)[:, -1]
-            logits, argmax = self._lm_head(hidden), None
+            logits, argmax = self._logits(hidden), None
         for s in seqs:
             s.length += 1
         if argmax is not None:
             return {s.seq_id: TokenSample(token, None, []) for s, token in zip(seqs, argmax, strict=True)}
         samples = self._sample(logits, seqs, rows=slice(0, n))
         return {s.seq_id: sample_ for s, sample_ in zip(seqs, samples, strict=True)}
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The lm_head, then what the model's CausalLM forward does after it: a scale, a soft cap."""
+        logits = self._lm_head(hidden)
+        features = self.features
+        if features.logit_scale is not None:
+            logits = logits * features.logit_scale
+        if features.logits_divisor is not None:
+            logits = logits / features.logits_divisor
+        if features.final_softcap is not None:
+            logits = torch.tanh(logits / features.final_softcap) * features.final_softcap
+        return logits
 
     def _decode_in_torch(
         self, ids: torch.Tensor, lengths: list[int], positions: torch.Tensor
