@@ -60,6 +60,7 @@ class ModelConfig:
     prefill_tokens_per_step: int = EngineConfig.prefill_tokens_per_step
     max_prompt_chars: int = EngineConfig.max_prompt_chars
     max_chat_messages: int = EngineConfig.max_chat_messages
+    saved_kv_bytes: int = EngineConfig.saved_kv_bytes
     # Where a prompt token's attention costs as much as the rest of its prefill: measured for the
     # default model in decoder_step.c here (128-token chunks at positions 0 to 3,000: ~0.44 ms a
     # token of matmuls, ~0.43 us a position of attention; 640 when attention took ~0.67 us).
@@ -75,6 +76,7 @@ class ModelConfig:
             max_live_requests_per_owner=self.max_live_requests_per_principal,
             max_prompt_chars=self.max_prompt_chars,
             max_chat_messages=self.max_chat_messages,
+            saved_kv_bytes=self.saved_kv_bytes,
         )
 
 
@@ -487,6 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=EngineConfig.max_chat_messages,
     )
     model.add(
+        "--prefix-cache-mib",
+        "KV cache kept after requests end, in MiB: sessions' first, the rest for automatic prefix reuse "
+        "(a request that starts like a recent one of the same principal copies its KV instead of "
+        "prefilling it), least recently used out first (0: keep none)",
+        type=int,
+        metavar="MIB",
+        default=EngineConfig.saved_kv_bytes // 2**20,
+    )
+    model.add(
         "--prefill-tokens-per-step",
         "prompt tokens prefilled per engine step (bounds how long a long prompt stalls running streams)",
         type=int,
@@ -550,6 +561,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, ModelConf
         prefill_tokens_per_step=args.prefill_tokens_per_step,
         max_prompt_chars=args.max_prompt_chars,
         max_chat_messages=args.max_chat_messages,
+        saved_kv_bytes=args.prefix_cache_mib * 2**20,
         prefill_attention_span=args.prefill_attention_span,
     )
     return server, model

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from tokenwire.service.engine.prefixes import PrefixStore, common_prefix
 from tokenwire.service.engine.prompts import Prompts
 from tokenwire.service.engine.requests import (
     Delta,
@@ -80,7 +81,10 @@ class EngineConfig:
     output_buffer: int = 16  # deltas queued per request before a slow reader's deltas are merged
     stuck_after_s: float = 30.0  # a step running longer than this makes the engine unhealthy
     session_ttl_s: float = 600.0
-    session_cache_bytes: int = 512 * 1024 * 1024
+    # KV cache kept after requests end, in all: sessions' (pinned) and reused prefixes' (the rest).
+    saved_kv_bytes: int = 512 * 1024 * 1024
+    # Prompts and prefixes shorter than this are neither kept nor reused: copying so few saves little.
+    prefix_min_tokens: int = 32
     # Input refused before it is tokenized (INVALID_ARGUMENT): one tokenizer thread serves every
     # request, so a huge input would hold up all the others for seconds, only to be refused for the
     # context length afterwards. The characters of a prompt, of a Tokenize text, or of a chat's roles
@@ -146,7 +150,13 @@ class Engine:
         self.scheduler = Scheduler(
             SchedulerConfig(batch, self.config.prefill_tokens_per_step, self.config.prefill_attention_span)
         )
-        self.sessions = SessionStore(self.config.session_ttl_s, self.config.session_cache_bytes)
+        self.sessions = SessionStore(self.config.session_ttl_s, self.config.saved_kv_bytes)
+        self.prefixes = PrefixStore(
+            lambda: self.config.saved_kv_bytes - self.sessions.nbytes, self.config.prefix_min_tokens
+        )
+        # Sequences held before their prefill (by seq id): (the live sequence computing the prefix they
+        # will copy, its length). Step thread only.
+        self._borrowing: dict[int, tuple[int, int]] = {}
         self._prompts = Prompts(runner, self.sessions)
         self._loop: asyncio.AbstractEventLoop | None = None
         # Live requests by (owner, request id): each principal names its requests in its own namespace.
@@ -257,6 +267,16 @@ class Engine:
     def session_cache_bytes(self) -> int:
         """Bytes of KV cache kept for sessions."""
         return self.sessions.nbytes
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Bytes of KV cache kept for automatic prefix reuse."""
+        return self.prefixes.nbytes
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Requests that reused a kept prefix (not a session's)."""
+        return self.prefixes.hits
 
     def is_idle(self) -> bool:
         """Nothing live or being submitted and every KV row free (checked, for leak tests)."""
@@ -569,6 +589,8 @@ class Engine:
                 self._on_token(self._by_seq[seq_id], token, now, outputs)
         else:
             self.scheduler.complete_prefill(plan)
+        if self._borrowing:
+            self._settle_borrowing(outputs)
         decoding = [self._by_seq[s] for s in plan.decode if s in self._by_seq]
         decoding = [live for live in decoding if not live.finished and live.generated]
         if decoding:
@@ -600,13 +622,81 @@ class Engine:
         )
         live.has_row = True
         live.phase_started = time.monotonic()
-        if request.session_id:
-            reused = self.sessions.restore(request, self.runner, live.seq_id)
-            if reused:
-                live.cached_prompt_tokens = reused
-                self.scheduler.restart_prefill_at(live.seq_id, reused)
+        reused = self.sessions.restore(request, self.runner, live.seq_id) if request.session_id else 0
+        if not reused:
+            reused = self.prefixes.restore(request.owner, request.prompt_token_ids, self.runner, live.seq_id)
+        if reused:
+            live.cached_prompt_tokens = reused
+            self.scheduler.restart_prefill_at(live.seq_id, reused)
         self._update_bans(live)
-        self._announce(live, outputs)
+        if not self._borrow(live):
+            self._announce(live, outputs)
+
+    # ---- prefixes of live requests ----
+
+    def _borrow(self, live: _Live) -> bool:
+        """Copy a longer prompt prefix from a live request of the same owner, now if it is computed,
+        or later: then the sequence is held (no prefill, no Started) until it is. So 16 requests
+        that arrive together with one long system prompt prefill it once. Returns whether held."""
+        prompt = live.request.prompt_token_ids
+        best, donor = max(live.cached_prompt_tokens, self.config.prefix_min_tokens - 1), None
+        for other in self._by_seq.values():
+            if (
+                other is live
+                or other.finished
+                or not other.has_row
+                or other.request.owner != live.request.owner
+            ):
+                continue
+            shared = common_prefix(other.request.prompt_token_ids, prompt[:-1])
+            if shared > best:
+                best, donor = shared, other
+        if donor is None:
+            return False
+        if self._computed(donor) >= best:
+            self._copy_prefix(donor, live, best)
+            return False
+        self._borrowing[live.seq_id] = (donor.seq_id, best)
+        self.scheduler.hold(live.seq_id)
+        return True
+
+    def _computed(self, live: _Live) -> int:
+        """Prompt tokens whose KV is in the sequence's row."""
+        scheduled = self.scheduler.get(live.seq_id)
+        return scheduled.prefilled if scheduled is not None else 0
+
+    def _copy_prefix(self, donor: _Live, live: _Live, length: int) -> None:
+        self.runner.load_prefix(live.seq_id, self.runner.save_prefix(donor.seq_id, length), length)
+        self.prefixes.hits += 1
+        live.cached_prompt_tokens = length
+        self.scheduler.restart_prefill_at(live.seq_id, length)
+
+    def _settle_borrowing(self, outputs: list[tuple[RequestStream, Output]]) -> None:
+        """Release held sequences whose donor has computed their prefix (copying it), or is gone."""
+        for seq_id, (donor_id, length) in list(self._borrowing.items()):
+            live, donor = self._by_seq.get(seq_id), self._by_seq.get(donor_id)
+            if live is None or live.finished:
+                del self._borrowing[seq_id]
+                continue
+            if donor is not None and not donor.finished and self._computed(donor) < length:
+                continue  # still computing it
+            if donor is not None and not donor.finished:
+                self._copy_prefix(donor, live, length)
+            else:  # it ended first: what it computed may have been kept
+                request = live.request
+                reused = self.prefixes.restore(
+                    request.owner,
+                    request.prompt_token_ids,
+                    self.runner,
+                    seq_id,
+                    beyond=live.cached_prompt_tokens,
+                )
+                if reused:
+                    live.cached_prompt_tokens = reused
+                    self.scheduler.restart_prefill_at(seq_id, reused)
+            del self._borrowing[seq_id]
+            self.scheduler.release(seq_id)
+            self._announce(live, outputs)
 
     def _announce(self, live: _Live, outputs: list[tuple[RequestStream, Output]]) -> None:
         live.announced = True
@@ -757,8 +847,14 @@ class Engine:
         """Free everything the request holds: scheduler entry, KV row, registry entry."""
         phase = self.scheduler.remove(live.seq_id)
         if live.has_row:
-            if keep_session and live.request.session_id and phase is Phase.DECODE:
-                self.sessions.save(live.request, live.generated, live.sent_text, self.runner, live.seq_id)
+            request = live.request
+            if keep_session and phase is Phase.DECODE:
+                if request.session_id:
+                    self.sessions.save(request, live.generated, live.sent_text, self.runner, live.seq_id)
+                    self.prefixes.evict()  # sessions come first in the budget
+                else:  # the last generated token was never fed back: its KV does not exist
+                    tokens = request.prompt_token_ids + live.generated[:-1]
+                    self.prefixes.save(request.owner, tokens, self.runner, live.seq_id)
             self.runner.remove_sequence(live.seq_id)
             live.has_row = False
         self._by_seq.pop(live.seq_id, None)

@@ -68,6 +68,7 @@ class Scheduler:
         self._waiting: OrderedDict[str, deque[ScheduledSequence]] = OrderedDict()
         self._num_waiting = 0
         self._prefill_turns: list[str] = []  # owners in the order they lead the prefill budget
+        self._held: set[int] = set()  # admitted, but not prefilled until released (see `hold`)
         self._prefilling: list[ScheduledSequence] = []
         self._decoding: dict[int, ScheduledSequence] = {}
         self._all: dict[int, ScheduledSequence] = {}
@@ -82,6 +83,7 @@ class Scheduler:
     def remove(self, seq_id: int) -> Phase | None:
         """Forget a sequence in any phase; returns the phase it was in (None when unknown)."""
         seq = self._all.pop(seq_id, None)
+        self._held.discard(seq_id)
         if seq is None:
             return None
         if seq.phase is Phase.WAITING:
@@ -154,19 +156,28 @@ class Scheduler:
             budget -= self._cost(seq.prefilled, take)
         return plan
 
+    def hold(self, seq_id: int) -> None:
+        """Keep an admitted sequence from prefilling until `release`: another sequence is computing
+        the prefix it will copy."""
+        self._held.add(seq_id)
+
+    def release(self, seq_id: int) -> None:
+        self._held.discard(seq_id)
+
     def _prefill_order(self) -> list[ScheduledSequence]:
         """This step's prefill order: owners take turns leading (the one that led last step goes
-        last), each owner's sequences oldest first. With one owner: oldest first."""
-        owners = list(dict.fromkeys(seq.owner for seq in self._prefilling))
+        last), each owner's sequences oldest first. With one owner: oldest first. Held ones wait."""
+        prefilling = [seq for seq in self._prefilling if seq.seq_id not in self._held]
+        owners = list(dict.fromkeys(seq.owner for seq in prefilling))
         if len(owners) < 2:
             self._prefill_turns = owners
-            return list(self._prefilling)
+            return prefilling
         known = [owner for owner in self._prefill_turns if owner in owners]
         turns = known + [owner for owner in owners if owner not in known]
         turns.append(turns.pop(0))  # the owner that led before waits its turn
         self._prefill_turns = turns
         rank = {owner: i for i, owner in enumerate(turns)}
-        return sorted(self._prefilling, key=lambda seq: rank[seq.owner])  # stable: oldest first per owner
+        return sorted(prefilling, key=lambda seq: rank[seq.owner])  # stable: oldest first per owner
 
     def _cost(self, start: int, count: int) -> float:
         """What `count` prompt tokens from position `start` take of the budget."""

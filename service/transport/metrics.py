@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tokenwire.service.engine.engine import Engine
@@ -42,6 +42,16 @@ class _EngineCollector(Collector):
             "tokenwire_session_cache_bytes",
             "Bytes of KV cache kept for sessions.",
             engine.session_cache_bytes,
+        )
+        yield GaugeMetricFamily(
+            "tokenwire_prefix_cache_bytes",
+            "Bytes of KV cache kept for automatic prefix reuse (what sessions leave of the budget).",
+            engine.prefix_cache_bytes,
+        )
+        yield CounterMetricFamily(
+            "tokenwire_prefix_cache_hits",
+            "Requests that reused a kept prefix without a session.",
+            engine.prefix_cache_hits,
         )
 
 
