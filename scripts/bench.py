@@ -239,8 +239,11 @@ async def barge_in(client: AsyncClient, trials: int, after_tokens: int) -> dict[
     }
 
 
-def long_history(turns: int) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": "You are a helpful assistant who answers briefly."}]
+def long_history(turns: int, tag: str = "") -> list[dict[str, str]]:
+    """A conversation of `turns` exchanges. A distinct `tag` starts it differently, so no kept prefix
+    of another measurement's conversation serves it (automatic prefix caching)."""
+    system = f"{tag} You are a helpful assistant who answers briefly.".strip()
+    messages = [{"role": "system", "content": system}]
     for i in range(turns):
         messages.append({"role": "user", "content": f"Tell me something about {PROMPTS[i % len(PROMPTS)]}"})
         messages.append(
@@ -265,8 +268,10 @@ async def session_reuse(client: AsyncClient, target_tokens: int, trials: int) ->
     with_session: list[float] = []
     cached = 0
     for trial in range(trials):
-        # Full prefill of the whole conversation.
+        history = long_history(turns, f"Session trial {trial}.")
+        # Full prefill of the whole conversation (a conversation no earlier request began).
         timing = await timed_generation(client, None, 8, messages=[*history, question])  # type: ignore[arg-type]
+        history = long_history(turns, f"Session trial {trial}, with a session.")
         without.append(timing.ttft_s * 1000)
         # The session learns the history once, then the next turn only prefills the new message.
         session = f"bench-{os.getpid()}-{trial}"
@@ -288,6 +293,76 @@ async def session_reuse(client: AsyncClient, target_tokens: int, trials: int) ->
         "ttft_with_session_p50_ms": p50_with,
         "ratio": p50_with / p50_without,
         "trials": trials,
+    }
+
+
+async def first_token_ms(
+    client: AsyncClient, messages: list[dict[str, str]], max_tokens: int
+) -> tuple[float, Any]:
+    """Time to the first chunk of a chat request, and its Result."""
+    started = time.perf_counter()
+    generation = client.generate(messages=messages, max_tokens=max_tokens, ignore_eos=True)  # type: ignore[arg-type]
+    first = None
+    async for _ in generation:
+        first = first or time.perf_counter()
+    return ((first or time.perf_counter()) - started) * 1000, generation.result
+
+
+async def prefix_reuse(
+    client: AsyncClient, target_tokens: int, trials: int, streams: int
+) -> dict[str, float]:
+    """Automatic prefix caching, no session: (1) a client that resends its whole conversation plus one
+    message, against the first turn's full prefill; (2) `streams` requests sent together that share a
+    long system prompt: the prompt tokens prefilled, and TTFT against the same with distinct prompts."""
+    turns = 4
+    while len(await client.tokenize(messages=long_history(turns))) < target_tokens:
+        turns += 2
+    first_turn, resent, cached = [], [], 0
+    for trial in range(trials):
+        history = long_history(turns, f"Stateless trial {trial}.")
+        question = {"role": "user", "content": "What was the first thing I asked about?"}
+        ttft, result = await first_token_ms(client, [*history, question], 24)
+        first_turn.append(ttft)
+        follow_up = {"role": "user", "content": "Summarise our conversation in one sentence."}
+        reply = {"role": "assistant", "content": result.text}
+        ttft, result = await first_token_ms(client, [*history, question, reply, follow_up], 8)
+        resent.append(ttft)
+        cached = result.cached_prompt_tokens
+    history_tokens = len(await client.tokenize(messages=long_history(turns)))
+
+    async def together(shared: bool, trial: int) -> tuple[list[float], int, int]:
+        def system(i: int) -> str:
+            tag = f"Burst {trial}." if shared else f"Burst {trial}, stream {i}."
+            return f"{tag} " + " ".join(f"Rule {k}: answer politely and briefly." for k in range(120))
+
+        runs = await asyncio.gather(
+            *(
+                first_token_ms(
+                    client,
+                    [{"role": "system", "content": system(i)}, {"role": "user", "content": PROMPTS[i % 8]}],
+                    8,
+                )
+                for i in range(streams)
+            )
+        )
+        prompt = sum(result.prompt_tokens for _, result in runs)
+        computed = prompt - sum(result.cached_prompt_tokens for _, result in runs)
+        return [ttft for ttft, _ in runs], prompt, computed
+
+    shared_ttft, shared_prompt, shared_computed = await together(True, 0)
+    distinct_ttft, distinct_prompt, _ = await together(False, 0)
+    return {
+        "history_tokens": history_tokens,
+        "cached_prompt_tokens": cached,
+        "ttft_first_turn_p50_ms": pct(first_turn, 50),
+        "ttft_resent_p50_ms": pct(resent, 50),
+        "trials": trials,
+        "streams": streams,
+        "shared_prompt_tokens": shared_prompt,
+        "shared_prefilled_tokens": shared_computed,
+        "shared_ttft_p50_ms": pct(shared_ttft, 50),
+        "distinct_prompt_tokens": distinct_prompt,
+        "distinct_ttft_p50_ms": pct(distinct_ttft, 50),
     }
 
 
@@ -360,6 +435,7 @@ class Report:
     baseline: dict[str, float] = field(default_factory=dict)
     barge_in: dict[str, float] = field(default_factory=dict)
     session: dict[str, float] = field(default_factory=dict)
+    prefixes: dict[str, float] = field(default_factory=dict)
     segments: dict[str, float] = field(default_factory=dict)
     memory_mb: dict[str, float | None] = field(default_factory=dict)
     ratios: list[Ratio] = field(default_factory=list)
@@ -485,6 +561,30 @@ def compute_ratios(report: Report) -> list[Ratio]:
                 session.get("ttft_with_session_p50_ms"),
                 "the same turn with its whole history prefilled",
                 session.get("ttft_full_prefill_p50_ms"),
+                "time to first token, p50",
+                " ms",
+                lower_wins=True,
+            )
+        )
+    prefixes = report.prefixes
+    if prefixes:
+        candidates.append(
+            _ratio(
+                "a resent conversation's next turn (no session: its prefix reused)",
+                prefixes.get("ttft_resent_p50_ms"),
+                "the first turn, all prefilled",
+                prefixes.get("ttft_first_turn_p50_ms"),
+                "time to first token, p50",
+                " ms",
+                lower_wins=True,
+            )
+        )
+        candidates.append(
+            _ratio(
+                f"{_num(prefixes.get('streams'))} requests sharing a system prompt",
+                prefixes.get("shared_ttft_p50_ms"),
+                "the same with a distinct system prompt each",
+                prefixes.get("distinct_ttft_p50_ms"),
                 "time to first token, p50",
                 " ms",
                 lower_wins=True,
@@ -658,6 +758,27 @@ def render_markdown(report: Report, chart: str) -> str:
             f"{_num(session.get('ttft_with_session_p50_ms'))} ms.",
             "",
         ]
+    prefixes = report.prefixes
+    if prefixes:
+        lines += [
+            "## Prefix reuse without a session",
+            "",
+            f"A client that keeps the conversation itself resends its {_num(prefixes.get('history_tokens'))}"
+            f"-token history plus the reply and one new message (p50 of {_num(prefixes.get('trials', 3))}):",
+            "",
+            f"- Time to first token of the first turn (all prefilled): "
+            f"{_num(prefixes.get('ttft_first_turn_p50_ms'))} ms.",
+            f"- Of the resent turn ({_num(prefixes.get('cached_prompt_tokens'))} prompt tokens reused from "
+            f"the first turn's KV): {_num(prefixes.get('ttft_resent_p50_ms'))} ms.",
+            "",
+            f"{_num(prefixes.get('streams'))} requests sent together with one long system prompt: "
+            f"{_num(prefixes.get('shared_prefilled_tokens'))} of their "
+            f"{_num(prefixes.get('shared_prompt_tokens'))} "
+            f"prompt tokens prefilled, time to first token p50 {_num(prefixes.get('shared_ttft_p50_ms'))} ms "
+            f"(with a distinct system prompt each: {_num(prefixes.get('distinct_prompt_tokens'))} tokens "
+            f"prefilled, p50 {_num(prefixes.get('distinct_ttft_p50_ms'))} ms).",
+            "",
+        ]
     segments = report.segments
     if segments:
         lines += [
@@ -753,6 +874,8 @@ async def measure(args: argparse.Namespace, address: str, pid: int | None, repor
         report.barge_in = await barge_in(client, args.barge_in_trials, 16)
         progress("session reuse")
         report.session = await session_reuse(client, args.history_tokens, 3)
+        progress("prefix reuse without a session")
+        report.prefixes = await prefix_reuse(client, args.history_tokens, 3, 16)
         progress("first sentence")
         report.segments = await first_sentence(client, 5)
         report.memory_mb["after"] = rss_mb(pid)
