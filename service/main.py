@@ -230,8 +230,13 @@ async def run_server(server_config: ServerConfig, model_config: ModelConfig) -> 
         return EXIT_OK
     try:
         runner = loading.result()
-    except Exception:
-        log.exception("could not load model %r", model_config.model)
+    except Exception as error:
+        from tokenwire.service.model.architectures import UnsupportedModelError  # loaded by now
+
+        if isinstance(error, UnsupportedModelError):  # a refusal that says what is supported: no traceback
+            log.error("cannot serve model %r: %s", model_config.model, error)
+        else:
+            log.exception("could not load model %r", model_config.model)
         stopping.cancel()
         await server.stop(0)
         return EXIT_LOAD_FAILED

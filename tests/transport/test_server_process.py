@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import free_port
 from tests.reliability.contract import read_until_done
-from tokenwire.service.main import EXIT_BIND_FAILED, EXIT_TLS_FAILED
+from tokenwire.service.main import EXIT_BIND_FAILED, EXIT_LOAD_FAILED, EXIT_TLS_FAILED
 from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
 
@@ -335,3 +335,20 @@ def test_a_key_that_does_not_match_its_certificate_is_one_error_line(tmp_path: P
     assert "does not match the certificate" in logged["message"], logged
     assert str(key) in logged["message"] and str(cert) in logged["message"], logged
     assert "bind" not in logged["message"].lower(), logged
+
+
+def test_a_model_it_cannot_run_exactly_is_one_error_line_listing_what_is_supported(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    )
+    result = subprocess.run(
+        [str(BIN / "tokenwire-server"), "--port", str(free_port()), "--model", str(tmp_path)],
+        env=server_env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
+    assert result.returncode == EXIT_LOAD_FAILED, result.stderr
+    errors = [json.loads(line) for line in result.stderr.splitlines() if '"ERROR"' in line]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "'gpt2' is not supported" in errors[0]["message"] and "llama" in errors[0]["message"], errors
