@@ -305,11 +305,11 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
                 "run several generations on one stream",
             )
         call = _GenerateCall(engine, self.on_refused, self.replica_id, self.max_message_bytes, principal)
-        self._streams_of[principal.name] += 1
         if self.replica_id:
             # Which replica serves this stream: a client sends it back as a header on Cancel.
             await context.send_initial_metadata(((REPLICA_HEADER, self.replica_id),))
-        self._calls.add(call)
+        self._calls.add(call)  # counted with the call, so `_end` counts it down whatever ends the RPC
+        self._streams_of[principal.name] += 1
         # The generator's `finally` may run late (or not at all) when the RPC is cancelled while the
         # response is being sent; the done callback always runs, so compute is freed at once.
         context.add_done_callback(lambda _: self._end(call))
