@@ -23,7 +23,7 @@ CC ?= cc
 SANITIZE_ENV := LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 \
 	UBSAN_OPTIONS=print_stacktrace=1 TOKENWIRE_KERNELS=sanitized
 
-.PHONY: setup serve test test-slow sanitize check format protos bench clean
+.PHONY: setup serve test test-slow test-proxy sanitize check format protos bench clean
 
 setup: $(STAMP)
 
@@ -47,12 +47,19 @@ serve: $(STAMP)
 	$(VENV)/bin/tokenwire-server --host $(HOST) --port $(PORT) $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
-# CI (CI=true) also runs the slow reliability group (~7 min here) and the kernels under the sanitizers.
+	$(PY) -m pytest -q -m "not slow and not proxy" $(ARGS)
+# CI (CI=true) also runs the slow reliability group (~7 min here), the kernels under the sanitizers and
+# the replicas behind nginx.
 ifneq ($(CI),)
 	$(PY) -m pytest -q -m slow $(ARGS)
 	$(MAKE) sanitize
+	$(MAKE) test-proxy
 endif
+
+# Replicas behind a real nginx (installed with apt-get when missing; ~45 s): routing, Cancel, heartbeats
+# past short idle timeouts, a replica killed mid-stream. Prints its figures and keeps them in build/proxy.json.
+test-proxy: $(STAMP)
+	$(PY) -m pytest -q -s -m proxy tests/proxy $(ARGS)
 
 # The kernel tests against a build with AddressSanitizer and UndefinedBehaviorSanitizer: any
 # out-of-bounds access, use after free or undefined behaviour ends the run with a report.

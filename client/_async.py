@@ -20,6 +20,7 @@ from . import _convert
 from ._channel import (
     DEFAULT_ADDRESS,
     DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_HEARTBEAT_S,
     DEFAULT_KEEPALIVE_S,
     RETRY_BACKOFF_S,
     ChannelConfig,
@@ -106,6 +107,11 @@ class AsyncGeneration:
     def done(self) -> bool:
         """Whether the last message (Finished or Error) has arrived."""
         return self._done.done()
+
+    @property
+    def replica(self) -> str | None:
+        """The replica that serves this generation (see AsyncStream.replica)."""
+        return self._stream.replica
 
     @property
     def result(self) -> Result:
@@ -218,9 +224,28 @@ class AsyncStream:
         self._cancelled = False
         self._failure: TokenWireError | None = None  # why the RPC failed, when it did
         self._ended = False
+        self._replica: str | None = None
+        self._headers: asyncio.Future[None] | None = None  # done once the response headers are read
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._heartbeat_writing = False  # cancelling a grpc.aio write would cancel the whole RPC
+        self._last_write = 0.0
         self.unclaimed_errors: list[TokenWireError] = []
         """Error messages that belonged to no generation or interrupt still waiting on this stream (for
         example the server's NOT_FOUND answer to an interrupt that crossed its request's Finished)."""
+
+    @property
+    def replica(self) -> str | None:
+        """The replica serving this stream: the x-tokenwire-replica header it answered with (None until
+        the headers arrive, or when the server has no --replica-id). The client sends it back on its own
+        `cancel` of a generation started here; another process cancelling one needs it, so a proxy can
+        route the Cancel (`cancel(id, replica=...)`)."""
+        return self._replica
+
+    async def _replica_known(self, timeout: float | None) -> str | None:
+        """The replica, once the headers have come (waiting up to `timeout` s for them)."""
+        if self._headers is not None and not self._headers.done():
+            await asyncio.wait({self._headers}, timeout=timeout)
+        return self._replica
 
     async def __aenter__(self) -> AsyncStream:
         await self._open()
@@ -276,10 +301,12 @@ class AsyncStream:
                 f"request_id {request_id!r} is already live on this stream", field="start.request_id"
             )
         self._live[request_id] = generation  # before sending: the answer may come at once
+        self._client._started[request_id] = self  # cancel() finds the replica to route to here
         try:
             await self._write(pb.GenerateRequest(start=start))
         except BaseException:
             self._live.pop(request_id, None)
+            self._forget(request_id)
             raise
 
     # ---- the RPC ----
@@ -292,9 +319,17 @@ class AsyncStream:
                 raise Cancelled("the stream was cancelled")
             if self._half_closed:
                 raise RuntimeError("the stream is closed")
-            stub = await self._client._connected_stub(self._client._config.connect_timeout)
-            self._call = stub.Generate(timeout=self._timeout, metadata=self._client._config.metadata)
+            config = self._client._config
+            stub = await self._client._connected_stub(config.connect_timeout)
+            self._call = stub.Generate(timeout=self._timeout, metadata=config.metadata)
+            loop = asyncio.get_running_loop()
+            self._headers = loop.create_future()
+            self._last_write = loop.time()
             self._reader = asyncio.create_task(self._read(), name="tokenwire-stream-reader")
+            if config.heartbeat_s:
+                self._heartbeat = asyncio.create_task(
+                    self._beat(config.heartbeat_s), name="tokenwire-stream-heartbeat"
+                )
 
     async def _write(self, request: pb.GenerateRequest) -> None:
         if self._half_closed or self._cancelled or self._ended:
@@ -306,10 +341,40 @@ class AsyncStream:
                 raise from_rpc_error(error) from None
             except asyncio.InvalidStateError:  # the RPC ended between the check above and the write
                 raise self._failure or Cancelled("the stream has ended") from None
+            self._last_write = asyncio.get_running_loop().time()
+
+    async def _beat(self, interval: float) -> None:
+        """Send a Heartbeat whenever the request side has been silent for `interval` s: a proxy (nginx's
+        client_body_timeout) would otherwise cut a stream whose caller has nothing to say for a while."""
+        loop = asyncio.get_running_loop()
+        while True:
+            wait = self._last_write + interval - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            async with self._write_lock:
+                if self._half_closed or self._cancelled or self._ended:
+                    return
+                self._heartbeat_writing = True
+                try:
+                    await self._call.write(_convert.HEARTBEAT_REQUEST)
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    return  # the RPC has ended: the reader reports how
+                finally:
+                    self._heartbeat_writing = False
+                self._last_write = loop.time()
+
+    def _stop_heartbeat(self) -> None:
+        # Not while it writes: cancelling a grpc.aio write cancels the RPC (it then stops on its own).
+        if self._heartbeat is not None and not self._heartbeat_writing:
+            self._heartbeat.cancel()
 
     async def _read(self) -> None:
         failure: TokenWireError | None = None  # None: the RPC ended cleanly
         try:
+            self._replica = _convert.replica_from(await self._call.initial_metadata())
+            if self._headers is not None and not self._headers.done():
+                self._headers.set_result(None)
             while True:
                 response = await self._call.read()
                 if response is grpc.aio.EOF:
@@ -333,6 +398,8 @@ class AsyncStream:
         self._end(failure)
 
     def _dispatch(self, response: pb.GenerateResponse) -> None:
+        if _convert.is_heartbeat(response):
+            return  # the server keeps a proxy from cutting a quiet stream: nothing for anyone here
         request_id = response.request_id
         is_error = response.WhichOneof("kind") == "error"
         # An Error about an Interrupt answers the interrupt; it never ends the request it names (the id
@@ -356,14 +423,25 @@ class AsyncStream:
             return
         if generation._push(response):
             del self._live[request_id]
+            self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        """The request has ended: the client's cancel() no longer looks for its replica here."""
+        if self._client._started.get(request_id) is self:
+            del self._client._started[request_id]
 
     def _end(self, failure: TokenWireError | None) -> None:
         """The RPC is over (`failure` says why; None: it ended cleanly). Whatever still waits fails."""
         self._ended = True
         self._failure = self._failure or failure
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self._headers is not None and not self._headers.done():
+            self._headers.set_result(None)
         leftover = failure or ServerError("the stream ended before the request finished")
         for generation in self._live.values():
             generation._fail(_for_request(leftover, generation.request_id))
+            self._forget(generation.request_id)
         self._live.clear()
         for waiters in self._interrupt_waiters.values():
             for waiter in waiters:
@@ -377,6 +455,7 @@ class AsyncStream:
             return
         self._half_closed = True
         async with self._write_lock:
+            self._stop_heartbeat()  # it is not writing: we hold the lock
             # When the RPC has already ended, the reader reports how.
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 await self._call.done_writing()
@@ -398,6 +477,8 @@ class AsyncStream:
         self._cancelled = True
         if self._call is not None:
             self._call.cancel()
+            if self._heartbeat is not None:
+                self._heartbeat.cancel()  # the RPC is cancelled anyway
         else:
             self._end(Cancelled("the stream was cancelled"))
 
@@ -427,7 +508,10 @@ class AsyncClient:
     time, a stream never is once started. `wait_for_server=False` gives up at the first failed attempt
     instead (a refused connection, an unknown host, a failed TLS handshake: Unavailable; an address
     that cannot be parsed: InvalidArgument), so `connect_timeout` then only bounds a host that does
-    not answer. The channel is made on first use and belongs to the event loop in use then."""
+    not answer. The channel is made on first use and belongs to the event loop in use then.
+
+    `heartbeat_s`: a Generate stream whose request side has sent nothing this long sends a Heartbeat
+    message, so that a proxy in between does not cut it as idle (nginx: 60 s); None or 0: never."""
 
     def __init__(
         self,
@@ -442,6 +526,7 @@ class AsyncClient:
         connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT_S,
         keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
         wait_for_server: bool = True,
+        heartbeat_s: float | None = DEFAULT_HEARTBEAT_S,
     ) -> None:
         self._config = ChannelConfig(
             address,
@@ -454,11 +539,14 @@ class AsyncClient:
             connect_timeout,
             keepalive_s,
             wait_for_server,
+            heartbeat_s,
         )
         if self._config.secure:
             self._config.credentials()  # read the PEM files now: a wrong path fails here, not later
         self._channel: Any = None  # grpc.aio.Channel, made on first use (it binds to the running loop)
         self._stub: pb_grpc.TokenWireStub | None = None
+        # Live generations this client started, by id, and their streams: cancel() routes by their replica.
+        self._started: dict[str, AsyncStream] = {}
         self._health_check: Any = None
         self._closed = False
 
@@ -517,8 +605,11 @@ class AsyncClient:
     async def cancel(self, request_id: str, *, replica: str | None = None) -> CancelResult:
         """Stop a live generation by id, from any connection. Idempotent: unknown ids give found=False.
 
-        Behind a load balancer, pass `replica` (the x-tokenwire-replica header its Generate answered
-        with) so the proxy can route the Cancel to the replica that holds the generation."""
+        Behind a load balancer the Cancel carries the x-tokenwire-replica header, so that the proxy routes
+        it to the replica that holds the generation: for a live generation this client started, the
+        replica its stream answered with (`generation.replica`); for another's, pass `replica`."""
+        if replica is None and request_id in self._started:
+            replica = await self._started[request_id]._replica_known(self._config.connect_timeout)
         response = await self._unary(
             lambda: self._stub_().Cancel, pb.CancelRequest(request_id=request_id), replica_metadata(replica)
         )

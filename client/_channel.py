@@ -20,6 +20,10 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0
 # connection) during a long queue wait. gRPC servers by default tolerate pings every few minutes only
 # while no data flows; grpc core then sends at most two such pings, so this stays within that policy.
 DEFAULT_KEEPALIVE_S = 60.0
+# A Generate stream whose request side has sent nothing this long sends a Heartbeat message: proxies
+# cut a request side silent for long (nginx's client_body_timeout: 60 s) and do not forward HTTP/2
+# pings, which would not count. Well under common idle timeouts, a few bytes per interval.
+DEFAULT_HEARTBEAT_S = 15.0
 # Between the unary retries on UNAVAILABLE while connecting.
 RETRY_BACKOFF_S = (0.1, 0.25, 0.5, 1.0)
 
@@ -52,6 +56,8 @@ class ChannelConfig:
     # False: a refused connection or a bad address fails at once, saying so, instead of being retried
     # until connect_timeout (which then only bounds a host that does not answer).
     wait_for_server: bool = True
+    # A Heartbeat on a Generate request side silent this long (None or 0: never).
+    heartbeat_s: float | None = DEFAULT_HEARTBEAT_S
 
     def __post_init__(self) -> None:
         if (self.client_cert is None) != (self.client_key is None):

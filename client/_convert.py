@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from tokenwire.v1 import tokenwire_pb2 as pb
+from tokenwire.v1.metadata import REPLICA_HEADER
 
 from ._errors import InvalidArgument, TokenWireError, error_for, status_code
 from ._types import (
@@ -128,6 +129,23 @@ def build_start(request_id: str, prompt: str | None, options: GenerateOptions) -
     elif tokens is not None:
         start.truncate_session.reply_tokens = tokens
     return start
+
+
+# Sent on a quiet request side so that a proxy keeps the stream open; the server ignores it.
+HEARTBEAT_REQUEST = pb.GenerateRequest(heartbeat=pb.Heartbeat())
+
+
+def is_heartbeat(response: pb.GenerateResponse) -> bool:
+    """The server's keep-alive on a quiet stream: part of no generation, never shown as a chunk."""
+    return response.WhichOneof("kind") == "heartbeat"
+
+
+def replica_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The replica named in a Generate call's initial metadata (None when the server has no id)."""
+    for key, value in metadata or ():
+        if key == REPLICA_HEADER:
+            return value if isinstance(value, str) else value.decode()
+    return None
 
 
 def build_interrupt(request_id: str, mode: InterruptMode | str) -> pb.GenerateRequest:

@@ -165,4 +165,17 @@ def from_rpc_error(error: grpc.RpcError, *, request_id: str = "") -> TokenWireEr
     # grpc.RpcError itself declares no accessors; the errors grpc raises are also grpc.Call objects.
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = (error.details() if hasattr(error, "details") else None) or ""
+    if code == grpc.StatusCode.INTERNAL and details.startswith(_RESET):
+        # No status from the server: the stream was reset on its way, which a proxy does when the
+        # replica behind it died or the stream sat idle past its timeout. gRPC calls any reset INTERNAL;
+        # for the caller it is a lost server, to retry elsewhere, not a server bug.
+        return Unavailable(
+            f"the stream was reset on its way (a proxy lost the server, or cut the stream): {details}",
+            code=grpc.StatusCode.UNAVAILABLE,
+            request_id=request_id,
+        )
     return error_for(code or grpc.StatusCode.UNKNOWN, details, request_id=request_id)
+
+
+# How gRPC words a stream that an HTTP/2 peer reset (RST_STREAM) instead of ending it with a status.
+_RESET = "Stream removed (RST_STREAM"

@@ -28,6 +28,7 @@ from . import _convert
 from ._channel import (
     DEFAULT_ADDRESS,
     DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_HEARTBEAT_S,
     DEFAULT_KEEPALIVE_S,
     RETRY_BACKOFF_S,
     ChannelConfig,
@@ -103,6 +104,11 @@ class Generation:
     def done(self) -> bool:
         """Whether the last message (Finished or Error) has arrived."""
         return self._done.done()
+
+    @property
+    def replica(self) -> str | None:
+        """The replica that serves this generation (see Stream.replica)."""
+        return self._stream.replica
 
     @property
     def result(self) -> Result:
@@ -228,11 +234,26 @@ class Stream:
         self._cancelled = False
         self._failure: TokenWireError | None = None  # why the RPC failed, when it did
         self._ended = False
+        self._replica: str | None = None
+        self._headers = threading.Event()  # set once the response headers are read (or cannot be)
         self.unclaimed_errors: list[TokenWireError] = []
         """Error messages that belonged to no generation or interrupt still waiting on this stream (for
         example the server's NOT_FOUND answer to an interrupt that crossed its request's Finished, or an
         Error for an id never started here). They end nothing. Other responses for an id that is not live
         here (a Chunk or a second Finished after its request's end) are dropped."""
+
+    @property
+    def replica(self) -> str | None:
+        """The replica serving this stream: the x-tokenwire-replica header it answered with (None until
+        the headers arrive, when the server has no --replica-id, or on a channel passed to the Client,
+        whose headers are not read). The client sends it back on its own `cancel` of a generation
+        started here; another process needs it to cancel one behind a proxy (`cancel(id, replica=...)`)."""
+        return self._replica
+
+    def _replica_known(self, timeout: float | None) -> str | None:
+        """The replica, once the headers have come (waiting up to `timeout` s for them)."""
+        self._headers.wait(timeout)
+        return self._replica
 
     def __enter__(self) -> Stream:
         self._open()
@@ -296,6 +317,7 @@ class Stream:
             # raises, or the reader's failure reaches the new generation.
             self._write_locked(pb.GenerateRequest(start=start))
             self._live[request_id] = generation
+            self._client._started[request_id] = self  # cancel() finds the replica to route to here
 
     def _write(self, request: pb.GenerateRequest) -> None:
         with self._lock:
@@ -327,12 +349,25 @@ class Stream:
             self._reader.start()
 
     def _request_iterator(self) -> Iterator[pb.GenerateRequest]:
-        while (request := self._requests.get()) is not None:
+        heartbeat_s = self._client._config.heartbeat_s or None
+        while True:
+            try:
+                request = self._requests.get(timeout=heartbeat_s)
+            except queue.Empty:
+                # Silent for heartbeat_s: a proxy (nginx's client_body_timeout) would cut the stream.
+                yield _convert.HEARTBEAT_REQUEST
+                continue
+            if request is None:
+                return
             yield request
 
     def _read(self) -> None:
         failure: TokenWireError | None = None  # None: the RPC ended cleanly
         try:
+            # A channel passed in may be a test double whose headers come only at the end: not waited for.
+            if self._client._owns_channel:
+                self._replica = _convert.replica_from(self._call.initial_metadata())
+            self._headers.set()
             for response in self._call:
                 self._dispatch(response)
                 if self._close_when_idle and not self._live:
@@ -347,6 +382,8 @@ class Stream:
         self._end(failure)
 
     def _dispatch(self, response: pb.GenerateResponse) -> None:
+        if _convert.is_heartbeat(response):
+            return  # the server keeps a proxy from cutting a quiet stream: nothing for anyone here
         request_id = response.request_id
         is_error = response.WhichOneof("kind") == "error"
         with self._lock:
@@ -371,15 +408,24 @@ class Stream:
                 return
             if generation._push(response):
                 del self._live[request_id]
+                self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        """The request has ended: the client's cancel() no longer looks for its replica here."""
+        started = self._client._started
+        if started.get(request_id) is self:
+            started.pop(request_id, None)
 
     def _end(self, failure: TokenWireError | None) -> None:
         """The RPC is over (`failure` says why; None: it ended cleanly). Whatever still waits fails."""
         leftover = failure or ServerError("the stream ended before the request finished")
+        self._headers.set()
         with self._lock:
             self._ended = True
             self._failure = self._failure or failure
             for generation in self._live.values():
                 generation._fail(_for_request(leftover, generation.request_id))
+                self._forget(generation.request_id)
             self._live.clear()
             for waiters in self._interrupt_waiters.values():
                 for waiter in waiters:
@@ -443,7 +489,9 @@ class Client:
     open, and the client does not wait for it to connect, so `connect_timeout` only bounds the unary
     calls' retries on UNAVAILABLE. `tls`, the certificates and `keepalive_s` configure a channel the
     client opens and do not apply (TLS settings with `channel` raise ValueError); `token` and `timeout`
-    still do, and `address` only names the server in messages."""
+    still do, and `address` only names the server in messages.
+
+    `heartbeat_s`: see AsyncClient."""
 
     def __init__(
         self,
@@ -459,6 +507,7 @@ class Client:
         keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
         wait_for_server: bool = True,
         channel: grpc.Channel | None = None,
+        heartbeat_s: float | None = DEFAULT_HEARTBEAT_S,
     ) -> None:
         self._config = ChannelConfig(
             address,
@@ -471,6 +520,7 @@ class Client:
             connect_timeout,
             keepalive_s,
             wait_for_server,
+            heartbeat_s,
         )
         if channel is not None and self._config.secure:
             raise ValueError("tls, ca_file and client_cert apply to a channel the client opens")
@@ -479,6 +529,9 @@ class Client:
         self._channel: grpc.Channel = open_sync(self._config) if channel is None else channel
         self._stub = pb_grpc.TokenWireStub(self._channel)
         self._health_check: Any = None
+        # Live generations this client started, by id, and their streams: cancel() routes by their
+        # replica. Written by the streams' reader threads; single dict operations are atomic.
+        self._started: dict[str, Stream] = {}
 
     @property
     def address(self) -> str:
@@ -531,7 +584,10 @@ class Client:
 
     def cancel(self, request_id: str, *, replica: str | None = None) -> CancelResult:
         """Stop a live generation by id, from any connection. Idempotent: unknown ids give found=False.
-        `replica`: see AsyncClient.cancel."""
+        `replica`: see AsyncClient.cancel (for a live generation this client started, its own)."""
+        stream = self._started.get(request_id) if replica is None else None
+        if stream is not None:
+            replica = stream._replica_known(self._config.connect_timeout)
         response = self._unary(
             self._stub.Cancel, pb.CancelRequest(request_id=request_id), replica_metadata(replica)
         )

@@ -26,7 +26,7 @@ from tokenwire.service.engine.engine import Engine, EngineConfig
 from tokenwire.service.engine.runner import Runner
 from tokenwire.service.transport.auth import TokensFileError
 from tokenwire.service.transport.server import BindError, ServerConfig, host_port, serve, tls_problem
-from tokenwire.service.transport.servicer import DEFAULT_MAX_STREAMS_PER_PRINCIPAL
+from tokenwire.service.transport.servicer import DEFAULT_HEARTBEAT_S, DEFAULT_MAX_STREAMS_PER_PRINCIPAL
 
 log = logging.getLogger("tokenwire.server")
 
@@ -185,6 +185,8 @@ def _bind_advice(error: BindError) -> str:
         return f"check {'--metrics-host' if error.metrics else '--host'} and the port"
     if error.metrics:
         return "choose another port with --metrics-port N (or TOKENWIRE_METRICS_PORT=N)"
+    if error.http:
+        return "choose another port with --http-port N (or TOKENWIRE_HTTP_PORT=N)"
     return "choose another port with --port N (or TOKENWIRE_PORT=N; with make serve: PORT=N)"
 
 
@@ -208,13 +210,15 @@ async def run_server(server_config: ServerConfig, model_config: ModelConfig) -> 
     try:
         server = await serve(None, server_config)
     except BindError as error:
-        what = "serve metrics" if error.metrics else "listen"
+        what = "serve metrics" if error.metrics else "serve the HTTP API" if error.http else "listen"
         log.error("cannot %s on %s: %s; %s", what, error.address, error.reason, _bind_advice(error))
         return EXIT_BIND_FAILED
     except TokensFileError as error:
         log.error("cannot use --auth-tokens-file: %s", error)
         return EXIT_BAD_FLAGS
     log.info("listening on %s (NOT_SERVING while model %r loads)", server.address, model_config.model)
+    if server.http_port:
+        log.info("OpenAI-compatible HTTP API on %s/v1", server.http_url)
     if server.metrics_port:
         log.info(
             "metrics on http://%s/metrics",
@@ -300,7 +304,9 @@ when no answer comes within --keepalive-timeout, so requests of vanished clients
 NAT/load-balancer idle timers do not cut a stream that is silent during a long prefill. Clients may
 ping as often as every --min-client-ping-interval seconds (also with no call in flight) without being
 told GOAWAY: set the client's grpc.keepalive_time_ms to at least that. Streams are never cut for age.
-Behind a proxy, raise its stream idle timeout above the longest expected silence.
+Proxies answer pings themselves and do not forward them, so behind a proxy a quiet Generate stream is
+kept open by Heartbeat messages instead: the server sends one after --heartbeat-interval seconds without
+a response, tokenwire's client one after as long without a request (see deploy/ for proxy settings).
 
 Signals: SIGTERM or SIGINT drains: health NOT_SERVING, new Starts refused with UNAVAILABLE, running
 generations get --grace-period seconds, then end with STOP_REASON_SHUTDOWN (the client may retry them
@@ -308,9 +314,9 @@ elsewhere). A second SIGTERM or SIGINT stops now: each live generation gets an E
 server is stopping now") instead of the rest of its output. A signal while the model loads stops at once.
 
 Exit codes: 0 stopped by a signal (drained, stopped now, or during the model load); 1 the model could
-not be loaded; 2 bad flags; 3 an address could not be bound (a port in use: choose another with --port
-or --metrics-port); 4 the TLS files cannot be used (unreadable, not PEM, or a --tls-key that does not
-match the --tls-cert certificate).
+not be loaded; 2 bad flags; 3 an address could not be bound (a port in use: choose another with --port,
+--metrics-port or --http-port); 4 the TLS files cannot be used (unreadable, not PEM, or a --tls-key that
+does not match the --tls-cert certificate).
 
 Auth: with --auth-token or --auth-tokens-file every RPC but grpc.health.v1.Health (reflection and Cancel
 included) needs the metadata "authorization: Bearer <token>"; prefer the TOKENWIRE_AUTH_TOKEN variable
@@ -319,6 +325,13 @@ request ids, sessions, Cancel, Interrupt and "already live" refusals are each pr
 principal cannot see, touch or probe another's. Under mutual TLS without tokens, the client
 certificate's common name is the principal. Without either, every caller is one anonymous principal:
 anyone who can connect can cancel any request and use any session by its id.
+
+HTTP (--http-port, off by default): an OpenAI-compatible API on the same engine, so its requests batch
+with gRPC's. The same tokens (header "Authorization: Bearer <token>"; /health is open) and, with
+--tls-cert, HTTPS with the same files; under mutual TLS it names callers by token only, so it needs
+tokens. Unknown request fields are ignored, as OpenAI does; fields it cannot honour (n > 1, tools, ...)
+answer 400 naming them. finish_reason is "stop", "length", or "abort" when the generation was stopped
+(client gone, gRPC Cancel of its id, shutdown). A client that hangs up stops its generation.
 """
 
 
@@ -338,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-message-bytes", "largest request or response message", type=int, default=4 * 1024 * 1024
     )
     listen.add("--metrics-port", "serve Prometheus metrics on this port (0: off)", type=int, default=0)
+    listen.add(
+        "--http-port",
+        "serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, "
+        "/health) on --host at this port, with the same engine, tokens and TLS as gRPC (0: off; 8000 is "
+        "the usual choice)",
+        type=int,
+        default=0,
+    )
     listen.add(
         "--metrics-host",
         metavar="ADDRESS",
@@ -364,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
         "close connections idle this long (seconds; 0: never)",
         type=float,
         default=0.0,
+    )
+    listen.add(
+        "--heartbeat-interval",
+        "send a Heartbeat message on a Generate stream that has sent nothing this long, so that a "
+        "proxy's idle timeout (nginx: 60 s) does not cut it (0: never)",
+        type=float,
+        default=DEFAULT_HEARTBEAT_S,
     )
 
     security = _Flags(parser.add_argument_group("security"))
@@ -546,11 +574,13 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, ModelConf
         max_message_bytes=args.max_message_bytes,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        http_port=args.http_port or None,
         grace_period_s=args.grace_period,
         keepalive_time_s=args.keepalive_time,
         keepalive_timeout_s=args.keepalive_timeout,
         min_client_ping_interval_s=args.min_client_ping_interval,
         max_connection_idle_s=args.max_connection_idle,
+        heartbeat_interval_s=args.heartbeat_interval,
     )
     model = ModelConfig(
         model=args.model,
@@ -580,6 +610,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         server_config.tls_client_ca and not server_config.tls_cert
     ):
         parser.error("TLS needs --tls-cert and --tls-key (and both for --tls-client-ca)")
+    if (
+        server_config.http_port
+        and server_config.tls_client_ca
+        and not (server_config.auth_token or server_config.auth_tokens_file)
+    ):
+        parser.error("--http-port under mutual TLS needs --auth-token or --auth-tokens-file (see --help)")
     configure_logging(args.log_level, args.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download a model at run time
     # Checked here, before anything binds: gRPC would report a bad pair only as "Failed to bind to

@@ -21,6 +21,7 @@ FLOORS = ["transport", "engine", "model", "kernels"]  # top to bottom
 SERVICE = "tokenwire.service"
 GRPC = ("grpc", "grpc_health", "grpc_reflection", "google.protobuf", "tokenwire.v1")
 TORCH = ("torch", "transformers", "accelerate", "gguf", "safetensors", "numpy", "cffi")
+HTTP = ("starlette", "uvicorn", "fastapi", "httpx", "h11")  # the HTTP front: the transport's alone
 PLAIN_TYPES = (f"{SERVICE}.model.types",)  # what the floors above the model may take from it
 INTEGRATIONS = "tokenwire.integrations"
 FRAMEWORKS = ("pipecat", "livekit", INTEGRATIONS)  # what only integrations/ may import
@@ -67,6 +68,8 @@ def violations(path: Path, floor: str | None) -> list[str]:
             continue
         if within(name, GRPC) and floor != "transport":
             bad.append(f"{floor} imports {name}: grpc and protobuf belong to the transport")
+        if within(name, HTTP) and floor != "transport":
+            bad.append(f"{floor} imports {name}: HTTP libraries belong to the transport")
         if within(name, TORCH) and floor in ("transport", "engine"):
             bad.append(f"{floor} imports {name}: torch belongs to the model and the kernels")
         if target is None:
@@ -116,6 +119,12 @@ def test_the_rules_catch_a_crossing(tmp_path: Path) -> None:
         "transport imports torch",
         "transport imports tokenwire.service.model.runner.ModelRunner",
     ]
+    module.write_text("import uvicorn\nfrom starlette.responses import Response\n")
+    assert [v.split(":")[0] for v in violations(module, "engine")] == [
+        "engine imports uvicorn",
+        "engine imports starlette.responses.Response",
+    ]
+    assert violations(module, "transport") == []
 
 
 def test_the_client_and_an_integration_keep_to_their_side(tmp_path: Path) -> None:

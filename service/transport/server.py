@@ -22,9 +22,15 @@ from tokenwire.service.engine.engine import Engine
 from tokenwire.service.engine.requests import Failure, Finished, GenerationRequest
 from tokenwire.service.engine.wording import plural, shown_id
 from tokenwire.service.transport.auth import ANONYMOUS_NAME, Authenticator, BearerTokenInterceptor, TokenTable
+from tokenwire.service.transport.http_api import HttpApi
+from tokenwire.service.transport.http_server import HttpServer, TlsFiles
 from tokenwire.service.transport.interceptors import CatchAllInterceptor
 from tokenwire.service.transport.metrics import ServerMetrics
-from tokenwire.service.transport.servicer import DEFAULT_MAX_STREAMS_PER_PRINCIPAL, TokenWireServicer
+from tokenwire.service.transport.servicer import (
+    DEFAULT_HEARTBEAT_S,
+    DEFAULT_MAX_STREAMS_PER_PRINCIPAL,
+    TokenWireServicer,
+)
 from tokenwire.v1 import tokenwire_pb2, tokenwire_pb2_grpc
 
 log = logging.getLogger("tokenwire.server")
@@ -59,6 +65,9 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024
     metrics_port: int = 0  # 0: no metrics endpoint
     metrics_host: str = "127.0.0.1"  # no auth on metrics: localhost unless an operator names an address
+    # The OpenAI-compatible HTTP API (http_api.py) on `host` at this port, with the same tokens and TLS
+    # files as gRPC: None off (the default), 0 any free port (see RunningServer.http_port).
+    http_port: int | None = None
     grace_period_s: float = 30.0
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 10.0
@@ -66,6 +75,8 @@ class ServerConfig:
     max_connection_idle_s: float = 0.0  # 0: never close idle connections
     health_interval_s: float = 1.0  # how often the step loop's health is checked
     replica_id: str = ""  # sent as x-tokenwire-replica on Generate; prefixes server-assigned request ids
+    # A Generate stream silent this long sends a Heartbeat, so proxies' idle timers do not cut it (0: off)
+    heartbeat_interval_s: float = DEFAULT_HEARTBEAT_S
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -158,17 +169,22 @@ class BindError(Exception):
     """An address the server was told to listen on cannot be bound (a port in use, an address that is
     not this machine's, a port below 1024 without the right)."""
 
-    def __init__(self, address: str, reason: str, *, in_use: bool, metrics: bool = False) -> None:
+    def __init__(
+        self, address: str, reason: str, *, in_use: bool, metrics: bool = False, http: bool = False
+    ) -> None:
         super().__init__(f"cannot listen on {address}: {reason}")
         self.address = address
         self.reason = reason
         self.in_use = in_use  # another socket holds the port
         self.metrics = metrics  # the metrics endpoint's address, not the gRPC one
+        self.http = http  # the HTTP API's address (--http-port), not the gRPC one
 
     @classmethod
-    def from_os_error(cls, address: str, error: OSError, *, metrics: bool = False) -> BindError:
+    def from_os_error(
+        cls, address: str, error: OSError, *, metrics: bool = False, http: bool = False
+    ) -> BindError:
         reason = error.strerror or str(error)
-        return cls(address, reason, in_use=error.errno == errno.EADDRINUSE, metrics=metrics)
+        return cls(address, reason, in_use=error.errno == errno.EADDRINUSE, metrics=metrics, http=http)
 
 
 def _bind_refusal(host: str, port: int) -> OSError | None:
@@ -216,10 +232,14 @@ class RunningServer:
             max_message_bytes=config.max_message_bytes,
             authenticator=self.authenticator,
             max_streams_per_principal=config.max_streams_per_principal,
+            heartbeat_s=config.heartbeat_interval_s,
         )
         self.health = HealthServicer()
         self.port = 0
         self.metrics_port = 0
+        self.http_api: HttpApi | None = None
+        self._http: HttpServer | None = None
+        self.http_port = 0
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self.health_port = 0
@@ -281,6 +301,8 @@ class RunningServer:
             except OSError as error:
                 address = host_port(metrics_host, config.metrics_port)
                 raise BindError.from_os_error(address, error, metrics=True) from None
+        if config.http_port is not None:
+            await self._serve_http(config.http_port)
         self._watcher = asyncio.create_task(self._watch_health(), name="tokenwire-health")
         if engine is not None:
             await self.attach(engine)
@@ -301,6 +323,30 @@ class RunningServer:
             raise BindError(bind, "gRPC could not bind it", in_use=False) from None
         await server.start()
         return server
+
+    async def _serve_http(self, port: int) -> None:
+        """The OpenAI-compatible HTTP API on `host`, on this loop and over the same engine (HTTP and gRPC
+        requests batch together), the same tokens and the same TLS files. /health follows gRPC health."""
+        config = self.config
+        self.http_api = HttpApi(
+            lambda: self.engine,
+            self.authenticator,
+            serving=lambda: bool(self._serving) and not self._draining,
+            max_body_bytes=config.max_message_bytes,
+            on_refused=self.metrics.on_refused,
+        )
+        tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+        self._http = HttpServer(self.http_api.app, tls)
+        try:
+            self.http_port = await self._http.start(config.host, port)
+        except OSError as error:
+            raise BindError.from_os_error(host_port(config.host, port), error, http=True) from None
+
+    @property
+    def http_url(self) -> str:
+        """Where a client on this machine reaches the HTTP API (its /v1 is the OpenAI base URL)."""
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{self.address.rsplit(':', 1)[0]}:{self.http_port}"
 
     async def attach(self, engine: Engine) -> None:
         """Start serving `engine` (already started): hooks for logs and metrics, then health SERVING."""
@@ -363,6 +409,8 @@ class RunningServer:
                 log.info("drained in %.2f s", time.monotonic() - started)
         # Let every stream send the last messages of its requests, then end it.
         await self.servicer.close_streams(timeout=2.0)
+        if self._http is not None:  # its answers end with the engine's: each has up to 2 s to be sent
+            await self._http.stop()
         if self._server is not None:
             await self._server.stop(1.0)
         if self._health_server is not None:
@@ -378,9 +426,13 @@ class RunningServer:
             return
         self._stopping_now = True
         self._draining = True
+        if self.http_api is not None:
+            self.http_api.stop_now()
         await self.servicer.stop_streams_now(timeout=2.0)
         if self._server is not None:
             await self._server.stop(0)
+        if self._http is not None:
+            await self._http.stop()
         if self._health_server is not None:
             await self._health_server.stop(0)
 

@@ -34,6 +34,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Open Generate streams one principal may have. Each costs ~27 KiB idle; a stream carries any number
 # of generations, so a caller needs many only to serve many independent conversations at once.
 DEFAULT_MAX_STREAMS_PER_PRINCIPAL = 512
+# A Generate stream that has sent nothing this long sends a Heartbeat: well under the idle timeouts of
+# common proxies (nginx's grpc_read_timeout and AWS ALB's 60 s, Google's load balancers' 30 s), at a
+# cost of a few bytes per quiet stream per interval.
+DEFAULT_HEARTBEAT_S = 15.0
+_HEARTBEAT = pb.GenerateResponse(heartbeat=pb.Heartbeat())
 
 
 class _GenerateCall:
@@ -50,6 +55,7 @@ class _GenerateCall:
         replica_id: str = "",
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         principal: Principal = ANONYMOUS,
+        heartbeat_s: float = DEFAULT_HEARTBEAT_S,
     ) -> None:
         self.engine = engine
         self.principal = principal  # the caller: its requests are named in its own namespace
@@ -68,20 +74,41 @@ class _GenerateCall:
         self.unreadable: DecodeError | None = None  # a request that could not be parsed ends the RPC
         # So does a bug met while handling a message (INTERNAL): the request id it named, and the error.
         self.failed: tuple[str, Exception] | None = None
+        self.heartbeat_s = heartbeat_s  # 0: no heartbeats
+        self.heartbeat: asyncio.Task[None] | None = None
+        self.last_sent = 0.0  # loop time of the last response handed to gRPC
 
     # ---- lifecycle ----
 
     def begin(self, requests: AsyncIterable[pb.GenerateRequest]) -> None:
         self.producers += 1
         self.reader = asyncio.create_task(self._read(requests), name="tokenwire-generate-reader")
+        self.last_sent = asyncio.get_running_loop().time()
+        if self.heartbeat_s > 0:
+            self.heartbeat = asyncio.create_task(self._beat(), name="tokenwire-generate-heartbeat")
 
     async def responses(self) -> AsyncIterator[pb.GenerateResponse]:
+        loop = asyncio.get_running_loop()
         while True:
             if self.producers == 0 and self.out.empty():
                 return
             item = await self.out.get()
             if item is not None:  # None only wakes us up to re-check the end condition
+                self.last_sent = loop.time()
                 yield item
+
+    async def _beat(self) -> None:
+        """Queue a Heartbeat whenever the stream has sent nothing for heartbeat_s: a proxy in between
+        (nginx's grpc_read_timeout) would otherwise cut a stream whose requests are quiet."""
+        loop = asyncio.get_running_loop()
+        while True:
+            wait = self.last_sent + self.heartbeat_s - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            if self.out.empty():  # else something is about to go out anyway (or the client is not reading)
+                self.out.put_nowait(_HEARTBEAT)
+            self.last_sent = loop.time()
 
     def _producer_done(self) -> None:
         self.producers -= 1
@@ -112,6 +139,8 @@ class _GenerateCall:
         """The RPC is over (client gone, deadline, or done): free every request still live. Idempotent."""
         if self.reader is not None:
             self.reader.cancel()
+        if self.heartbeat is not None:
+            self.heartbeat.cancel()
         for request_id, (task, stream) in list(self.owned.items()):
             # Only if the id still names this stream's request: after it ended, another stream may reuse it.
             if self.engine.stream_of(request_id, self.owner) is stream:
@@ -148,8 +177,12 @@ class _GenerateCall:
             await self._start(message.start, index)
         elif kind == "interrupt":
             await self._interrupt(message.interrupt, index)
+        elif kind == "heartbeat":
+            return  # the client keeps a proxy from cutting its quiet request side: nothing to do
         else:
-            neither = MessageError(ErrorCode.INVALID_ARGUMENT, "kind: set either start or interrupt", "kind")
+            neither = MessageError(
+                ErrorCode.INVALID_ARGUMENT, "kind: set start, interrupt or heartbeat", "kind"
+            )
             await self.out.put(convert.refusal_response("", neither, pb.Error.REFUSAL_MESSAGE, index))
 
     async def _refuse(self, request_id: str, error: RequestError, index: int) -> None:
@@ -269,6 +302,7 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         authenticator: Authenticator | None = None,
         max_streams_per_principal: int = DEFAULT_MAX_STREAMS_PER_PRINCIPAL,
+        heartbeat_s: float = DEFAULT_HEARTBEAT_S,
     ) -> None:
         self.engine = engine
         self.on_refused = on_refused
@@ -276,6 +310,7 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
         self.max_message_bytes = max_message_bytes  # the server's grpc.max_send_message_length
         self.authenticator = authenticator or Authenticator()
         self.max_streams_per_principal = max_streams_per_principal  # 0: no limit
+        self.heartbeat_s = heartbeat_s  # a Heartbeat after this long without a response (0: never)
         self._calls: set[_GenerateCall] = set()
         self._streams_of: Counter[str] = Counter()  # open Generate streams by principal name
 
@@ -304,7 +339,14 @@ class TokenWireServicer(pb_grpc.TokenWireServicer):
                 f"you have {plural(limit, 'open Generate stream')}, the most one caller may have at once: "
                 "run several generations on one stream",
             )
-        call = _GenerateCall(engine, self.on_refused, self.replica_id, self.max_message_bytes, principal)
+        call = _GenerateCall(
+            engine,
+            self.on_refused,
+            self.replica_id,
+            self.max_message_bytes,
+            principal,
+            heartbeat_s=self.heartbeat_s,
+        )
         if self.replica_id:
             # Which replica serves this stream: a client sends it back as a header on Cancel.
             await context.send_initial_metadata(((REPLICA_HEADER, self.replica_id),))

@@ -29,8 +29,21 @@ def interrupt(request_id: str, mode: int = pb.INTERRUPT_MODE_IMMEDIATE) -> pb.Ge
     return pb.GenerateRequest(interrupt=pb.Interrupt(request_id=request_id, mode=mode))  # type: ignore[arg-type]
 
 
+def heartbeat() -> pb.GenerateRequest:
+    """A client's keep-alive: the server ignores it (it counts as a message read) and answers nothing."""
+    return pb.GenerateRequest(heartbeat=pb.Heartbeat())
+
+
 def kind(response: pb.GenerateResponse) -> str:
     return response.WhichOneof("kind") or ""
+
+
+def is_heartbeat(response: pb.GenerateResponse) -> bool:
+    """The server's keep-alive on a quiet stream: no request id, part of no request's lifecycle."""
+    if kind(response) != "heartbeat":
+        return False
+    assert response.request_id == "", f"a Heartbeat names a request: {response.request_id!r}"
+    return True
 
 
 def is_terminal(response: pb.GenerateResponse) -> bool:
@@ -38,9 +51,11 @@ def is_terminal(response: pb.GenerateResponse) -> bool:
 
 
 def by_request(responses: Iterable[pb.GenerateResponse]) -> dict[str, list[pb.GenerateResponse]]:
+    """Responses grouped by request id; the server's Heartbeats (which may come at any time) left out."""
     grouped: dict[str, list[pb.GenerateResponse]] = defaultdict(list)
     for response in responses:
-        grouped[response.request_id].append(response)
+        if not is_heartbeat(response):
+            grouped[response.request_id].append(response)
     return grouped
 
 

@@ -223,7 +223,11 @@ INTERRUPTS = st.builds(
 @st.composite
 def cases(draw: st.DrawFn, huge: bool = False) -> list[pb.GenerateRequest]:
     """A case: a few messages sent back to back on the shared stream."""
-    one = st.one_of(starts(huge), starts(huge), starts(huge), INTERRUPTS, st.just(pb.GenerateRequest()))
+    # A Heartbeat among them must change nothing: no answer, no effect on the requests around it.
+    heartbeat = st.just(pb.GenerateRequest(heartbeat=pb.Heartbeat()))
+    one = st.one_of(
+        starts(huge), starts(huge), starts(huge), INTERRUPTS, st.just(pb.GenerateRequest()), heartbeat
+    )
     messages: list[pb.GenerateRequest] = draw(st.lists(one, min_size=1, max_size=5))
     named = [m.start.request_id for m in messages if m.HasField("start") and m.start.request_id]
     # Random interrupts seldom name a request of their own case: aim one at it, often while it runs.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import signal
 
 from tests.fake_runner import FakeRunner
@@ -19,14 +20,31 @@ async def main(args: argparse.Namespace) -> None:
     runner.calls = collections.deque(maxlen=16)  # type: ignore[assignment]
     engine = Engine(runner, EngineConfig(max_batch_size=args.batch, max_live_requests=256))
     engine.start()
-    server = await serve(engine, ServerConfig(host="127.0.0.1", port=0, grace_period_s=0.0))
+    config = ServerConfig(
+        host="127.0.0.1",
+        port=args.port,
+        grace_period_s=0.0,
+        replica_id=args.replica_id,
+        heartbeat_interval_s=args.heartbeat_interval,
+    )
+    server = await serve(engine, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"PORT {server.port}", flush=True)
+    watch = asyncio.create_task(_orphaned(stop))
     await stop.wait()
+    watch.cancel()
     await server.stop(0)
+
+
+async def _orphaned(stop: asyncio.Event) -> None:
+    """Stop when the process that started this one is gone (a test run killed before its clean-up)."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    stop.set()
 
 
 if __name__ == "__main__":
@@ -34,4 +52,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--step-delay", type=float, default=0.001)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--replica-id", default="")
+    parser.add_argument("--heartbeat-interval", type=float, default=ServerConfig.heartbeat_interval_s)
     asyncio.run(main(parser.parse_args()))

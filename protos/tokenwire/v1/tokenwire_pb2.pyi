@@ -53,12 +53,18 @@ STOP_REASON_ERROR: StopReason
 STOP_REASON_SHUTDOWN: StopReason
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("start", "interrupt")
+    __slots__ = ("start", "interrupt", "heartbeat")
     START_FIELD_NUMBER: _ClassVar[int]
     INTERRUPT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     start: Start
     interrupt: Interrupt
-    def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., interrupt: _Optional[_Union[Interrupt, _Mapping]] = ...) -> None: ...
+    heartbeat: Heartbeat
+    def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., interrupt: _Optional[_Union[Interrupt, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class Start(_message.Message):
     __slots__ = ("request_id", "prompt", "chat", "token_ids", "sampling", "stopping", "output", "session_id", "truncate_session")
@@ -169,18 +175,20 @@ class OutputOptions(_message.Message):
     def __init__(self, chunking: _Optional[_Union[Chunking, str]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., token_ids: _Optional[bool] = ..., timestamps: _Optional[bool] = ..., min_segment_chars: _Optional[int] = ..., fast_first_segment: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "started", "chunk", "finished", "error")
+    __slots__ = ("request_id", "started", "chunk", "finished", "error", "heartbeat")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     started: Started
     chunk: Chunk
     finished: Finished
     error: Error
-    def __init__(self, request_id: _Optional[str] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    heartbeat: Heartbeat
+    def __init__(self, request_id: _Optional[str] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
 class Started(_message.Message):
     __slots__ = ("prompt_tokens", "cached_prompt_tokens", "seed", "max_tokens", "queue_ms")

@@ -72,6 +72,9 @@ class TokenWireServicer:
         then end with STOP_REASON_SHUTDOWN, and the RPC ends with UNAVAILABLE (OK if the client had
         half-closed). Told to stop at once, the server sends each live generation an Error (UNAVAILABLE)
         instead of the rest of its output, and ends the RPC the same way.
+        Either side sends a Heartbeat on a direction that has been silent for a while (see Heartbeat), so
+        that proxies in between keep a quiet stream open; a replica id the server was started with comes
+        back in the x-tokenwire-replica header of the response (see CancelRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
