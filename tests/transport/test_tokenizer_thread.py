@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.conftest import running_server, wait_until_idle
 from tests.fake_runner import FakeRunner
 from tests.reliability.contract import read_until_done
+from tests.waiting import until
 from tokenwire.service.transport.server import RunningServer
 from tokenwire.v1 import tokenwire_pb2 as pb
 from tokenwire.v1 import tokenwire_pb2_grpc as pb_grpc
@@ -163,6 +164,9 @@ async def test_a_deadline_drops_tokenizing_that_has_not_begun(
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await asyncio.wait_for(expiring.read(), 5)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The client saw its deadline pass; the server ends the RPCs on its own clock, a moment later.
+        await until(lambda: not server.servicer._calls, what="the expired stream ended on the server")
+        await asyncio.sleep(0.1)  # its reader's cancellation reaches the queued work
 
         stuck.release.set()
         await asyncio.wait_for(first, 5)
