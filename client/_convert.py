@@ -79,7 +79,11 @@ def build_start(request_id: str, prompt: str | None, options: GenerateOptions) -
     ]
     if len(given) != 1:
         raise InvalidArgument("give exactly one of prompt, messages or token_ids", field="start.input")
-    start = pb.Start(request_id=request_id, session_id=options.get("session_id") or "")
+    start = pb.Start(
+        request_id=request_id,
+        session_id=options.get("session_id") or "",
+        continue_session=bool(options.get("continue_session")),
+    )
     if prompt is not None:
         start.prompt = prompt
     elif messages is not None:

@@ -120,6 +120,7 @@ class GenerateOptions(TypedDict, total=False):
     # Identity and sessions. A missing request_id is chosen by the client (a uuid4 hex).
     request_id: str | None
     session_id: str | None
+    continue_session: bool | None  # refuse (NotFound) rather than start a new history when it is gone
     truncate_reply_chars: int | None  # cut the session's last reply to what was heard, in characters
     truncate_reply_tokens: int | None  # ... or in tokens
 

@@ -53,6 +53,7 @@ from tokenwire.client import (
     AsyncStream,
     Chunking,
     InterruptMode,
+    NotFound,
     Result,
     StopReason,
     TokenWireError,
@@ -187,28 +188,36 @@ class TokenWireLLMService(LLMService):  # type: ignore[misc]  # pipecat's classe
             system_instruction=self._settings.system_instruction or None,
             convert_developer_to_user=False,
         )
-        turns = chat_turns(params["messages"])
-        options = self._options()
+        context = chat_turns(params["messages"])
+        turns, options = context, self._options()
         if self._use_session:
-            turns, truncate = self._ledger.next_turn(turns)
-            options["session_id"] = self._ledger.session_id
-            if truncate is not None:
-                options["truncate_reply_chars"] = truncate
+            turns, options = self._session_turn(context, options)
         await self.start_ttfb_metrics()
-        generation = await self._start_generation(turns, options)
-        pushed: list[str] = []
-        try:
-            async for chunk in generation:
-                if not pushed:
-                    await self.stop_ttfb_metrics()
-                pushed.append(chunk.text)
-                await self._push_llm_text(chunk.text)
-        except asyncio.CancelledError:
-            await self._interrupt_generation(generation, "".join(pushed))
-            raise
-        except TokenWireError:
-            self._fail()
-            raise
+        while True:
+            generation = await self._start_generation(turns, options)
+            pushed: list[str] = []
+            try:
+                async for chunk in generation:
+                    if not pushed:
+                        await self.stop_ttfb_metrics()
+                    pushed.append(chunk.text)
+                    await self._push_llm_text(chunk.text)
+            except asyncio.CancelledError:
+                await self._interrupt_generation(generation, "".join(pushed))
+                raise
+            except NotFound:
+                if pushed or not options.get("continue_session"):
+                    self._fail()
+                    raise
+                # The server no longer holds the session (expired, evicted, another replica): the
+                # whole context again, in a new session.
+                self._ledger.forget()
+                turns, options = self._session_turn(context, self._options())
+                continue
+            except TokenWireError:
+                self._fail()
+                raise
+            break
         if not pushed:
             await self.stop_ttfb_metrics()  # a reply without text: its Finished is the first answer
         result = generation.result
@@ -217,6 +226,16 @@ class TokenWireLLMService(LLMService):  # type: ignore[misc]  # pipecat's classe
             # The server went away mid-reply (drained): the reply is cut short, as with a failure.
             self._fail()
             await self.push_error(error_msg="tokenwire: the server shut down before the reply ended")
+
+    def _session_turn(self, context: list[Any], options: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+        """What to send of the context with a session, and the options for it: only the new messages
+        when the session goes on (then the server must still hold it: continue_session)."""
+        turns, truncate = self._ledger.next_turn(context)
+        options["session_id"] = self._ledger.session_id
+        options["continue_session"] = len(turns) < len(context)
+        if truncate is not None:
+            options["truncate_reply_chars"] = truncate
+        return turns, options
 
     async def _interrupt_generation(self, generation: AsyncGeneration, pushed: str) -> None:
         """The turn was cancelled (an interruption, or the pipeline stopping): interrupt the generation

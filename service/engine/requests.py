@@ -128,6 +128,7 @@ class GenerationRequest:
     output: OutputOptions = field(default_factory=OutputOptions)
     session_id: str = ""
     truncation: SessionTruncation | None = None
+    continue_session: bool = False  # refuse (NOT_FOUND) rather than start a new history
     prompt_token_ids: list[int] = field(default_factory=list)
     # The principal (caller) the request belongs to: request ids and session ids are its own names,
     # so another principal can neither reach nor probe them. "" is the anonymous principal.

@@ -21,8 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenwire.service.engine.requests import GenerationRequest, SessionTruncation
+from tokenwire.service.engine.requests import (
+    ErrorCode,
+    GenerationRequest,
+    RequestError,
+    RequestField,
+    SessionTruncation,
+)
 from tokenwire.service.engine.runner import Runner
+from tokenwire.service.engine.wording import shown_id
 from tokenwire.service.model.types import PrefixCache
 
 
@@ -65,6 +72,13 @@ class SessionStore:
         with self._lock:
             self._expire(self.clock())
             session = self._sessions.get(request.session_key) if request.session_id else None
+            if session is None and request.continue_session:
+                raise RequestError(
+                    ErrorCode.NOT_FOUND,
+                    f"session {shown_id(request.session_id)} has no history here (expired, evicted, or "
+                    "kept by another replica): send the whole conversation",
+                    RequestField.SESSION_ID,
+                )
             if session is not None and request.truncation is not None:
                 session = _truncated(session, request.truncation, runner)
             history_chat = list(session.chat) if session and session.chat is not None else None

@@ -89,6 +89,8 @@ def start_to_request(start: pb.Start) -> GenerationRequest:
         raise _invalid("start.request_id", f"at most {MAX_ID_CHARS} characters")
     if len(start.session_id) > MAX_ID_CHARS:
         raise _invalid("start.session_id", f"at most {MAX_ID_CHARS} characters")
+    if start.continue_session and not start.session_id:
+        raise _invalid("start.continue_session", "needs a session_id: the session to continue")
     return GenerationRequest(
         request_id=start.request_id,
         input=_input(start),
@@ -97,6 +99,7 @@ def start_to_request(start: pb.Start) -> GenerationRequest:
         output=_output(start.output) if start.HasField("output") else OutputOptions(),
         session_id=start.session_id,
         truncation=_truncation(start.truncate_session) if start.HasField("truncate_session") else None,
+        continue_session=start.continue_session,
     )
 
 

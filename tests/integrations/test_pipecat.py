@@ -269,6 +269,27 @@ async def test_the_turn_after_an_interruption_holds_only_what_was_heard_and_reus
         await wait_until_idle(engine_of(server))
 
 
+async def test_a_session_the_server_lost_is_started_again_from_the_whole_context() -> None:
+    async with running_server(step_delay=0.002) as server:
+        options: dict[str, Any] = {"use_session": True, "settings": LLMSettings(max_tokens=4)}
+        async with bot(server.address, **options) as b:
+            await b.say(QUESTION)
+            await b.responses_ended(1)
+            first = b.llm.session_id
+            b.context.add_message({"role": "assistant", "content": b.llm.last_result.text})  # type: ignore[union-attr]
+            engine_of(server).sessions._sessions.clear()  # expired, evicted, or another replica took it
+            await b.say("the mat")
+            await b.responses_ended(2)
+            # Refused with NOT_FOUND (continue_session), then sent whole in a new session: no error frame,
+            # and the server's new history is the whole conversation, not the last message alone.
+            assert b.llm.session_id and b.llm.session_id != first
+            sessions = engine_of(server).sessions._sessions
+            (history,) = [s.chat for (_, sid), s in sessions.items() if sid == b.llm.session_id]
+            assert [role for role, _ in history] == ["user", "assistant", "user", "assistant"]
+            assert not b.source.of(ErrorFrame)
+        await wait_until_idle(engine_of(server))
+
+
 async def test_a_server_that_dies_mid_turn_gives_an_error_frame_and_no_hang() -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "tests.reliability.server_main", "--step-delay", "0.05", "--batch", "2"],

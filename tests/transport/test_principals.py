@@ -322,3 +322,30 @@ async def test_client_certificates_name_principals_and_health_has_a_plaintext_po
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await pb_grpc.TokenWireStub(plain).GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
             assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_continue_session_refuses_a_session_the_caller_does_not_hold(
+    channels: tuple[pb_grpc.TokenWireStub, pb_grpc.TokenWireStub],
+) -> None:
+    victim, attacker = channels
+
+    async def turn(
+        stub: pb_grpc.TokenWireStub, who: Any, request_id: str, **fields: Any
+    ) -> pb.GenerateResponse:
+        call = stub.Generate(metadata=who)
+        await call.write(start(request_id, 4, **fields))
+        await call.done_writing()
+        return (await read_rest(call))[-1]
+
+    assert (await turn(victim, ALICE, "c0", session_id="held")).HasField("finished")
+    assert (await turn(victim, ALICE, "c1", session_id="held", continue_session=True)).HasField("finished")
+    # Another principal continuing it finds nothing in its own namespace: NOT_FOUND, not the history.
+    refused = await turn(attacker, MALLORY, "m1", session_id="held", continue_session=True)
+    assert refused.error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert refused.error.field == "start.session_id" and refused.error.refused == pb.Error.REFUSAL_START
+    assert "send the whole conversation" in refused.error.message
+    alone = await turn(victim, ALICE, "c2", continue_session=True)
+    assert (alone.error.code, alone.error.field) == (
+        grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        "start.continue_session",
+    )

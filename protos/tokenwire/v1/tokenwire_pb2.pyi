@@ -67,7 +67,7 @@ class Heartbeat(_message.Message):
     def __init__(self) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("request_id", "prompt", "chat", "token_ids", "sampling", "stopping", "output", "session_id", "truncate_session")
+    __slots__ = ("request_id", "prompt", "chat", "token_ids", "sampling", "stopping", "output", "session_id", "truncate_session", "continue_session")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CHAT_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class Start(_message.Message):
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_SESSION_FIELD_NUMBER: _ClassVar[int]
+    CONTINUE_SESSION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     chat: Chat
@@ -86,7 +87,8 @@ class Start(_message.Message):
     output: OutputOptions
     session_id: str
     truncate_session: SessionTruncation
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingParams, _Mapping]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., session_id: _Optional[str] = ..., truncate_session: _Optional[_Union[SessionTruncation, _Mapping]] = ...) -> None: ...
+    continue_session: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., chat: _Optional[_Union[Chat, _Mapping]] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stopping: _Optional[_Union[StoppingParams, _Mapping]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., session_id: _Optional[str] = ..., truncate_session: _Optional[_Union[SessionTruncation, _Mapping]] = ..., continue_session: _Optional[bool] = ...) -> None: ...
 
 class Chat(_message.Message):
     __slots__ = ("messages",)
