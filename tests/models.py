@@ -13,14 +13,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tokenwire.service.kernels import ops
 from tokenwire.service.model.attention import decode_attention
-from tokenwire.service.model.loading import _cached_gguf_conversion, load_model, resolve_model
+from tokenwire.service.model.gguf_blocks import read_q4_1, read_q8_0
+from tokenwire.service.model.loading import _cached_gguf_metadata, load_model, resolve_model
 from tokenwire.service.model.quantized import (
     BlockLinear,
     BlockWeight,
     Q4Weight,
     Q8Weight,
-    read_q4_1,
-    read_q8_0,
     swap_in_block_linears,
 )
 from tokenwire.service.model.runner import ModelRunner
@@ -28,8 +27,8 @@ from tokenwire.service.model.runner import ModelRunner
 
 @functools.cache
 def default_model_folder() -> str:
-    """The default model unpacked to safetensors (converted once per machine, then cached)."""
-    return str(_cached_gguf_conversion(resolve_model("default")))
+    """The default model's config and tokenizer (read from its file once per machine, then cached)."""
+    return str(_cached_gguf_metadata(resolve_model("default")))
 
 
 @functools.cache

@@ -20,6 +20,10 @@
  *   Q8_0 codes  [N/16][K/4][64], qw + 128
  *   scale, minimum: as block_matmul.c, [N/16][K/32][16] floats
  *
+ * q8_matmul_groups_int8 takes 8-bit codes (qw + 128) with a minimum per group too (Q5_1, Q5_K:
+ * the minimum term as Q4_1's), and/or groups of 16 k's (Q6_K): then a block of 32 activations
+ * has two integer sums, one per group of 16, each scaled by its own group's scale and minimum.
+ *
  * Built only where the compiler targets AVX512-VNNI; elsewhere int8_activations() is 0, the
  * matmuls answer KERNEL_UNSUPPORTED, and Python keeps block_matmul.c.
  */
@@ -43,12 +47,14 @@ int int8_activations(void) { return 1; }
 #define PANEL_ROWS 128  /* rows per work item, so that a long prefill's codes stay in L2 */
 
 /* The rounded activations: codes [M][K], and per row and block the scale, the sum of the codes,
- * and scale * sum (Q4_1's minimum term takes it as it is, broadcast from memory). */
+ * and scale * sum (Q4_1's minimum term takes it as it is, broadcast from memory); and the sums of
+ * each half block (groups of 16, for Q6_K's weights). */
 typedef struct {
     int8_t *codes;
     float *scale;
     int32_t *sum;
     float *scaled_sum;
+    int32_t *sum16;
 } Activations;
 
 static void quantize_row(const float *x, int64_t r, int64_t K, Activations *a) {
@@ -67,6 +73,8 @@ static void quantize_row(const float *x, int64_t r, int64_t K, Activations *a) {
         _mm_storeu_si128((__m128i *)(a->codes + r * K + g * GROUP), _mm512_cvtsepi32_epi8(qlo));
         _mm_storeu_si128((__m128i *)(a->codes + r * K + g * GROUP + 16), _mm512_cvtsepi32_epi8(qhi));
         const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+        a->sum16[(r * groups + g) * 2] = _mm512_reduce_add_epi32(qlo);
+        a->sum16[(r * groups + g) * 2 + 1] = _mm512_reduce_add_epi32(qhi);
         a->scale[r * groups + g] = dx;
         a->sum[r * groups + g] = sum;
         a->scaled_sum[r * groups + g] = dx * (float)sum;
@@ -90,12 +98,14 @@ static inline __m512i four_codes(const int8_t *codes) {  /* 4 activation bytes i
     return _mm512_set1_epi32(four);
 }
 
-/* Rows r0..r0+rows-1 of tile t; `rows` and `bits` are constants after inlining. */
-static inline __attribute__((always_inline)) void block(const Matmul *m, int64_t r0, int rows, int64_t t, int bits) {
+/* Rows r0..r0+rows-1 of tile t, weights in groups of `group` (32 or 16) k's with or without a
+ * minimum (always for 4 bits); `rows`, `bits`, `group` and `has_min` are constants after inlining. */
+static inline __attribute__((always_inline)) void block(const Matmul *m, int64_t r0, int rows, int64_t t, int bits,
+                                                        int group, int has_min) {
     const int64_t K = m->K, groups = K / GROUP;
     const int8_t *x_codes = m->x->codes;
     const float *x_scale = m->x->scale, *x_scaled_sum = m->x->scaled_sum;
-    const int32_t *x_sum = m->x->sum;
+    const int32_t *x_sum = m->x->sum, *x_sum16 = m->x->sum16;
     const int64_t line_k = bits == 4 ? 8 : 4;  /* k's per 64-byte line */
     const uint8_t *lines = m->codes + t * (K / line_k) * 64;
     __m512 acc[BLOCK_ROWS];
@@ -115,8 +125,28 @@ static inline __attribute__((always_inline)) void block(const Matmul *m, int64_t
             }
         }
         /* Q4_1 lines hold k, k+4 in nibbles: vector h covers k = 8(h/2) + 4(h%2) either way */
+        if (group == 16) {  /* two groups of 16 k's: vectors 0..3, then 4..7 */
+            for (int half = 0; half < 2; half++) {
+                const int64_t gg = 2 * g + half;
+                const __m512 s16 = _mm512_loadu_ps(m->scale + (t * 2 * groups + gg) * TILE);
+                const __m512 m16 = has_min ? _mm512_loadu_ps(m->minimum + (t * 2 * groups + gg) * TILE) : s16;
+                for (int r = 0; r < rows; r++) {
+                    const int64_t row = r0 + r;
+                    const int8_t *qx = x_codes + row * K + g * GROUP;
+                    __m512i dot = _mm512_setzero_si512();
+                    for (int h = 4 * half; h < 4 * half + 4; h++)
+                        dot = _mm512_dpbusd_epi32(dot, w[h], four_codes(qx + 4 * h));
+                    const float dx = x_scale[row * groups + g];
+                    const int32_t sum = x_sum16[row * 2 * groups + gg];
+                    if (bits == 8) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * sum));
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s16, _mm512_set1_ps(dx)), acc[r]);
+                    if (has_min) acc[r] = _mm512_fmadd_ps(m16, _mm512_set1_ps(dx * (float)sum), acc[r]);
+                }
+            }
+            continue;
+        }
         const __m512 scale = _mm512_loadu_ps(m->scale + (t * groups + g) * TILE);
-        const __m512 minimum = bits == 4 ? _mm512_loadu_ps(m->minimum + (t * groups + g) * TILE) : scale;
+        const __m512 minimum = has_min ? _mm512_loadu_ps(m->minimum + (t * groups + g) * TILE) : scale;
         for (int r = 0; r < rows; r++) {
             const int64_t row = r0 + r;
             const int8_t *qx = x_codes + row * K + g * GROUP;
@@ -125,16 +155,16 @@ static inline __attribute__((always_inline)) void block(const Matmul *m, int64_t
             const float dx = x_scale[row * groups + g];
             if (bits == 8) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * x_sum[row * groups + g]));  /* codes are qw + 128 */
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, _mm512_set1_ps(dx)), acc[r]);
-            if (bits == 4) acc[r] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(x_scaled_sum[row * groups + g]), acc[r]);
+            if (has_min) acc[r] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(x_scaled_sum[row * groups + g]), acc[r]);
         }
     }
     for (int r = 0; r < rows; r++) _mm512_storeu_ps(m->y + (r0 + r) * m->N + t * TILE, acc[r]);
 }
 
-#define ROWS(n) case n: block(m, r, n, t, bits); break;
+#define ROWS(n) case n: block(m, r, n, t, bits, group, has_min); break;
 
 /* One item: one tile for a panel of up to PANEL_ROWS rows, in blocks of BLOCK_ROWS. */
-static inline __attribute__((always_inline)) void item(const Matmul *m, int64_t i, int bits) {
+static inline __attribute__((always_inline)) void item(const Matmul *m, int64_t i, int bits, int group, int has_min) {
     const int64_t tiles = m->N / TILE, t = i % tiles, r_begin = i / tiles * PANEL_ROWS;
     const int64_t r_end = r_begin + PANEL_ROWS < m->M ? r_begin + PANEL_ROWS : m->M;
     for (int64_t r = r_begin; r < r_end; r += BLOCK_ROWS) {
@@ -149,29 +179,34 @@ static inline __attribute__((always_inline)) void item(const Matmul *m, int64_t 
  * thread too (done alone first, it left the other threads idle for ~6% of a 16-row decode step).
  * Items are claimed in order, so a thread that reaches a multiply item waits only for rows that
  * others have already claimed. */
-static inline __attribute__((always_inline)) void job_item(Matmul *m, int64_t i, int bits) {
+static inline __attribute__((always_inline)) void job_item(Matmul *m, int64_t i, int bits, int group, int has_min) {
     if (i < m->M) {
         quantize_row(m->input, i, m->K, m->x);
         atomic_fetch_add_explicit(&m->rounded, 1, memory_order_release);
         return;
     }
     while (atomic_load_explicit(&m->rounded, memory_order_acquire) < m->M) _mm_pause();
-    item(m, i - m->M, bits);
+    item(m, i - m->M, bits, group, has_min);
 }
 
-static void q4_item(void *ctx, int64_t i) { job_item(ctx, i, 4); }
-static void q8_item(void *ctx, int64_t i) { job_item(ctx, i, 8); }
+static void q4_item(void *ctx, int64_t i) { job_item(ctx, i, 4, GROUP, 1); }
+static void q8_item(void *ctx, int64_t i) { job_item(ctx, i, 8, GROUP, 0); }
+static void q8_min_item(void *ctx, int64_t i) { job_item(ctx, i, 8, GROUP, 1); }
+static void q8_16_item(void *ctx, int64_t i) { job_item(ctx, i, 8, 16, 0); }
+static void q8_16_min_item(void *ctx, int64_t i) { job_item(ctx, i, 8, 16, 1); }
 
 static int run(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
                const float *minimum, int64_t N, float *y, int threads, item_fn fn)
 {
     const int64_t groups = K / GROUP;
     const int64_t per_group = M * groups;
-    char *scratch = kernel_malloc(per_group * (2 * sizeof(float) + sizeof(int32_t)) + M * K);
+    const int64_t fixed = per_group * (2 * sizeof(float) + 3 * sizeof(int32_t));  /* 4-byte values first */
+    char *scratch = kernel_malloc(fixed + M * K);
     if (!scratch) return KERNEL_NO_MEMORY;
-    Activations a = {(int8_t *)(scratch + per_group * (2 * sizeof(float) + sizeof(int32_t))), (float *)scratch,
+    Activations a = {(int8_t *)(scratch + fixed), (float *)scratch,
                      (int32_t *)(scratch + per_group * sizeof(float)),
-                     (float *)(scratch + per_group * (sizeof(float) + sizeof(int32_t)))};
+                     (float *)(scratch + per_group * (sizeof(float) + sizeof(int32_t))),
+                     (int32_t *)(scratch + per_group * (2 * sizeof(float) + sizeof(int32_t)))};
     Matmul m = {x, &a, M, K, codes, scale, minimum, N, y};
     atomic_init(&m.rounded, 0);
     parallel_for(M + (M + PANEL_ROWS - 1) / PANEL_ROWS * (N / TILE), threads, fn, &m);
@@ -191,6 +226,14 @@ int q8_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, c
     return run(x, M, K, codes, scale, 0, N, y, threads, q8_item);
 }
 
+int q8_matmul_groups_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
+                          const float *minimum, int64_t group, int64_t N, float *y, int threads)
+{
+    if (group != 16 && group != GROUP) return KERNEL_BAD_ARGUMENT;
+    item_fn fn = group == 16 ? (minimum ? q8_16_min_item : q8_16_item) : (minimum ? q8_min_item : q8_item);
+    return run(x, M, K, codes, scale, minimum, N, y, threads, fn);
+}
+
 #else
 
 int int8_activations(void) { return 0; }
@@ -200,5 +243,8 @@ int q4_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, c
                    const float *minimum, int64_t N, float *y, int threads) { return KERNEL_UNSUPPORTED; }
 int q8_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
                    int64_t N, float *y, int threads) { return KERNEL_UNSUPPORTED; }
+int q8_matmul_groups_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
+                          const float *minimum, int64_t group, int64_t N, float *y, int threads)
+{ return KERNEL_UNSUPPORTED; }
 
 #endif

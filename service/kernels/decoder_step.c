@@ -21,6 +21,14 @@
 #include "vec16.h"
 
 static int multiply(const Matrix *m, const float *x, int64_t rows, float *y, int threads) {
+    if (m->bits == 8 && (m->minimum || (m->group && m->group != 32))) {  /* Q5_1, Q5_K, Q6_K repacked */
+        const int64_t group = m->group ? m->group : 32;
+        if (m->int8_activations)
+            return q8_matmul_groups_int8(x, rows, m->in_features, m->codes, m->scale, m->minimum, group,
+                                         m->out_features, y, threads);
+        return q8_matmul_groups(x, rows, m->in_features, m->codes, m->scale, m->minimum, group, m->out_features,
+                                y, threads);
+    }
     if (m->int8_activations && m->bits == 4)
         return q4_matmul_int8(x, rows, m->in_features, m->codes, m->scale, m->minimum, m->out_features, y, threads);
     if (m->int8_activations)

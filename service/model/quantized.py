@@ -1,8 +1,18 @@
-"""Linear layers that keep a GGUF file's Q4_1 blocks and multiply on them directly.
+"""Linear layers that keep a GGUF file's quantized blocks and multiply on them directly.
 
 A Q4_1 block holds 32 weights of one output row as `w = d * q + m` (q in 0..15, d and m float16).
-These are the weights the GGUF file ships, not a second quantization of them: each layer is checked
-against the dense float32 unpacking before it is used. Two kernels take them:
+These are the weights the GGUF file ships, not a second quantization of them. The other common
+types are repacked at load into one of two layouts that give the same float32 weights exactly
+(gguf_blocks.py reads them; each type is tested against the `gguf` package's dequantization):
+
+- Q4Weight (4-bit codes, a scale and a minimum per 32): Q4_1 as it is; Q4_0 (`d * (q - 8)`: scale d,
+  minimum -8d); Q4_K, whose sub-blocks of 32 are affine (`d*sc * q - dmin*m`, both products exact
+  in float32: an 11-bit mantissa times a 6-bit integer).
+- Q8Weight (8-bit signed codes, a scale per group of 32 or 16, a minimum per group or none): Q8_0;
+  Q5_0 (codes q - 16); Q5_1 and Q5_K (codes 0..31 with a minimum); Q6_K (codes q - 32, scale d*sc
+  per sub-block of 16: an 11-bit mantissa times an 8-bit integer, exact).
+
+Two kernels take Q4Weight:
 
 - "native", the C kernels compiled at set-up (kernels/ops.py), on the file's weights exactly:
   - block_matmul_int8.c, where the CPU has AVX512-VNNI (the default there): activations rounded to
@@ -27,11 +37,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -73,22 +82,42 @@ class Q4Weight:
 
 @dataclass
 class Q8Weight:
-    """A [out, in] weight as 8-bit signed codes with a scale per group (GGUF Q8_0: w = d * q)."""
+    """A [out, in] weight as 8-bit signed codes with a scale per group of 32 or 16 inputs, and a
+    minimum per group or none: w = d * q (+ m). GGUF Q8_0 as it is; Q5_0, Q5_1, Q5_K, Q6_K repacked."""
 
     codes: torch.Tensor  # [out, in] int8
-    scale: torch.Tensor  # [out, in / GROUP] float32
+    scale: torch.Tensor  # [out, in / group] float32
+    minimum: torch.Tensor | None = None  # [out, in / group] float32
 
     @property
     def shape(self) -> tuple[int, int]:
         return (int(self.codes.shape[0]), int(self.codes.shape[1]))
 
+    @property
+    def group(self) -> int:
+        return self.shape[1] // int(self.scale.shape[1])
+
+    @property
+    def layout(self) -> tuple[int, bool]:
+        """What the kernels must agree on to stack two weights: (group, has a minimum)."""
+        return (self.group, self.minimum is not None)
+
     def dequantize(self) -> torch.Tensor:
         out, inp = self.shape
-        return (self.codes.view(out, inp // GROUP, GROUP).float() * self.scale[..., None]).view(out, inp)
+        group = self.group
+        weight = self.codes.view(out, inp // group, group).float() * self.scale[..., None]
+        if self.minimum is not None:
+            weight = weight + self.minimum[..., None]
+        return weight.view(out, inp)
 
     @staticmethod
     def concat(parts: list[Q8Weight]) -> Q8Weight:
-        return Q8Weight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]))
+        minimums = [p.minimum for p in parts]
+        return Q8Weight(
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            None if any(m is None for m in minimums) else torch.cat(minimums),  # type: ignore[arg-type]
+        )
 
 
 BlockWeight = Q4Weight | Q8Weight
@@ -155,7 +184,10 @@ class Q8Matmul:
     def __init__(self, weight: Q8Weight, activations: str = "auto") -> None:
         out, inp = weight.shape
         if not ops.available() or out % ops.TILE:
-            raise RuntimeError("Q8_0 blocks need the native kernel, for a multiple of 16 outputs")
+            raise RuntimeError("8-bit blocks need the native kernel, for a multiple of 16 outputs")
+        if weight.group not in (16, GROUP):
+            raise ValueError(f"8-bit blocks come in groups of 16 or 32 inputs, not {weight.group}")
+        self.group = weight.group
         self.out_features = out
         self.in_features = inp
         self.kernel = "native"
@@ -166,6 +198,7 @@ class Q8Matmul:
         else:  # block_matmul.c's layout: [tiles, in, 16]
             self.codes = weight.codes.view(out // ops.TILE, ops.TILE, inp).transpose(1, 2).contiguous()
         self.scale = _tiled(weight.scale)
+        self.minimum = None if weight.minimum is None else _tiled(weight.minimum)
 
     def blocks(self) -> Q8Weight:
         """The weight unpacked from the native layout."""
@@ -174,10 +207,10 @@ class Q8Matmul:
             codes = (shifted ^ 0x80).view(torch.int8)
         else:
             codes = self.codes.transpose(1, 2).reshape(self.out_features, self.in_features)
-        return Q8Weight(codes, _untiled(self.scale))
+        return Q8Weight(codes, _untiled(self.scale), None if self.minimum is None else _untiled(self.minimum))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _native_matmul(self, x, None)
+        return _native_matmul(self, x, self.minimum)
 
 
 ACTIVATIONS = ("auto", "int8", "float32")
@@ -214,8 +247,10 @@ def _native_matmul(
 ) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
     out = torch.empty(flat.shape[0], matmul.out_features, dtype=torch.float32)
-    bits = 4 if isinstance(matmul, Q4Matmul) else 8
-    ops.block_matmul(bits, matmul.activations == "int8", flat, matmul.codes, matmul.scale, minimum, out)
+    bits, group = (4, GROUP) if isinstance(matmul, Q4Matmul) else (8, matmul.group)
+    ops.block_matmul(
+        bits, matmul.activations == "int8", flat, matmul.codes, matmul.scale, minimum, out, group
+    )
     return out.to(x.dtype).view(*x.shape[:-1], matmul.out_features)
 
 
@@ -230,7 +265,7 @@ def fuse_blocks(linears: list[Any]) -> Q4Matmul | Q8Matmul | None:
     as separate matmuls); None unless all are BlockLinear of one format and activations."""
     if not all(isinstance(p, BlockLinear) for p in linears):
         return None
-    if len({(p.format, p.matmul.activations) for p in linears}) != 1:
+    if len({(p.layout, p.matmul.activations) for p in linears}) != 1:
         return None
     blocks = [p.weight_blocks for p in linears]
     first = linears[0].matmul
@@ -241,9 +276,10 @@ def fuse_blocks(linears: list[Any]) -> Q4Matmul | Q8Matmul | None:
 
 
 def block_format(model: Any) -> str:
-    """What GetModelInfo reports: "q4_1" if any layer runs on Q4_1 blocks, else "q8_0", else "dense"."""
-    kinds = {m.format for m in model.modules() if isinstance(m, BlockLinear)}
-    return "q4_1" if "q4_1" in kinds else "q8_0" if "q8_0" in kinds else "dense"
+    """What GetModelInfo reports: the GGUF type of most block layers ("q4_1" for the default model,
+    whose lm_head alone is Q8_0), or "dense" when there are none."""
+    kinds = Counter(m.format for m in model.modules() if isinstance(m, BlockLinear))
+    return max(kinds, key=lambda kind: (kinds[kind], kind)) if kinds else "dense"
 
 
 def block_activations(model: Any) -> str:
@@ -267,11 +303,13 @@ class _Released:
 
 
 class BlockLinear(nn.Module):
-    """Drop-in for a bias-free nn.Linear whose weight came from a Q4_1 or Q8_0 tensor."""
+    """Drop-in for a bias-free nn.Linear whose weight came from a GGUF tensor of blocks; `format`
+    names the file's type ("q4_k", ...; by default "q4_1" or "q8_0" after the layout)."""
 
-    def __init__(self, weight: BlockWeight, activations: str = "auto") -> None:
+    def __init__(self, weight: BlockWeight, activations: str = "auto", format: str | None = None) -> None:
         super().__init__()
-        self.format = "q4_1" if isinstance(weight, Q4Weight) else "q8_0"
+        self.format = format or ("q4_1" if isinstance(weight, Q4Weight) else "q8_0")
+        self.layout = (type(weight).__name__, *(weight.layout if isinstance(weight, Q8Weight) else ()))
         self.out_features, self.in_features = weight.shape
         self.matmul: Q4Matmul | Q8Matmul | _Released = block_matmul(weight, activations)
         # Kept only for torch's int4 kernel, whose packing cannot be unpacked: the native layout
@@ -301,26 +339,6 @@ class BlockLinear(nn.Module):
         )
 
 
-def read_q4_1(data: np.ndarray, shape: tuple[int, int]) -> Q4Weight:
-    """Split a GGUF Q4_1 tensor's bytes ([out, blocks * 20]) into codes, scales and minimums."""
-    out, inp = shape
-    blocks = np.ascontiguousarray(data).reshape(out, inp // GROUP, 20)
-    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    minimum = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    packed = blocks[..., 4:20]  # byte i: code of weight i (low nibble) and of weight i + 16 (high)
-    codes = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(out, inp)
-    return Q4Weight(torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(minimum))
-
-
-def read_q8_0(data: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
-    """Split a GGUF Q8_0 tensor's bytes ([out, blocks * 34]) into codes and scales."""
-    out, inp = shape
-    blocks = np.ascontiguousarray(data).reshape(out, inp // GROUP, 34)
-    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    codes = blocks[..., 2:34].copy().view(np.int8).reshape(out, inp)
-    return Q8Weight(torch.from_numpy(codes), torch.from_numpy(scale))
-
-
 def _unpermute_rows(weight: BlockWeight, heads: int) -> BlockWeight:
     """Undo llama.cpp's rotary row permutation of q/k (as transformers does when it loads GGUF)."""
 
@@ -328,73 +346,23 @@ def _unpermute_rows(weight: BlockWeight, heads: int) -> BlockWeight:
         rows = t.shape[0]
         return t.reshape(heads, rows // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
-    return type(weight)(*(unpermute(getattr(weight, f.name)) for f in dataclasses.fields(weight)))
+    fields = (getattr(weight, f.name) for f in dataclasses.fields(weight))
+    return type(weight)(*(None if t is None else unpermute(t) for t in fields))
 
 
-def extract_blocks(model: Any, gguf_path: Path) -> dict[str, BlockWeight]:
-    """The blocks of every bias-free nn.Linear of `model` that the GGUF file stores as Q4_1 or Q8_0.
-
-    A layer is taken only when its blocks dequantize to the model's (float32) weight exactly, so a
-    name or layout this code does not know keeps its dense layer instead of running wrong weights.
-    A tied lm_head is read from the token embedding (SmolLM2's is Q8_0).
-    Slow (the reader parses the whole vocabulary): run it once, when the file is first unpacked.
-    """
-    import gguf
-
-    config = model.config
-    arch = getattr(gguf.MODEL_ARCH, str(config.model_type).upper(), None)
-    if arch is None:
-        return {}
-    reader = gguf.GGUFReader(str(gguf_path))
-    tensors = {t.name: t for t in reader.tensors}
-    name_map = gguf.get_tensor_name_map(arch, int(config.num_hidden_layers))
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", heads))
-    readers = {gguf.GGMLQuantizationType.Q4_1: read_q4_1, gguf.GGMLQuantizationType.Q8_0: read_q8_0}
-    found: dict[str, BlockWeight] = {}
-    for module_name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module.bias is not None or module.in_features % GROUP:
-            continue
-        gguf_name = name_map.get_name(module_name)
-        tensor = tensors.get(f"{gguf_name}.weight") if gguf_name else None
-        if tensor is None and module is model.get_output_embeddings() and config.tie_word_embeddings:
-            gguf_name, tensor = "token_embd", tensors.get("token_embd.weight")
-        read = readers.get(tensor.tensor_type) if tensor is not None else None
-        if tensor is None or read is None:
-            continue
-        weight = read(tensor.data, (module.out_features, module.in_features))
-        if config.model_type == "llama" and gguf_name.endswith(".attn_q"):
-            weight = _unpermute_rows(weight, heads)
-        elif config.model_type == "llama" and gguf_name.endswith(".attn_k"):
-            weight = _unpermute_rows(weight, kv_heads)
-        if not torch.equal(weight.dequantize(), module.weight.detach().float()):
-            log.warning("%s: its blocks do not match the unpacked weight; it stays dense", module_name)
-            continue
-        found[module_name] = weight
-    return found
-
-
-def save_blocks(weights: dict[str, BlockWeight], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for name, w in weights.items():
-        for f in dataclasses.fields(w):
-            tensors[f"{name}.{f.name}"] = getattr(w, f.name)
-    save_file(tensors, str(path))
-
-
-def load_blocks(path: Path) -> dict[str, BlockWeight]:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    names = {key.rpartition(".")[0] for key in tensors}
-    return {
-        n: Q4Weight(tensors[f"{n}.codes"], tensors[f"{n}.scale"], tensors[f"{n}.minimum"])
-        if f"{n}.minimum" in tensors
-        else Q8Weight(tensors[f"{n}.codes"], tensors[f"{n}.scale"])
-        for n in names
-    }
+def can_run(weight: BlockWeight) -> bool:
+    """Whether a kernel here takes these blocks: Q4 ones always (torch's int4 kernel without C),
+    8-bit ones on the C kernels, for a multiple of 16 outputs (with a minimum or in groups of 16,
+    on builds that have q8_matmul_groups)."""
+    if isinstance(weight, Q4Weight):
+        return True
+    grouped = weight.minimum is not None or weight.group != GROUP
+    return (
+        ops.available()
+        and not weight.shape[0] % ops.TILE
+        and weight.group in (16, GROUP)
+        and (not grouped or ops.grouped_blocks())
+    )
 
 
 def swap_in_block_linears(model: Any, weights: dict[str, BlockWeight], activations: str = "auto") -> int:
@@ -405,7 +373,7 @@ def swap_in_block_linears(model: Any, weights: dict[str, BlockWeight], activatio
     """
     replaced = 0
     for module_name, weight in weights.items():
-        if isinstance(weight, Q8Weight) and (not ops.available() or weight.shape[0] % ops.TILE):
+        if not can_run(weight):
             continue  # no kernel takes it: it stays dense
         parent_name, _, attr = module_name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -1,0 +1,150 @@
+"""A GGUF tensor's bytes read into the block layouts the kernels run (quantized.py), type by type.
+
+Each reader gives the weights the `gguf` package's dequantization gives, bit for bit, as codes with
+a scale (and a minimum) per group: Q4_0, Q4_1 and Q4_K into Q4Weight; Q5_0, Q5_1, Q8_0, Q5_K and
+Q6_K into Q8Weight (quantized.py's docstring argues each exact; tests/model/test_gguf_blocks.py
+checks them against gguf.quants.dequantize). The layouts follow gguf-py's quants.py, which follows
+ggml-quants.c. Other types have no reader: their tensors are unpacked to float32 at load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from tokenwire.service.model.quantized import BlockWeight, Q4Weight, Q8Weight
+
+_K = 256  # values per K-quant super-block
+
+
+def _blocks(data: np.ndarray, shape: tuple[int, int], values: int, size: int) -> np.ndarray:
+    """[blocks, size] bytes, a row's blocks after one another."""
+    out, inp = shape
+    if inp % values:
+        raise ValueError(f"a row of {inp} values is not whole blocks of {values}")
+    return np.ascontiguousarray(data).view(np.uint8).reshape(out * inp // values, size)
+
+
+def _half(raw: np.ndarray) -> np.ndarray:
+    """[n, 2] bytes -> [n, 1] float32 (float16 in the file)."""
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def _nibbles(packed: np.ndarray) -> np.ndarray:
+    """[n, 16] bytes -> [n, 32]: the low nibbles are values 0..15, the high ones 16..31."""
+    return np.concatenate([packed & 0x0F, packed >> 4], axis=-1)
+
+
+def _fifth_bits(raw: np.ndarray) -> np.ndarray:
+    """[n, 4] bytes (a little-endian uint32) -> [n, 32]: bit i, as value i's fifth bit."""
+    high = np.ascontiguousarray(raw).view(np.uint32) >> np.arange(32, dtype=np.uint32)
+    return ((high & 1).astype(np.uint8)) << 4
+
+
+def _q4(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray, shape: tuple[int, int]) -> Q4Weight:
+    out, inp = shape
+    return Q4Weight(
+        torch.from_numpy(codes.astype(np.uint8).reshape(out, inp)),
+        torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(out, -1)),
+        torch.from_numpy(np.ascontiguousarray(minimum, dtype=np.float32).reshape(out, -1)),
+    )
+
+
+def _q8(codes: np.ndarray, scale: np.ndarray, minimum: np.ndarray | None, shape: tuple[int, int]) -> Q8Weight:
+    out, inp = shape
+    return Q8Weight(
+        torch.from_numpy(codes.astype(np.int8).reshape(out, inp)),
+        torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(out, -1)),
+        None
+        if minimum is None
+        else torch.from_numpy(np.ascontiguousarray(minimum, dtype=np.float32).reshape(out, -1)),
+    )
+
+
+def read_q4_0(data: np.ndarray, shape: tuple[int, int]) -> Q4Weight:
+    """w = d * (q - 8): scale d, minimum -8d (exact: a power of two times d)."""
+    b = _blocks(data, shape, 32, 18)
+    d = _half(b[:, 0:2])
+    return _q4(_nibbles(b[:, 2:18]), d, -8 * d, shape)
+
+
+def read_q4_1(data: np.ndarray, shape: tuple[int, int]) -> Q4Weight:
+    """w = d * q + m."""
+    b = _blocks(data, shape, 32, 20)
+    return _q4(_nibbles(b[:, 4:20]), _half(b[:, 0:2]), _half(b[:, 2:4]), shape)
+
+
+def read_q5_0(data: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
+    """w = d * (q - 16), q of 5 bits: 8-bit codes q - 16."""
+    b = _blocks(data, shape, 32, 22)
+    q = _nibbles(b[:, 6:22]) | _fifth_bits(b[:, 2:6])
+    return _q8(q.astype(np.int16) - 16, _half(b[:, 0:2]), None, shape)
+
+
+def read_q5_1(data: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
+    """w = d * q + m, q of 5 bits."""
+    b = _blocks(data, shape, 32, 24)
+    q = _nibbles(b[:, 8:24]) | _fifth_bits(b[:, 4:8])
+    return _q8(q, _half(b[:, 0:2]), _half(b[:, 2:4]), shape)
+
+
+def read_q8_0(data: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
+    """w = d * q, q signed 8 bits."""
+    b = _blocks(data, shape, 32, 34)
+    return _q8(b[:, 2:34].view(np.int8), _half(b[:, 0:2]), None, shape)
+
+
+def _k_scales(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K: 12 bytes -> the 8 sub-blocks' 6-bit scales and minimums (gguf's get_scale_min)."""
+    scales = raw.reshape(-1, 3, 4)
+    d, m, m_d = scales[:, 0], scales[:, 1], scales[:, 2]
+    sc = np.concatenate([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mins = np.concatenate([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc.astype(np.float32), mins.astype(np.float32)
+
+
+def read_q4_k(data: np.ndarray, shape: tuple[int, int]) -> Q4Weight:
+    """Super-blocks of 256: w = (d*sc) * q - dmin*m per sub-block of 32 (products exact in float32)."""
+    b = _blocks(data, shape, _K, 144)
+    sc, mins = _k_scales(b[:, 4:16])
+    scale, minimum = _half(b[:, 0:2]) * sc, _half(b[:, 2:4]) * mins
+    # 4 runs of 32 bytes: low nibbles are sub-block 2j, high ones 2j + 1
+    qs = b[:, 16:144].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return _q4(qs & 0x0F, scale, -minimum, shape)
+
+
+def read_q5_k(data: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
+    """As Q4_K with a fifth bit per value: codes 0..31 with a minimum."""
+    b = _blocks(data, shape, _K, 176)
+    sc, mins = _k_scales(b[:, 4:16])
+    scale, minimum = _half(b[:, 0:2]) * sc, _half(b[:, 2:4]) * mins
+    low = b[:, 48:176].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    high = b[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+    q = (low & 0x0F).reshape(-1, 8, 32) | ((high & 1) << 4)
+    return _q8(q, scale, -minimum, shape)
+
+
+def read_q6_k(data: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
+    """Super-blocks of 256: w = (d*sc) * (q - 32) per sub-block of 16, sc a signed byte: codes q - 32,
+    groups of 16 (d*sc exact in float32)."""
+    b = _blocks(data, shape, _K, 210)
+    low = b[:, 0:128].reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    high = b[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    q = (low & 0x0F).reshape(-1, 8, 32) | ((high & 0x03).reshape(-1, 8, 32) << 4)
+    scale = _half(b[:, 208:210]) * b[:, 192:208].view(np.int8).astype(np.float32)
+    return _q8(q.astype(np.int16) - 32, scale, None, shape)
+
+
+# ggml type id (gguf.GGMLQuantizationType) -> reader
+READERS: dict[int, Callable[[np.ndarray, tuple[int, int]], BlockWeight]] = {
+    2: read_q4_0,
+    3: read_q4_1,
+    6: read_q5_0,
+    7: read_q5_1,
+    8: read_q8_0,
+    12: read_q4_k,
+    13: read_q5_k,
+    14: read_q6_k,
+}

@@ -1,0 +1,269 @@
+"""A model built straight from a GGUF file: block tensors become BlockLinear layers, the rest float.
+
+No float32 unpacking of the whole file and no second copy on disk: the layers whose type has a
+reader (gguf_blocks.py) and a kernel take the file's blocks as they are, every other tensor (norms,
+the embedding, a type without a kernel) is dequantized by the `gguf` package and handed through
+transformers' own per-architecture processing (Gemma's norms, ...). A block tensor that processing
+would change other than by reordering its rows (llama's q/k permutation) stays dense, so a layer
+never runs on weights transformers would not have given it.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import gguf
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.initialization import no_init_weights
+from transformers.modeling_gguf_pytorch_utils import (
+    TENSOR_PROCESSORS,
+    TensorProcessor,
+    get_gguf_hf_weights_map,
+)
+
+from tokenwire.service.model.gguf_blocks import READERS
+from tokenwire.service.model.quantized import BlockLinear, BlockWeight, can_run
+
+log = logging.getLogger("tokenwire.model")
+
+_FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+
+
+def build_model(gguf_path: Path, config: Any, dtype: torch.dtype, *, blocks: bool, activations: str) -> Any:
+    """The model of `config` with the file's tensors: on blocks where `blocks` and a kernel takes them."""
+    file = np.memmap(gguf_path, mode="r", dtype=np.uint8)
+    header = read_header(file)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    processor = TENSOR_PROCESSORS.get(header.architecture, TensorProcessor)(config=config.to_dict())
+    names = get_gguf_hf_weights_map(model, processor)
+    params = dict(model.named_parameters())
+    tied_head = config.tie_word_embeddings and model.get_output_embeddings() is not None
+    loaded: set[str] = set()
+    dense_types: Counter[str] = Counter()
+    on_blocks: Counter[str] = Counter()
+    embedding = _embedding_name(model)
+    for info in header.tensors:
+        target = names.get(info.name)
+        if target is None or target not in params:
+            continue
+        data = file[header.data_start + info.offset : header.data_start + info.offset + info.nbytes]
+        kind = gguf.GGMLQuantizationType(info.ggml_type)
+        quantized = kind not in _FLOAT_TYPES
+        if blocks and target != embedding and _is_linear_weight(model, target):
+            block = _block_layer(processor, info.name, data, kind, info.shape, activations)
+            if block is not None:
+                _replace(model, target.rpartition(".")[0], block)
+                loaded.add(target)
+                on_blocks[kind.name] += 1
+                continue
+            if quantized:
+                dense_types[kind.name] += 1
+        param = params[target]
+        if tuple(info.shape) != tuple(param.shape):
+            raise ValueError(
+                f"{gguf_path}: {info.name} has shape {info.shape}, {target} {tuple(param.shape)}"
+            )
+        # A large tensor (Gemma's embedding: 671 MB in float32) in slices of rows, where the
+        # processing keeps rows in place: a whole float32 copy beside the parameter doubled the peak.
+        rows = np.asarray(data).reshape(*info.shape[:-1], -1)
+        order = _row_order(processor, info.name, len(rows)) if rows.ndim == 2 else None
+        keeps_rows = order is not None and np.array_equal(order, np.arange(len(rows)))
+        step = 16384 if keeps_rows else len(rows)
+        with torch.no_grad():
+            for at in range(0, len(rows), step):
+                values = gguf.quants.dequantize(rows[at : at + step], kind)
+                done = processor.process(
+                    weights=values, name=info.name, tensor_key_mapping=names, parsed_parameters={}
+                )
+                param[at : at + step].copy_(
+                    torch.from_numpy(np.require(done.weights, np.float32, ["C", "W"]))
+                )
+        loaded.add(target)
+        if target == embedding and tied_head and blocks:
+            head = _block_layer(processor, info.name, data, kind, info.shape, activations)
+            if head is not None:  # the tied lm_head on the embedding's blocks (SmolLM2's, Gemma's)
+                model.set_output_embeddings(head)
+                on_blocks[kind.name] += 1
+            elif quantized:
+                dense_types[kind.name] += 1
+    head = model.get_output_embeddings()
+    if tied_head and not isinstance(head, BlockLinear):  # from_config leaves the tie to from_pretrained
+        head.weight = model.get_input_embeddings().weight
+    _check_complete(model, loaded, gguf_path, tied_head)
+    for kind_name, count in sorted(dense_types.items()):
+        log.info("%d layers of type %s have no kernel here: unpacked to float32", count, kind_name)
+    if on_blocks:
+        log.info(
+            "layers on the file's blocks: %s", ", ".join(f"{n} {k}" for k, n in sorted(on_blocks.items()))
+        )
+    return model.eval()
+
+
+class TensorInfo(NamedTuple):
+    name: str
+    shape: tuple[int, ...]  # torch order: [out, in]
+    ggml_type: int
+    offset: int  # from data_start
+    nbytes: int
+
+
+class Header(NamedTuple):
+    architecture: str
+    tensors: list[TensorInfo]
+    data_start: int
+
+
+# GGUF metadata value types of fixed width -> struct format (8 is a string, 9 an array)
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def read_header(file: np.ndarray) -> Header:
+    """The architecture and tensor table of a GGUF file (v2/v3), skipping the vocabulary: gguf's
+    GGUFReader takes ~14 s over Gemma's 262k tokens, this ~0.2."""
+    blob = memoryview(file)  # type: ignore[arg-type]
+    if bytes(blob[:4]) != b"GGUF":
+        raise ValueError("not a GGUF file")
+    version, tensor_count, kv_count = struct.unpack_from("<IQQ", blob, 4)
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not read here (2 and 3 are)")
+    pos = 24
+
+    def string() -> str:
+        nonlocal pos
+        (length,) = struct.unpack_from("<Q", blob, pos)
+        pos += 8 + length
+        return bytes(blob[pos - length : pos]).decode("utf-8", "replace")
+
+    def skip(kind: int) -> Any:
+        nonlocal pos
+        if kind in _SCALARS:
+            (value,) = struct.unpack_from("<" + _SCALARS[kind], blob, pos)
+            pos += struct.calcsize(_SCALARS[kind])
+            return value
+        if kind == 8:
+            return string()
+        element, count = struct.unpack_from("<IQ", blob, pos)
+        pos += 12
+        if element in _SCALARS:
+            pos += count * struct.calcsize(_SCALARS[element])
+        else:
+            for _ in range(count):
+                skip(element)
+        return None
+
+    metadata = {}
+    for _ in range(kv_count):
+        key = string()
+        (kind,) = struct.unpack_from("<I", blob, pos)
+        pos += 4
+        metadata[key] = skip(kind)
+    tensors = []
+    for _ in range(tensor_count):
+        name = string()
+        (dims,) = struct.unpack_from("<I", blob, pos)
+        shape = struct.unpack_from(f"<{dims}Q", blob, pos + 4)
+        ggml_type, offset = struct.unpack_from("<IQ", blob, pos + 4 + 8 * dims)
+        pos += 4 + 8 * dims + 12
+        values, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+        nbytes = int(np.prod(shape)) // values * size
+        tensors.append(TensorInfo(name, tuple(reversed(shape)), ggml_type, offset, nbytes))
+    alignment = int(metadata.get("general.alignment") or 32)
+    return Header(
+        str(metadata["general.architecture"]), tensors, (pos + alignment - 1) // alignment * alignment
+    )
+
+
+def _embedding_name(model: Any) -> str:
+    embedding = model.get_input_embeddings()
+    return next(name for name, module in model.named_modules() if module is embedding) + ".weight"
+
+
+def _is_linear_weight(model: Any, target: str) -> bool:
+    """Whether `target` is the weight of a bias-free nn.Linear (what BlockLinear replaces)."""
+    module_name, _, leaf = target.rpartition(".")
+    module = model.get_submodule(module_name)
+    return leaf == "weight" and isinstance(module, nn.Linear) and module.bias is None
+
+
+def _replace(model: Any, module_name: str, block: BlockLinear) -> None:
+    parent_name, _, attr = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, block)
+
+
+def _block_layer(
+    processor: Any,
+    name: str,
+    data: np.ndarray,
+    kind: gguf.GGMLQuantizationType,
+    shape: tuple[int, ...],
+    activations: str,
+) -> BlockLinear | None:
+    read = READERS.get(int(kind))
+    if read is None or len(shape) != 2:
+        return None
+    out, inp = shape
+    rows = np.asarray(data).reshape(out, -1)
+    order = _row_order(processor, name, out)
+    if order is None:
+        return None
+    weight = read(rows, (out, inp))
+    # the reader against gguf's own dequantization, on a few rows (the tests check every type whole)
+    if not np.array_equal(
+        read(rows[:4], (min(4, out), inp)).dequantize().numpy(), gguf.quants.dequantize(rows[:4], kind)
+    ):
+        log.warning("%s: its %s blocks do not read as gguf dequantizes them; it stays dense", name, kind.name)
+        return None
+    if not np.array_equal(order, np.arange(out)):
+        weight = _reorder(weight, torch.from_numpy(order))
+    if not can_run(weight):
+        return None
+    return BlockLinear(weight, activations, kind.name.lower())
+
+
+def _row_order(processor: Any, name: str, rows: int) -> np.ndarray | None:
+    """How transformers' processing reorders this tensor's rows (llama's q/k), found by processing the
+    row numbers; None where it does anything else (then the layer stays dense)."""
+    index = np.stack([np.arange(rows, dtype=np.float64), np.arange(rows, dtype=np.float64) + 0.5], axis=1)
+    try:
+        done = np.asarray(
+            processor.process(
+                weights=index.copy(), name=name, tensor_key_mapping={}, parsed_parameters={}
+            ).weights
+        )
+    except Exception:  # a processor that needs the real tensor: keep it dense
+        return None
+    if done.shape != index.shape or not np.array_equal(done[:, 1], done[:, 0] + 0.5):
+        return None
+    order = done[:, 0]
+    if not np.array_equal(np.sort(order), index[:, 0]):
+        return None
+    return order.astype(np.int64)
+
+
+def _reorder(weight: BlockWeight, order: torch.Tensor) -> BlockWeight:
+    fields = [getattr(weight, f) for f in weight.__dataclass_fields__]
+    return type(weight)(*(None if t is None else t[order].contiguous() for t in fields))
+
+
+def _check_complete(model: Any, loaded: set[str], gguf_path: Path, tied_head: bool) -> None:
+    head = model.get_output_embeddings()
+    head_names = {n + ".weight" for n, m in model.named_modules() if m is head} if tied_head else set()
+    missing = [
+        name
+        for name, _ in model.named_parameters()
+        if name not in loaded and name not in head_names and not _is_block(model, name)
+    ]
+    if missing:
+        raise ValueError(f"{gguf_path}: no tensor in the file for {', '.join(missing[:5])}")
+
+
+def _is_block(model: Any, name: str) -> bool:
+    return isinstance(model.get_submodule(name.rpartition(".")[0]), BlockLinear)
