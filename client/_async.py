@@ -511,7 +511,17 @@ class AsyncClient:
     not answer. The channel is made on first use and belongs to the event loop in use then.
 
     `heartbeat_s`: a Generate stream whose request side has sent nothing this long sends a Heartbeat
-    message, so that a proxy in between does not cut it as idle (nginx: 60 s); None or 0: never."""
+    message, so that a proxy in between does not cut it as idle (nginx: 60 s); None or 0: never.
+
+    `load_balancing="round_robin"` spreads calls over every address the target resolves to, for
+    replicas without a proxy: `AsyncClient("dns:///tokenwire-headless:50051", load_balancing=
+    "round_robin")` over a headless Kubernetes Service (each stream then stays on the server it
+    started on). A unary `cancel` would go to the next server, not necessarily the one running the
+    generation: when the replicas' ids are their IP addresses (`--replica-id` set to the pod's IP, as
+    deploy/kubernetes does), it goes to that address at the target's port instead, for this client's
+    own generations and for `cancel(id, replica=IP)`; with other ids it finds the generation only by
+    chance (closing a generation, or interrupting it on its stream, always reaches its server). None
+    (default): gRPC's pick_first, one connection."""
 
     def __init__(
         self,
@@ -527,6 +537,7 @@ class AsyncClient:
         keepalive_s: float | None = DEFAULT_KEEPALIVE_S,
         wait_for_server: bool = True,
         heartbeat_s: float | None = DEFAULT_HEARTBEAT_S,
+        load_balancing: str | None = None,
     ) -> None:
         self._config = ChannelConfig(
             address,
@@ -540,10 +551,13 @@ class AsyncClient:
             keepalive_s,
             wait_for_server,
             heartbeat_s,
+            load_balancing,
         )
         if self._config.secure:
             self._config.credentials()  # read the PEM files now: a wrong path fails here, not later
         self._channel: Any = None  # grpc.aio.Channel, made on first use (it binds to the running loop)
+        # With load_balancing="round_robin": a channel to each server a Cancel had to reach, by address.
+        self._pinned: dict[str, Any] = {}
         self._stub: pb_grpc.TokenWireStub | None = None
         # Live generations this client started, by id, and their streams: cancel() routes by their replica.
         self._started: dict[str, AsyncStream] = {}
@@ -567,6 +581,8 @@ class AsyncClient:
         self._closed = True
         if self._channel is not None:
             await self._channel.close()
+        for channel in self._pinned.values():
+            await channel.close()
 
     # ---- generating ----
 
@@ -610,8 +626,16 @@ class AsyncClient:
         replica its stream answered with (`generation.replica`); for another's, pass `replica`."""
         if replica is None and request_id in self._started:
             replica = await self._started[request_id]._replica_known(self._config.connect_timeout)
+        # round_robin would send the Cancel to the next server, not necessarily the one that runs the
+        # generation: call that one when its replica id is its address.
+        pinned = self._config.pinned(replica) if self._config.balanced else None
+        channel = None if pinned is None else self._pinned_channel(pinned)
+        stub = (lambda: self._stub_()) if channel is None else (lambda: pb_grpc.TokenWireStub(channel))
         response = await self._unary(
-            lambda: self._stub_().Cancel, pb.CancelRequest(request_id=request_id), replica_metadata(replica)
+            lambda: stub().Cancel,
+            pb.CancelRequest(request_id=request_id),
+            replica_metadata(replica),
+            channel=channel,
         )
         return _convert.cancel_result_from_pb(response)
 
@@ -658,6 +682,14 @@ class AsyncClient:
             self._stub = pb_grpc.TokenWireStub(self._channel)
         return self._stub
 
+    def _pinned_channel(self, config: ChannelConfig) -> Any:
+        """A channel (grpc.aio) to the one server `config` names, kept for the client's life."""
+        if self._closed:
+            raise RuntimeError("the client is closed")
+        if config.address not in self._pinned:
+            self._pinned[config.address] = open_async(config)
+        return self._pinned[config.address]
+
     async def _connected_stub(self, timeout: float | None) -> pb_grpc.TokenWireStub:
         """The stub once the channel is connected; Unavailable after `timeout` s (None: no limit)."""
         stub = self._stub_()
@@ -665,14 +697,24 @@ class AsyncClient:
         return stub
 
     async def _unary(
-        self, method: Callable[[], Any], request: Any, extra: tuple[tuple[str, str], ...] = ()
+        self,
+        method: Callable[[], Any],
+        request: Any,
+        extra: tuple[tuple[str, str], ...] = (),
+        *,
+        channel: Any = None,
     ) -> Any:
+        """Call `method()` (retried on UNAVAILABLE within connect_timeout) once the client's channel, or
+        `channel` when given, is connected."""
         config = self._config
         loop = asyncio.get_running_loop()
         deadline = None if config.connect_timeout is None else loop.time() + config.connect_timeout
         for attempt in itertools.count():
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            await self._connected_stub(remaining)
+            if channel is None:
+                await self._connected_stub(remaining)
+            else:
+                await wait_ready_async(channel, config, remaining)
             try:
                 metadata = config.metadata + extra
                 return await method()(request, timeout=config.timeout, metadata=metadata)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from tokenwire.v1.metadata import REPLICA_HEADER
 from ._errors import InvalidArgument, TokenWireError, Unavailable
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+LOAD_BALANCING = (None, "pick_first", "round_robin")
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 # A keepalive ping after this long without traffic notices a dead peer (or a proxy that dropped the
 # connection) during a long queue wait. gRPC servers by default tolerate pings every few minutes only
@@ -58,10 +61,41 @@ class ChannelConfig:
     wait_for_server: bool = True
     # A Heartbeat on a Generate request side silent this long (None or 0: never).
     heartbeat_s: float | None = DEFAULT_HEARTBEAT_S
+    # gRPC's load-balancing policy over every address the target resolves to (None: gRPC's default,
+    # pick_first: one connection). "round_robin" spreads calls over all of them, e.g. over the pods of a
+    # headless Kubernetes Service ("dns:///tokenwire-headless:50051").
+    load_balancing: str | None = None
+    # The server name for a channel opened to one replica's address (see `pinned`): the :authority, and
+    # the name a TLS certificate is checked against.
+    authority: str | None = None
 
     def __post_init__(self) -> None:
         if (self.client_cert is None) != (self.client_key is None):
             raise ValueError("client_cert and client_key go together")
+        if self.load_balancing not in LOAD_BALANCING:
+            choices = ", ".join(repr(p) for p in LOAD_BALANCING)
+            raise ValueError(f"load_balancing must be one of {choices}, got {self.load_balancing!r}")
+
+    @property
+    def balanced(self) -> bool:
+        """Whether calls spread over several servers, so that a unary call may reach another replica."""
+        return self.load_balancing == "round_robin"
+
+    def pinned(self, replica: str | None) -> ChannelConfig | None:
+        """The settings for a channel to the one replica named `replica`, when that name is its IP
+        address (as deploy/kubernetes sets --replica-id to the pod's IP): that address at the target's
+        port, with the same credentials and server name, one connection. None for any other name, or a
+        target whose port is not known. (gRPC's Python calls do not say which address served them.)"""
+        try:
+            ip = ipaddress.ip_address(replica or "")
+        except ValueError:
+            return None
+        port = target_port(self.address)
+        if port is None:
+            return None
+        address = f"ipv4:{ip}:{port}" if ip.version == 4 else f"ipv6:[{ip}]:{port}"
+        authority = self.authority or target_authority(self.address)
+        return dataclasses.replace(self, address=address, load_balancing=None, authority=authority)
 
     @property
     def secure(self) -> bool:
@@ -85,6 +119,12 @@ class ChannelConfig:
                 ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
                 ("grpc.keepalive_timeout_ms", 20_000),
             ]
+        if self.load_balancing:
+            options.append(("grpc.lb_policy_name", self.load_balancing))
+        if self.authority:
+            options.append(("grpc.default_authority", self.authority))
+            if self.secure:  # check the certificate against the server's name, not the bare address
+                options.append(("grpc.ssl_target_name_override", self.authority.rsplit(":", 1)[0]))
         return options
 
     @property
@@ -145,6 +185,26 @@ def connect_failure(details: str) -> tuple[bool, str] | None:
     if any(s in text for s in _NOT_CONNECTED):
         return False, tail or last
     return None
+
+
+def target_authority(address: str) -> str | None:
+    """The host:port a target names ("dns:///tokenwire-headless:50051" -> "tokenwire-headless:50051"),
+    or None for one that names addresses only (ipv4:, ipv6:, unix:)."""
+    if address.startswith("dns:"):
+        rest = address[len("dns:") :]
+        return rest[2:].split("/", 1)[-1] if rest.startswith("//") else rest
+    scheme = address.split(":", 1)[0]
+    return None if scheme in ("ipv4", "ipv6", "unix", "unix-abstract", "vsock") else address
+
+
+def target_port(address: str) -> int | None:
+    """The port a target dials (the first address's, for a list), or None when it names none."""
+    rest = target_authority(address)
+    if rest is None and address.startswith(("ipv4:", "ipv6:")):
+        rest = address.split(":", 1)[1].split(",", 1)[0]
+    if not rest or not rest.rsplit(":", 1)[-1].isdigit() or ":" not in rest:
+        return None
+    return int(rest.rsplit(":", 1)[1])
 
 
 def replica_metadata(replica: str | None) -> tuple[tuple[str, str], ...]:

@@ -491,7 +491,8 @@ class Client:
     client opens and do not apply (TLS settings with `channel` raise ValueError); `token` and `timeout`
     still do, and `address` only names the server in messages.
 
-    `heartbeat_s`: see AsyncClient."""
+    `heartbeat_s`, `load_balancing`: see AsyncClient (`load_balancing` configures a channel the client
+    opens: with `channel` it raises ValueError)."""
 
     def __init__(
         self,
@@ -508,6 +509,7 @@ class Client:
         wait_for_server: bool = True,
         channel: grpc.Channel | None = None,
         heartbeat_s: float | None = DEFAULT_HEARTBEAT_S,
+        load_balancing: str | None = None,
     ) -> None:
         self._config = ChannelConfig(
             address,
@@ -521,9 +523,15 @@ class Client:
             keepalive_s,
             wait_for_server,
             heartbeat_s,
+            load_balancing,
         )
         if channel is not None and self._config.secure:
             raise ValueError("tls, ca_file and client_cert apply to a channel the client opens")
+        if channel is not None and load_balancing is not None:
+            raise ValueError("load_balancing applies to a channel the client opens")
+        # With load_balancing="round_robin": a channel to each server a Cancel had to reach, by address.
+        self._pinned: dict[str, grpc.Channel] = {}
+        self._pinned_lock = threading.Lock()
         self._owns_channel = channel is None
         # Making a channel does not connect: that happens on the first call.
         self._channel: grpc.Channel = open_sync(self._config) if channel is None else channel
@@ -549,6 +557,10 @@ class Client:
         """Close the channel; calls still running are cancelled. A channel passed in stays open."""
         if self._owns_channel:
             self._channel.close()
+        with self._pinned_lock:
+            pinned, self._pinned = list(self._pinned.values()), {}
+        for channel in pinned:
+            channel.close()
 
     # ---- generating ----
 
@@ -588,8 +600,12 @@ class Client:
         stream = self._started.get(request_id) if replica is None else None
         if stream is not None:
             replica = stream._replica_known(self._config.connect_timeout)
+        # round_robin would send the Cancel to the next server: see AsyncClient.cancel.
+        pinned = self._config.pinned(replica) if self._config.balanced else None
+        channel = None if pinned is None else self._pinned_channel(pinned)
+        method = self._stub.Cancel if channel is None else pb_grpc.TokenWireStub(channel).Cancel
         response = self._unary(
-            self._stub.Cancel, pb.CancelRequest(request_id=request_id), replica_metadata(replica)
+            method, pb.CancelRequest(request_id=request_id), replica_metadata(replica), channel=channel
         )
         return _convert.cancel_result_from_pb(response)
 
@@ -620,6 +636,13 @@ class Client:
 
     # ---- plumbing ----
 
+    def _pinned_channel(self, config: ChannelConfig) -> grpc.Channel:
+        """A channel to the one server `config` names, kept for the client's life."""
+        with self._pinned_lock:
+            if config.address not in self._pinned:
+                self._pinned[config.address] = open_sync(config)
+            return self._pinned[config.address]
+
     def _connected_stub(self, timeout: float | None) -> pb_grpc.TokenWireStub:
         """The stub once the channel is connected; Unavailable after `timeout` s (None: no limit). A
         channel passed in is the caller's to connect: it is used as it is."""
@@ -628,13 +651,23 @@ class Client:
         return self._stub
 
     def _unary(
-        self, method: Callable[..., Any], request: Any, extra: tuple[tuple[str, str], ...] = ()
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        extra: tuple[tuple[str, str], ...] = (),
+        *,
+        channel: grpc.Channel | None = None,
     ) -> Any:
+        """Call `method` (retried on UNAVAILABLE within connect_timeout) once the client's channel, or
+        `channel` when given, is connected."""
         config = self._config
         deadline = None if config.connect_timeout is None else time.monotonic() + config.connect_timeout
         for attempt in itertools.count():
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self._connected_stub(remaining)
+            if channel is None:
+                self._connected_stub(remaining)
+            else:
+                wait_ready_sync(channel, config, remaining)
             try:
                 return method(request, timeout=config.timeout, metadata=config.metadata + extra)
             except grpc.RpcError as error:

@@ -25,7 +25,7 @@ class _EngineCollector(Collector):
     def __init__(self, engine: Callable[[], Engine | None]) -> None:
         self._engine = engine
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         engine = self._engine()
         if engine is None:  # still loading the model
             return
@@ -52,6 +52,23 @@ class _EngineCollector(Collector):
             "tokenwire_prefix_cache_hits",
             "Requests that reused a kept prefix without a session.",
             engine.prefix_cache_hits,
+        )
+        # The same load under the names an inference gateway scrapes: the Gateway API Inference
+        # Extension's endpoint picker reads these three (its model-server protocol names vLLM's). Our KV
+        # cache is one row per sequence, and a request waits only for a free row, so the fraction of rows
+        # held is what "KV cache usage" means here (0-1, as vLLM's).
+        yield GaugeMetricFamily(
+            "vllm:num_requests_waiting", "Requests queued (= tokenwire_waiting_requests).", engine.num_waiting
+        )
+        yield GaugeMetricFamily(
+            "vllm:num_requests_running",
+            "Requests running (= tokenwire_running_requests).",
+            engine.num_running,
+        )
+        yield GaugeMetricFamily(
+            "vllm:kv_cache_usage_perc",
+            "Fraction of KV cache slots held, 0-1 (= tokenwire_kv_slots_in_use / tokenwire_kv_slots).",
+            engine.kv_slots_in_use / engine.kv_slots if engine.kv_slots else 0.0,
         )
 
 

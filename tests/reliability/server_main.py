@@ -21,7 +21,7 @@ async def main(args: argparse.Namespace) -> None:
     engine = Engine(runner, EngineConfig(max_batch_size=args.batch, max_live_requests=256))
     engine.start()
     config = ServerConfig(
-        host="127.0.0.1",
+        host=args.host,
         port=args.port,
         grace_period_s=0.0,
         replica_id=args.replica_id,
@@ -52,6 +52,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--step-delay", type=float, default=0.001)
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--replica-id", default="")
     parser.add_argument("--heartbeat-interval", type=float, default=ServerConfig.heartbeat_interval_s)

@@ -803,6 +803,40 @@ async def test_metrics_move_after_a_generation() -> None:
     assert samples["tokenwire_kv_slots"] == 4 and samples["tokenwire_session_cache_bytes"] == 0
 
 
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {
+        name: float(value)
+        for name, _, value in (line.rpartition(" ") for line in text.splitlines())
+        if name and not name.startswith("#")
+    }
+
+
+async def test_load_gauges_also_carry_the_names_an_inference_gateway_scrapes() -> None:
+    """vllm:num_requests_waiting, vllm:num_requests_running and vllm:kv_cache_usage_perc (0-1), the
+    names the Gateway API Inference Extension's endpoint picker reads, say what our own gauges say."""
+    port = free_port()
+    async with (
+        running_server(metrics_port=port, step_delay=0.01) as server,
+        grpc.aio.insecure_channel(server.address) as ch,
+    ):
+        engine = server.engine
+        assert engine is not None
+        idle = await asyncio.to_thread(_scrape, port)
+        assert idle["vllm:num_requests_waiting"] == idle["vllm:num_requests_running"] == 0
+        assert idle["vllm:kv_cache_usage_perc"] == 0
+        call = pb_grpc.TokenWireStub(ch).Generate()
+        for number in range(6):  # 4 KV slots: 4 run to the context's end (~2.5 s), 2 wait
+            await call.write(start(f"long-{number}", None))
+        await until(lambda: (engine.num_running, engine.num_waiting) == (4, 2), what="4 running, 2 waiting")
+        busy = await asyncio.to_thread(_scrape, port)
+        call.cancel()
+    assert busy["vllm:num_requests_running"] == busy["tokenwire_running_requests"] == 4
+    assert busy["vllm:num_requests_waiting"] == busy["tokenwire_waiting_requests"] == 2
+    in_use = busy["tokenwire_kv_slots_in_use"] / busy["tokenwire_kv_slots"]
+    assert busy["vllm:kv_cache_usage_perc"] == in_use == 1.0
+
+
 # ---- configuration ----
 
 
