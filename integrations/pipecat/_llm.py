@@ -188,10 +188,10 @@ class TokenWireLLMService(LLMService):  # type: ignore[misc]  # pipecat's classe
             system_instruction=self._settings.system_instruction or None,
             convert_developer_to_user=False,
         )
-        context = chat_turns(params["messages"])
-        turns, options = context, self._options()
+        messages = chat_turns(params["messages"])
+        turns, options = messages, self._options()
         if self._use_session:
-            turns, options = self._session_turn(context, options)
+            turns, options = self._session_turn(messages, options)
         await self.start_ttfb_metrics()
         while True:
             generation = await self._start_generation(turns, options)
@@ -212,7 +212,7 @@ class TokenWireLLMService(LLMService):  # type: ignore[misc]  # pipecat's classe
                 # The server no longer holds the session (expired, evicted, another replica): the
                 # whole context again, in a new session.
                 self._ledger.forget()
-                turns, options = self._session_turn(context, self._options())
+                turns, options = self._session_turn(messages, self._options())
                 continue
             except TokenWireError:
                 self._fail()
@@ -227,12 +227,14 @@ class TokenWireLLMService(LLMService):  # type: ignore[misc]  # pipecat's classe
             self._fail()
             await self.push_error(error_msg="tokenwire: the server shut down before the reply ended")
 
-    def _session_turn(self, context: list[Any], options: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-        """What to send of the context with a session, and the options for it: only the new messages
-        when the session goes on (then the server must still hold it: continue_session)."""
-        turns, truncate = self._ledger.next_turn(context)
+    def _session_turn(
+        self, messages: list[tuple[str, str]], options: dict[str, Any]
+    ) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+        """What to send of the context's messages with a session, and the options for it: only the new
+        messages when the session goes on (then the server must still hold it: continue_session)."""
+        turns, truncate = self._ledger.next_turn(messages)
         options["session_id"] = self._ledger.session_id
-        options["continue_session"] = len(turns) < len(context)
+        options["continue_session"] = len(turns) < len(messages)
         if truncate is not None:
             options["truncate_reply_chars"] = truncate
         return turns, options

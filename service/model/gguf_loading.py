@@ -29,7 +29,7 @@ from transformers.modeling_gguf_pytorch_utils import (
 )
 
 from tokenwire.service.model.gguf_blocks import READERS
-from tokenwire.service.model.quantized import BlockLinear, BlockWeight, can_run
+from tokenwire.service.model.quantized import BlockLinear, BlockWeight, can_run, map_tensors
 
 log = logging.getLogger("tokenwire.model")
 
@@ -249,8 +249,7 @@ def _row_order(processor: Any, name: str, rows: int) -> np.ndarray | None:
 
 
 def _reorder(weight: BlockWeight, order: torch.Tensor) -> BlockWeight:
-    fields = [getattr(weight, f) for f in weight.__dataclass_fields__]
-    return type(weight)(*(None if t is None else t[order].contiguous() for t in fields))
+    return map_tensors(weight, lambda t: t[order].contiguous())
 
 
 def _check_complete(model: Any, loaded: set[str], gguf_path: Path, tied_head: bool) -> None:

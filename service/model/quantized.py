@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -346,8 +347,15 @@ def _unpermute_rows(weight: BlockWeight, heads: int) -> BlockWeight:
         rows = t.shape[0]
         return t.reshape(heads, rows // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
 
-    fields = (getattr(weight, f.name) for f in dataclasses.fields(weight))
-    return type(weight)(*(None if t is None else unpermute(t) for t in fields))
+    return map_tensors(weight, unpermute)
+
+
+def map_tensors(weight: BlockWeight, change: Callable[[torch.Tensor], torch.Tensor]) -> BlockWeight:
+    """The weight with `change` applied to each of its tensors (codes, scales, minimums)."""
+    changed = {
+        f.name: change(t) for f in dataclasses.fields(weight) if (t := getattr(weight, f.name)) is not None
+    }
+    return dataclasses.replace(weight, **changed)
 
 
 def can_run(weight: BlockWeight) -> bool:

@@ -97,7 +97,10 @@ async def test_a_refused_turn_leaves_the_session_as_it_was(engine: Engine) -> No
     _, _, reply, _, _ = await turn(engine, "r1", HISTORY, "kept")
     busy = engine.add_request(
         GenerationRequest(
-            "r2", PromptInput(chat=QUESTION), stopping=StoppingParams(max_tokens=400, ignore_eos=True), session_id="kept"
+            "r2",
+            PromptInput(chat=QUESTION),
+            stopping=StoppingParams(max_tokens=400, ignore_eos=True),
+            session_id="kept",
         )
     )
     with pytest.raises(RequestError) as refused:  # the session is busy: this turn cannot run
