@@ -284,6 +284,11 @@ def _parse(body: object, kind: str) -> ApiCall:
     if max_tokens is not None:
         start.stopping.max_tokens = max_tokens
     start.stopping.stop.extend(_stop(body))
+    # vLLM's extensions, which benchmark clients send: exactly max_tokens, or at least min_tokens.
+    start.stopping.ignore_eos = _boolean(body, "ignore_eos")
+    min_tokens = _integer(body, "min_tokens", 0, UINT32_MAX)
+    if min_tokens:
+        start.stopping.min_tokens = min_tokens
 
     sampling = start.sampling
     temperature = _number(body, "temperature")
@@ -327,6 +332,7 @@ def _parse(body: object, kind: str) -> ApiCall:
         "start.token_ids.ids": input_param,
         "start.stopping.max_tokens": max_param,
         "start.stopping.stop": "stop",
+        "start.stopping.min_tokens": "min_tokens",
         "start.sampling.temperature": "temperature",
         "start.sampling.top_p": "top_p",
         "start.sampling.top_k": "top_k",

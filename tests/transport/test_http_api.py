@@ -127,6 +127,28 @@ async def test_completions_default_to_sixteen_tokens_like_openai(front: RunningS
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+async def test_vllms_ignore_eos_and_min_tokens(front: RunningServer) -> None:
+    """Benchmark clients (vLLM's, llama.cpp's) ask for exactly max_tokens with vLLM's extension fields."""
+    assert front.engine is not None
+    ended = record_ends(front.engine)
+    async with sdk(front) as client:
+        exact = await client.completions.create(
+            model="fake", prompt=" hello world", max_tokens=40, extra_body={"ignore_eos": True}
+        )
+        await client.completions.create(
+            model="fake", prompt=" hello", max_tokens=30, extra_body={"min_tokens": 12}
+        )
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.completions.create(
+                model="fake", prompt=" hi", max_tokens=4, extra_body={"min_tokens": -1}
+            )
+    assert exact.usage is not None and exact.usage.completion_tokens == 40
+    assert exact.choices[0].finish_reason == "length"
+    assert [request.stopping.ignore_eos for request, _ in ended] == [True, False]
+    assert ended[1][0].stopping.min_tokens == 12
+    assert caught.value.body["param"] == "min_tokens"  # type: ignore[index]
+
+
 async def test_a_stop_string_ends_with_finish_reason_stop(front: RunningServer) -> None:
     async with sdk(front) as client:
         free = await client.completions.create(model="fake", prompt=" hello world", max_tokens=8)
