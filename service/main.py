@@ -24,6 +24,7 @@ from typing import Any, NoReturn, TypeVar
 import tokenwire
 from tokenwire.service.engine.engine import Engine, EngineConfig
 from tokenwire.service.engine.runner import Runner
+from tokenwire.service.model.kv_budget import DEFAULT_KV_CACHE_MIB  # plain Python: no torch
 from tokenwire.service.transport.auth import TokensFileError
 from tokenwire.service.transport.server import BindError, ServerConfig, host_port, serve, tls_problem
 from tokenwire.service.transport.servicer import DEFAULT_HEARTBEAT_S, DEFAULT_MAX_STREAMS_PER_PRINCIPAL
@@ -54,6 +55,8 @@ class ModelConfig:
     activations: str = "auto"
     max_batch_size: int = EngineConfig.max_batch_size
     max_context: int | None = None
+    kv_cache_bytes: int = DEFAULT_KV_CACHE_MIB * 2**20  # the KV cache's most: the context follows from it
+    chat_template: str | None = None  # a family's name or a Jinja file, in place of the model's own
     threads: int = 0  # torch intra-op threads; 0: one per core, fewer while other processes hold cores
     max_live_requests: int = EngineConfig.max_live_requests
     max_live_requests_per_principal: int = DEFAULT_LIVE_REQUESTS_PER_PRINCIPAL
@@ -132,6 +135,8 @@ def load_runner(config: ModelConfig) -> Runner:
         activations=config.activations,
         max_batch_size=config.max_batch_size,
         max_context=config.max_context,
+        kv_cache_bytes=config.kv_cache_bytes,
+        chat_template=config.chat_template,
     )
     if not config.threads:
         runner.adapt_threads()
@@ -236,8 +241,11 @@ async def run_server(server_config: ServerConfig, model_config: ModelConfig) -> 
         runner = loading.result()
     except Exception as error:
         from tokenwire.service.model.architectures import UnsupportedModelError  # loaded by now
+        from tokenwire.service.model.kv_budget import KVBudgetError
+        from tokenwire.service.model.templates import ChatTemplateError
 
-        if isinstance(error, UnsupportedModelError):  # a refusal that says what is supported: no traceback
+        # A refusal that says what to change (what is supported, a flag): no traceback.
+        if isinstance(error, UnsupportedModelError | KVBudgetError | ChatTemplateError):
             log.error("cannot serve model %r: %s", model_config.model, error)
         else:
             log.exception("could not load model %r", model_config.model)
@@ -490,7 +498,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=EngineConfig.max_batch_size,
     )
     model.add(
-        "--max-context", "cap on prompt plus generated tokens (default: the model's)", type=int, default=None
+        "--max-context",
+        "cap on prompt plus generated tokens (default: the model's, or what --kv-cache-mib holds)",
+        type=int,
+        default=None,
+    )
+    model.add(
+        "--kv-cache-mib",
+        "memory the KV cache may take, in MiB, for --max-batch-size sequences at once: the context is "
+        "the model's, or the longest that fits (logged at start; refused when not even 256 tokens fit). "
+        "Taken as it fills, not at start",
+        type=_positive_int,
+        metavar="MIB",
+        default=DEFAULT_KV_CACHE_MIB,
+    )
+    model.add(
+        "--chat-template",
+        "the chat template, in place of the model's own (from its GGUF file or tokenizer config): a Jinja "
+        "file, or one of chatml, gemma, llama3, mistral, phi3 (each as that family's tokenizer config has "
+        "it; a reply also ends at its end-of-turn token). Without either, chat requests are refused",
+        metavar="NAME|FILE",
+        default=None,
     )
     model.add(
         "--threads",
@@ -590,6 +618,8 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, ModelConf
         activations=args.activations,
         max_batch_size=args.max_batch_size,
         max_context=args.max_context,
+        kv_cache_bytes=args.kv_cache_mib * 2**20,
+        chat_template=args.chat_template or None,
         threads=args.threads,
         max_live_requests=args.max_live_requests,
         max_live_requests_per_principal=args.max_live_requests_per_principal,

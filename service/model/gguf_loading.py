@@ -10,6 +10,7 @@ never runs on weights transformers would not have given it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import struct
 from collections import Counter
@@ -28,6 +29,7 @@ from transformers.modeling_gguf_pytorch_utils import (
     get_gguf_hf_weights_map,
 )
 
+from tokenwire.service.kernels import ops
 from tokenwire.service.model.gguf_blocks import READERS
 from tokenwire.service.model.quantized import BlockLinear, BlockWeight, can_run, map_tensors
 
@@ -66,6 +68,20 @@ def build_model(gguf_path: Path, config: Any, dtype: torch.dtype, *, blocks: boo
                 continue
             if quantized:
                 dense_types[kind.name] += 1
+        if target == embedding and tied_head and blocks:
+            head = _block_layer(processor, info.name, data, kind, info.shape, activations)
+            if head is not None:  # the tied lm_head on the embedding's blocks (SmolLM2's, Gemma's)
+                model.set_output_embeddings(head)
+                on_blocks[kind.name] += 1
+                lookup = _block_embedding(
+                    model.get_input_embeddings(), head, processor, info.name, data, kind
+                )
+                if lookup is not None:  # and the lookup on them too: no float32 table
+                    _replace(model, target.rpartition(".")[0], lookup)
+                    loaded.add(target)
+                    continue
+            elif quantized:
+                dense_types[kind.name] += 1
         param = params[target]
         if tuple(info.shape) != tuple(param.shape):
             raise ValueError(
@@ -87,13 +103,6 @@ def build_model(gguf_path: Path, config: Any, dtype: torch.dtype, *, blocks: boo
                     torch.from_numpy(np.require(done.weights, np.float32, ["C", "W"]))
                 )
         loaded.add(target)
-        if target == embedding and tied_head and blocks:
-            head = _block_layer(processor, info.name, data, kind, info.shape, activations)
-            if head is not None:  # the tied lm_head on the embedding's blocks (SmolLM2's, Gemma's)
-                model.set_output_embeddings(head)
-                on_blocks[kind.name] += 1
-            elif quantized:
-                dense_types[kind.name] += 1
     head = model.get_output_embeddings()
     if tied_head and not isinstance(head, BlockLinear):  # from_config leaves the tie to from_pretrained
         head.weight = model.get_input_embeddings().weight
@@ -193,7 +202,7 @@ def _is_linear_weight(model: Any, target: str) -> bool:
     return leaf == "weight" and isinstance(module, nn.Linear) and module.bias is None
 
 
-def _replace(model: Any, module_name: str, block: BlockLinear) -> None:
+def _replace(model: Any, module_name: str, block: nn.Module) -> None:
     parent_name, _, attr = module_name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, attr, block)
 
@@ -226,6 +235,95 @@ def _block_layer(
     if not can_run(weight):
         return None
     return BlockLinear(weight, activations, kind.name.lower())
+
+
+class BlockEmbedding(nn.Module):
+    """A tied embedding looked up on its lm_head's blocks (the file's own), then scaled as the
+    model's embedding module scales it (Gemma's sqrt(hidden)): the same float32 rows as the dense
+    table, without it (Gemma 3: 671 MB of float32 beside 178 MB of Q8_0 blocks).
+
+    `weight` gives the whole table, made once on first use, for code that wants it as a tensor
+    (decoder_step.c's lookup for llama models); the torch path never asks for it."""
+
+    def __init__(self, head: BlockLinear, embed_scale: torch.Tensor | None, padding_idx: int | None) -> None:
+        super().__init__()
+        self._head = (head,)  # a tuple: the head is the model's module, not a second submodule here
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.padding_idx = padding_idx
+        # A buffer (not saved) when given, as in the module it replaces.
+        self.register_buffer("embed_scale", embed_scale, persistent=False)
+        self._table: torch.Tensor | None = None
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 rows [len(ids), dim] of the flat ids, from the blocks of the tiles they fall in."""
+        return block_rows(self._head[0], ids.reshape(-1))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self._table[input_ids] if self._table is not None else self.lookup(input_ids)
+        rows = rows.view(*input_ids.shape, self.embedding_dim)
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(rows.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self._table is None:
+            self._table = self.lookup(torch.arange(self.num_embeddings))
+        return self._table
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, on the lm_head's {self._head[0].format} blocks"
+
+
+def block_rows(layer: BlockLinear, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of a block layer's weight in float32, as its blocks dequantize: the tiles of
+    ops.TILE rows the ids fall in are unpacked from the kernel's layout, then the rows picked."""
+    matmul = layer.matmul
+    if layer._blocks is not None:  # torch's int4 kernel keeps the blocks as they are
+        return map_tensors(layer._blocks, lambda t: t[ids]).dequantize()
+    tiles, where = torch.unique(ids // ops.TILE, return_inverse=True)
+    part = copy.copy(matmul)  # the same matmul over those tiles only (every layout is tiles first)
+    part.codes = matmul.codes[tiles]
+    part.scale = matmul.scale[tiles]
+    part.minimum = None if matmul.minimum is None else matmul.minimum[tiles]
+    part.out_features = len(tiles) * ops.TILE
+    table = part.blocks().dequantize()
+    return table[where * ops.TILE + ids % ops.TILE]
+
+
+def _block_embedding(
+    embedding: Any,
+    head: BlockLinear,
+    processor: Any,
+    name: str,
+    data: np.ndarray,
+    kind: gguf.GGMLQuantizationType,
+) -> BlockEmbedding | None:
+    """The embedding on the tied head's blocks, where that gives exactly the rows the dense table
+    would hold (checked on a few rows against gguf's dequantization and transformers' processing)
+    and the module is one whose forward is known: nn.Embedding, or Gemma's scaled one."""
+    scaled = type(embedding).__name__.endswith("ScaledWordEmbedding")
+    if type(embedding) is not nn.Embedding and not scaled:
+        return None
+    if embedding.max_norm is not None or (head.out_features, head.in_features) != tuple(
+        embedding.weight.shape
+    ):
+        return None
+    out = head.out_features
+    rows = np.asarray(data).reshape(out, -1)
+    sample = np.unique(np.array([0, 1, 2, out // 2, out - 2, out - 1]))
+    expected = processor.process(
+        weights=gguf.quants.dequantize(rows[sample], kind),
+        name=name,
+        tensor_key_mapping={},
+        parsed_parameters={},
+    ).weights
+    got = block_rows(head, torch.from_numpy(sample)).numpy()
+    if not np.array_equal(got, np.asarray(expected, dtype=np.float32)):
+        log.warning(
+            "%s: its blocks do not give the embedding's rows exactly; the embedding stays dense", name
+        )
+        return None
+    scale = embedding.embed_scale.detach().clone() if scaled else None
+    return BlockEmbedding(head, scale, embedding.padding_idx)
 
 
 def _row_order(processor: Any, name: str, rows: int) -> np.ndarray | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import hashlib
 import importlib.util
 import json
@@ -116,12 +119,32 @@ def load_model(
             time.monotonic() - started,
             ops.build() or "no C",
         )
-        return model.to(device), AutoTokenizer.from_pretrained(folder)
+        tokenizer = _lighter(AutoTokenizer.from_pretrained(folder))
+        return_freed_memory()  # the float32 layers the blocks replaced, the tokenizer's reading
+        return model.to(device), tokenizer
     check_supported(source.folder)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype).to(device)  # type: ignore[arg-type]
     model.eval()
     return model, tokenizer
+
+
+def _lighter(tokenizer: Any) -> Any:
+    """The tokenizer without the Python copies of its vocabulary and merges that transformers' BPE
+    tokenizer classes (Gemma's, Llama's, Qwen2's) keep after building the Rust tokenizer from them
+    and never read again: ~60 MB for Gemma's 262k tokens and 515k merges."""
+    for name in ("_vocab", "_merges"):
+        if isinstance(getattr(tokenizer, name, None), dict | list):
+            setattr(tokenizer, name, type(getattr(tokenizer, name))())
+    gc.collect()
+    return tokenizer
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, having raised its mmap
+    threshold as large blocks were freed). Nothing to do elsewhere."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def check_supported(folder: Path) -> None:

@@ -65,9 +65,16 @@ from tokenwire.service.model.attention import (
 from tokenwire.service.model.cpu_threads import ThreadGovernor
 from tokenwire.service.model.decoder_step import DecoderStep
 from tokenwire.service.model.fused_decoder import FusedDecoder
+from tokenwire.service.model.kv_budget import DEFAULT_KV_CACHE_MIB, KVSize, bytes_per_token, fit_context
 from tokenwire.service.model.loading import ModelSource, load_model, pick_device, pick_dtype, resolve_model
 from tokenwire.service.model.quantized import BlockLinear, block_activations, block_format
 from tokenwire.service.model.sampling import SamplingRow, argmax_only, make_generator, mark_seen, sample
+from tokenwire.service.model.templates import (
+    ChatTemplateError,
+    no_template_message,
+    read_template,
+    use_chat_template,
+)
 from tokenwire.service.model.types import PrefillChunk, PrefixCache, SamplingParams, TokenSample
 
 log = logging.getLogger("tokenwire.model")
@@ -107,6 +114,7 @@ class ModelRunner:
         source: str,
         max_batch_size: int = 16,
         max_context: int | None = None,
+        kv_cache_bytes: int | None = DEFAULT_KV_CACHE_MIB * 2**20,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -128,18 +136,22 @@ class ModelRunner:
                 self.context_length,
             )
             self.context_length = self.features.rope_context
+        layers = int(config.num_hidden_layers)
+        kv_heads = int(getattr(config, "num_key_value_heads", config.num_attention_heads))
+        head_dim = int(getattr(config, "head_dim", config.hidden_size // config.num_attention_heads))
+        # What the block layers multiply: "int8", "float32", "bfloat16"; "" when every layer is dense.
+        self.activations = block_activations(model)
+        self.kv_size = self._size_cache(
+            model_context, max_batch_size, kv_cache_bytes, layers, kv_heads, head_dim
+        )
+        self.context_length = self.kv_size.context_length
         self.max_batch_size = max_batch_size
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.bos_token_id: int | None = getattr(tokenizer, "bos_token_id", None)
 
-        layers = int(config.num_hidden_layers)
-        kv_heads = int(getattr(config, "num_key_value_heads", config.num_attention_heads))
-        head_dim = int(getattr(config, "head_dim", config.hidden_size // config.num_attention_heads))
         # Whole attention blocks, so a decode step never pads a copy of the cache (decode_attention).
         shape = (layers, max_batch_size, kv_heads, whole_blocks(self.context_length), head_dim)
-        # What the block layers multiply: "int8", "float32", "bfloat16"; "" when every layer is dense.
-        self.activations = block_activations(model)
         windows = effective_windows(self.features.windows, self.context_length)
         softcap = self.features.attention_softcap
         # torch.empty: pages are committed only as positions are written, so a large context is cheap.
@@ -184,6 +196,49 @@ class ModelRunner:
         self._lock = threading.Lock()
         self._governor: ThreadGovernor | None = None
 
+    def _size_cache(
+        self,
+        model_context: int,
+        rows: int,
+        budget: int | None,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+    ) -> KVSize:
+        """The context the KV budget allows (raises KVBudgetError when not even a short one fits),
+        logged. The cache's dtype is the one it has at the wanted context: a shorter context can only
+        drop sliding windows, which may make it float16, never wider."""
+        wanted = self.context_length
+        element = cache_dtype(
+            self.device,
+            self.dtype,
+            self.activations,
+            head_dim,
+            plain=plain_attention(
+                effective_windows(self.features.windows, wanted), self.features.attention_softcap
+            ),
+        )
+        per_token = bytes_per_token(layers, kv_heads, head_dim, element.itemsize)
+        size = fit_context(wanted, rows, per_token, budget)
+        if size.context_length < wanted:
+            log.warning(
+                "context %d tokens (the model's: %d): what the KV cache budget of %d MiB holds for %d "
+                "sequences at %.1f KiB a token; raise --kv-cache-mib or lower --max-batch-size for more",
+                size.context_length,
+                model_context,
+                budget // 2**20 if budget else 0,
+                rows,
+                per_token / 1024,
+            )
+        log.info(
+            "KV cache: %d rows x %d tokens x %.1f KiB = %.0f MiB at most (committed as it fills)",
+            rows,
+            size.context_length,
+            per_token / 1024,
+            size.nbytes / 2**20,
+        )
+        return size
+
     # ---- construction ----
 
     @classmethod
@@ -197,11 +252,18 @@ class ModelRunner:
         activations: str = "auto",
         max_batch_size: int = 16,
         max_context: int | None = None,
+        kv_cache_bytes: int | None = DEFAULT_KV_CACHE_MIB * 2**20,
+        chat_template: str | None = None,
     ) -> ModelRunner:
+        """`chat_template`: a family's name (templates.NAMES) or a Jinja file, in place of the
+        model's own; `kv_cache_bytes`: the most the KV cache may take (kv_budget.py)."""
         source: ModelSource = resolve_model(spec)
+        if chat_template is not None:
+            read_template(chat_template)  # a wrong name or path is refused before the model loads
         torch_device = pick_device(device)
         torch_dtype = pick_dtype(torch_device, dtype)
         model, tokenizer = load_model(source, torch_device, torch_dtype, weights, activations)
+        end_of_turn = use_chat_template(tokenizer, chat_template)
         runner = cls(
             model,
             tokenizer,
@@ -209,7 +271,10 @@ class ModelRunner:
             source=source.location,
             max_batch_size=max_batch_size,
             max_context=max_context,
+            kv_cache_bytes=kv_cache_bytes,
         )
+        if end_of_turn:  # a reply in the given template ends at its end-of-turn token, as at EOS
+            runner.eos_token_ids = tuple(sorted({*runner.eos_token_ids, *end_of_turn}))
         runner.release_layer_blocks()  # the model is the runner's alone
         return runner
 
@@ -245,6 +310,8 @@ class ModelRunner:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ChatTemplateError(no_template_message())
         rendered = self.tokenizer.apply_chat_template(
             [{"role": role, "content": content} for role, content in messages],
             tokenize=False,
