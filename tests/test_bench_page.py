@@ -211,3 +211,88 @@ def test_the_default_run_takes_several_requests_per_stream(bench: ModuleType) ->
 def test_the_commit_is_recorded_with_its_state(bench: ModuleType) -> None:
     assert re.fullmatch(r"[0-9a-f]{4,40}(\+dirty)?|unknown", bench.git_commit())
     assert bench.git_commit(Path("/")) == "unknown"
+
+
+def with_llama_server(bench: ModuleType) -> object:
+    """The fake run, with llama-server measured beside tokenwire (as --llama-server records it)."""
+    report = fake_report(bench)
+    report.memory_mb["after_sweep"] = 701.2
+    report.server["startup_s"] = 7.4
+    report.llama_server = {
+        "binary": "/root/.cache/tokenwire/llama-server/0.3.36/llama-server",
+        "version": "1 (0c1e570)",
+        "flags": "-t 2 -np 16 -c 16384",
+        "model_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "built_by_make": True,
+        "sdist": "0.3.36",
+        "startup_s": 1.2,
+        "memory_mb": {"before": 180.4, "after_sweep": 260.9},
+    }
+    report.llama_levels = [
+        level(bench, 1, 400.0, 12.0),
+        level(bench, 4, 700.0, 30.0),
+        level(bench, 16, 525.0, 264.0),
+    ]
+    report.ratios = bench.compute_ratios(report)
+    return report
+
+
+def test_llama_server_stands_beside_tokenwire_when_it_ran(bench: ModuleType) -> None:
+    page = bench.render_markdown(with_llama_server(bench), "benchmarks.png")
+    headings = [line for line in page.splitlines() if line.startswith("## ")]
+    assert headings[:3] == ["## What was run", "## Concurrency sweep", "## Beside llama.cpp's llama-server"]
+    section = page.split("## Beside llama.cpp's llama-server\n", 1)[1].split("\n## ", 1)[0]
+    assert "`SmolLM2-135M-Instruct.Q4_1.gguf`" in section and "version 1 (0c1e570)" in section
+    assert "flags `-t 2 -np 16 -c 16384`" in section and "`make llama-server`" in section
+    assert "llama-cpp-python 0.3.36 sdist" in section
+    rows = [line for line in section.splitlines() if re.match(r"^\| \d", line)]
+    # concurrency | tokens/s both | tokenwire / llama-server | TTFT p50 both | ITL p50 both
+    assert rows == [
+        "| 1 | 340.0 | 400.0 | 0.85 | 17 | 12 | 2.7 | 2.7 |",
+        "| 4 | 820.0 | 700.0 | 1.17 | 47 | 30 | 5.4 | 5.4 |",
+        "| 16 | 1,050.0 | 525.0 | 2.00 | 132 | 264 | 10.8 | 10.8 |",
+    ]
+    assert "tokenwire 523 MB, then 701 MB; llama-server 180 MB, then 261 MB" in section
+    assert "tokenwire 7.4 s (SERVING in its log), llama-server 1.2 s" in section
+    assert (
+        "llama-server, in the same run on the same file: 525.0 tokens/s at 16 streams, 400.0 with one."
+        in (page.split("\n## ", 1)[0])
+    )
+    assert "{'" not in page and "nan" not in page
+
+
+def test_llama_server_ratios_read_winner_first(bench: ModuleType) -> None:
+    page = bench.render_markdown(with_llama_server(bench), "benchmarks.png")
+    ratios = {(m["faster"], m["slower"]): float(m["factor"]) for m in ratio_lines(page)}
+    assert len(ratios) == 6 + 4  # tokens/s at each level both ran, and TTFT p50 at the highest
+    assert ratios[("llama-server at 1 stream", "tokenwire at 1 stream")] == pytest.approx(
+        400 / 340, abs=0.005
+    )
+    assert ratios[("tokenwire at 4 streams", "llama-server at 4 streams")] == pytest.approx(
+        820 / 700, abs=0.005
+    )
+    assert ratios[("tokenwire at 16 streams", "llama-server at 16 streams")] == pytest.approx(2.0)
+    assert ratios[
+        ("tokenwire's first token at 16 streams", "llama-server's first token at 16 streams")
+    ] == pytest.approx(2.0)
+
+
+def test_a_saved_run_with_llama_server_renders_again(bench: ModuleType, tmp_path: Path) -> None:
+    report = with_llama_server(bench)
+    again = bench.Report.from_dict(json.loads(json.dumps(asdict(report))))
+    assert again.llama_levels == report.llama_levels
+    assert bench.render_markdown(again, "b.png") == bench.render_markdown(report, "b.png")
+    bench.draw_chart(again, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_without_llama_server_the_page_has_no_trace_of_it(bench: ModuleType) -> None:
+    page = bench.render_markdown(fake_report(bench), "benchmarks.png")
+    assert "llama" not in page
+
+
+def test_the_bench_takes_a_model_and_a_llama_server(bench: ModuleType) -> None:
+    args = bench.build_parser().parse_args(["--model", "gemma3", "--llama-server", "/x/llama-server"])
+    assert args.model == "gemma3" and args.llama_server == Path("/x/llama-server")
+    assert args.llama_server_args == "-t 2 -np 16 -c 16384"
+    assert bench.build_parser().parse_args([]).llama_server is None
