@@ -480,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add("--dtype", "model dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     model.add(
         "--weights",
-        "auto: a GGUF file's 4-bit (Q4_1) layers run on their own blocks on CPU; dense: unpack every layer",
+        "auto: a GGUF file's layers run on their own blocks on CPU (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K); "
+        "dense: unpack every layer",
         default="auto",
         choices=["auto", "dense"],
     )
