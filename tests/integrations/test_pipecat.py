@@ -162,6 +162,8 @@ async def interrupt_after_first_sentence(b: Bot) -> None:
     await b.task.queue_frame(InterruptionFrame())
     await until(lambda: b.llm.last_interrupt is not None, WAIT_S, "the acknowledged stop")
     await b.responses_ended(1)
+    # The interruption reaches the sink through the pipeline too, after the service let it by.
+    await until(lambda: b.sink.of(InterruptionFrame), WAIT_S, "the interruption at the sink")
 
 
 # ---- the turns ----
