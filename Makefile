@@ -74,7 +74,8 @@ sanitize: $(STAMP)
 		"AddressSanitizer runtime (Debian: apt-get install libgcc-12-dev, which gcc brings)"; exit 1;; esac
 	$(PY) service/kernels/build.py sanitized
 	$(SANITIZE_ENV) $(PY) -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_quantized.py \
-		tests/model/test_gguf_blocks.py tests/model/test_model_runner.py -m "not model" $(ARGS)
+		tests/model/test_gguf_blocks.py tests/model/test_decoder_step.py tests/model/test_model_runner.py \
+		-m "not model" $(ARGS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(ARGS)

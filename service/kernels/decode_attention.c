@@ -19,6 +19,10 @@
  * half of this attention's time is that read. The query heads that share a kv head are computed
  * together, so each key and value is read and converted once for them (~25% less time with the
  * cache in L2; 30 layers of 16 rows x 116 keys: ~6.1 ms on one thread from memory, 2.7 from L2).
+ *
+ * A sliding window (decode_attention_windowed) reads only the window's keys: from the block of 16
+ * its first key falls in, the keys before it in that block masked. Without one, the same bits as
+ * before windows existed.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -40,6 +44,7 @@ typedef struct {
     void *cache_k, *cache_v;
     const int64_t *positions, *slots;
     int64_t heads, kv_heads, head_dim, max_len;
+    int64_t window;  /* a row attends to its last `window` positions, itself included; 0: all */
     float scale;
     float *out;
     atomic_int *failed;  /* set when an item could not allocate its scores: the call answers KERNEL_NO_MEMORY */
@@ -102,14 +107,17 @@ static inline void write_new(const Attention *a, int64_t r, int64_t g, int64_t b
  * `chunks` (head_dim / 16) and `n` are constants after inlining, so the n * chunks accumulators
  * stay in registers. */
 static inline __attribute__((always_inline)) void attend_heads(
-    const Attention *a, int64_t r, int64_t h0, int n, int64_t base, int64_t length, int half, int64_t chunks,
-    float *scores)
+    const Attention *a, int64_t r, int64_t h0, int n, int64_t base, int64_t first, int64_t length, int half,
+    int64_t chunks, float *scores)
 {
-    const int64_t head_dim = chunks * LANES, stride = length + LANES;  /* scores: one row per head */
+    /* Keys first..length-1; scores from the start of first's block (`start`), those before first
+     * masked: a window starts anywhere in a block. Without one, first = start = 0. */
+    const int64_t start = first / KEY_BLOCK * KEY_BLOCK, span = length - start;
+    const int64_t head_dim = chunks * LANES, stride = span + LANES;  /* scores: one row per head */
     const float *query[HEAD_BLOCK];
     for (int i = 0; i < n; i++) query[i] = a->q + r * a->q_row + (h0 + i) * a->q_head;
     const int64_t blocks = (length + KEY_BLOCK - 1) / KEY_BLOCK;
-    for (int64_t b = 0; b < blocks; b++) {
+    for (int64_t b = start / KEY_BLOCK; b < blocks; b++) {
         /* two chains per head over the dimensions (even, odd), so the multiply-adds overlap */
         v16f even[HEAD_BLOCK], odd[HEAD_BLOCK];
         for (int i = 0; i < n; i++) even[i] = odd[i] = (v16f){0};
@@ -122,21 +130,23 @@ static inline __attribute__((always_inline)) void attend_heads(
                 odd[i] += query[i][d + 1] * k1;
             }
         }
-        for (int i = 0; i < n; i++) store16(scores + i * stride + b * KEY_BLOCK, (even[i] + odd[i]) * a->scale);
+        for (int i = 0; i < n; i++)
+            store16(scores + i * stride + b * KEY_BLOCK - start, (even[i] + odd[i]) * a->scale);
     }
     float top[HEAD_BLOCK];
     for (int i = 0; i < n; i++) {
         float *row = scores + i * stride;
-        for (int64_t j = length; j < length + LANES; j++) row[j] = -INFINITY;  /* past the last key */
+        for (int64_t j = 0; j < first - start; j++) row[j] = -INFINITY;  /* before the window */
+        for (int64_t j = span; j < span + LANES; j++) row[j] = -INFINITY;  /* past the last key */
         v16f most = load16(row);
-        for (int64_t j = LANES; j < length; j += LANES) most = max16(most, load16(row + j));
+        for (int64_t j = LANES; j < span; j += LANES) most = max16(most, load16(row + j));
         top[i] = max_lanes(most);
     }
     float inverse[HEAD_BLOCK];
     for (int i = 0; i < n; i++) {
         float *row = scores + i * stride;
         v16f total = (v16f){0};
-        for (int64_t j = 0; j < length; j += LANES) {
+        for (int64_t j = 0; j < span; j += LANES) {
             const v16f e = exp16(load16(row + j) - top[i]);
             store16(row + j, e);
             total += e;
@@ -146,10 +156,10 @@ static inline __attribute__((always_inline)) void attend_heads(
     v16f acc[HEAD_BLOCK][MAX_CHUNKS];
     for (int i = 0; i < n; i++)
         for (int64_t c = 0; c < chunks; c++) acc[i][c] = (v16f){0};
-    for (int64_t j = 0; j < length; j++) {
+    for (int64_t j = first; j < length; j++) {
         for (int64_t c = 0; c < chunks; c++) {
             const v16f value = cached16(a->cache_v, base + j * head_dim + c * LANES, half);
-            for (int i = 0; i < n; i++) acc[i][c] += scores[i * stride + j] * value;
+            for (int i = 0; i < n; i++) acc[i][c] += scores[i * stride + j - start] * value;
         }
     }
     for (int i = 0; i < n; i++)
@@ -157,7 +167,7 @@ static inline __attribute__((always_inline)) void attend_heads(
             store16(a->out + (r * a->heads + h0 + i) * head_dim + c * LANES, acc[i][c] * inverse[i]);
 }
 
-#define HEADS(count) case count: attend_heads(a, r, h, count, base, length, half, chunks, scores); break;
+#define HEADS(count) case count: attend_heads(a, r, h, count, base, first, length, half, chunks, scores); break;
 
 /* One item: one row's one kv head, and the query heads that share it, up to HEAD_BLOCK at a time
  * (fewer for larger heads, so their accumulators fit in registers). `half` and `chunks` are
@@ -165,10 +175,12 @@ static inline __attribute__((always_inline)) void attend_heads(
 static inline __attribute__((always_inline)) void attend(const Attention *a, int64_t item, int half, int64_t chunks) {
     const int64_t kv_heads = a->kv_heads, group = a->heads / kv_heads;
     const int64_t r = item / kv_heads, g = item % kv_heads, length = a->positions[r] + 1;
+    const int64_t first = a->window > 0 && length > a->window ? length - a->window : 0;
     const int64_t base = slot_base(a, r, g);
     if (!a->slots) write_new(a, r, g, base, half);
     const int64_t block = chunks <= 4 ? HEAD_BLOCK : chunks <= 8 ? 2 : 1;  /* block * chunks <= 16 */
-    float *scores = kernel_malloc((size_t)(block * (length + LANES)) * sizeof(float));
+    const int64_t span = length - first / KEY_BLOCK * KEY_BLOCK;
+    float *scores = kernel_malloc((size_t)(block * (span + LANES)) * sizeof(float));
     if (!scores) {  /* a few KB: out of memory altogether; the step fails, the process goes on */
         atomic_store_explicit(a->failed, 1, memory_order_relaxed);
         return;
@@ -205,7 +217,36 @@ int half_kv_cache(void) {
 
 /* slots: the cache slot of each row, or NULL for slot r. Rows may share a slot (a prompt's tokens,
  * prefilled together): then every new key and value is written before any row attends, and each row
- * reads its slot up to its own position only, so token i sees tokens <= i, as a causal mask would. */
+ * reads its slot up to its own position only, so token i sees tokens <= i, as a causal mask would.
+ * window: a row attends to its last `window` positions, itself included (transformers' sliding
+ * window: key > query - window); 0: to all. The cache still holds every position. */
+int decode_attention_windowed(
+    const float *q, int64_t q_row, int64_t q_head,
+    const float *k, int64_t k_row, int64_t k_head,
+    const float *v, int64_t v_row, int64_t v_head,
+    void *cache_k, void *cache_v, int half, const int64_t *positions, const int64_t *slots,
+    int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_rows, int64_t max_len,
+    int64_t window, float scale, float *out, int threads)
+{
+    if (half && !half_kv_cache()) return KERNEL_UNSUPPORTED;  /* the caller asks half_kv_cache() first */
+    if (head_dim % LANES || head_dim > MAX_CHUNKS * LANES || kv_heads <= 0 || heads % kv_heads || max_len % KEY_BLOCK
+        || window < 0)
+        return KERNEL_BAD_ARGUMENT;
+    if (!slots && rows > max_rows) return KERNEL_BAD_ARGUMENT;
+    for (int64_t r = 0; r < rows; r++)  /* a position or slot past the cache would write outside it */
+        if (positions[r] < 0 || positions[r] >= max_len || (slots && (slots[r] < 0 || slots[r] >= max_rows)))
+            return KERNEL_BAD_ARGUMENT;
+    atomic_int failed = 0;
+    Attention a = {q, k, v, q_row, q_head, k_row, k_head, v_row, v_head, cache_k, cache_v, positions, slots,
+                   heads, kv_heads, head_dim, max_len, window, scale, out, &failed};
+    if (slots)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t g = 0; g < kv_heads; g++) write_new(&a, r, g, slot_base(&a, r, g), half);
+    parallel_for(rows * kv_heads, threads, half ? attend_float16 : attend_float32, &a);
+    return atomic_load(&failed) ? KERNEL_NO_MEMORY : KERNEL_OK;
+}
+
+/* Every position, no window: the entry point of builds before windows (ops.py calls either). */
 int decode_attention(
     const float *q, int64_t q_row, int64_t q_head,
     const float *k, int64_t k_row, int64_t k_head,
@@ -214,19 +255,7 @@ int decode_attention(
     int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_rows, int64_t max_len,
     float scale, float *out, int threads)
 {
-    if (half && !half_kv_cache()) return KERNEL_UNSUPPORTED;  /* the caller asks half_kv_cache() first */
-    if (head_dim % LANES || head_dim > MAX_CHUNKS * LANES || kv_heads <= 0 || heads % kv_heads || max_len % KEY_BLOCK)
-        return KERNEL_BAD_ARGUMENT;
-    if (!slots && rows > max_rows) return KERNEL_BAD_ARGUMENT;
-    for (int64_t r = 0; r < rows; r++)  /* a position or slot past the cache would write outside it */
-        if (positions[r] < 0 || positions[r] >= max_len || (slots && (slots[r] < 0 || slots[r] >= max_rows)))
-            return KERNEL_BAD_ARGUMENT;
-    atomic_int failed = 0;
-    Attention a = {q, k, v, q_row, q_head, k_row, k_head, v_row, v_head, cache_k, cache_v, positions, slots,
-                   heads, kv_heads, head_dim, max_len, scale, out, &failed};
-    if (slots)
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t g = 0; g < kv_heads; g++) write_new(&a, r, g, slot_base(&a, r, g), half);
-    parallel_for(rows * kv_heads, threads, half ? attend_float16 : attend_float32, &a);
-    return atomic_load(&failed) ? KERNEL_NO_MEMORY : KERNEL_OK;
+    return decode_attention_windowed(q, q_row, q_head, k, k_row, k_head, v, v_row, v_head, cache_k, cache_v, half,
+                                     positions, slots, rows, heads, kv_heads, head_dim, max_rows, max_len, 0,
+                                     scale, out, threads);
 }

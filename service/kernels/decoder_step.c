@@ -1,8 +1,11 @@
-/* One decode step of a llama decoder on GGUF blocks, every layer, in one call from Python.
+/* One decode step of a decoder on GGUF blocks, every layer, in one call from Python.
  *
  * The same computation as transformers' LlamaDecoderLayer (RMSNorm, rotary q/k, grouped-query
  * attention, SiLU-gated MLP, residuals), with the matmuls of block_matmul.c and the attention of
- * decode_attention.c. Run from torch, a step is ~55 small ops a layer, and at one row their
+ * decode_attention.c; and what Gemma 3's layers add, each switched on per layer or per model by
+ * kernels.h's structs: the embeddings scaled, the attention's and the MLP's outputs normalized
+ * before their residual adds, q/k heads normalized, sliding windows, a rotary table per layer
+ * (local and global bases), GELU (tanh) in the MLP. Gemma's (1 + w) norm weights come added. Run from torch, a step is ~55 small ops a layer, and at one row their
  * dispatch costs more than the arithmetic; here it is one call. Each row is computed on
  * its own with fixed reduction orders, so a row gets the same bits in any batch. Against the
  * transformers layers the results differ in the last bits only (the order of sums, exp).
@@ -45,46 +48,85 @@ typedef struct {
     const Decoder *d;
     const float *norm;  /* RMSNorm weights: of the next sublayer, or the final norm */
     int add;  /* first x += delta (the previous sublayer's output) */
+    const float *delta_norm;  /* RMSNorm weights for delta before it is added; NULL: added as it is */
     float *x, *delta, *normed, *qkv, *gate_up, *act;
-    const float *cos, *sin;  /* each row's, or NULL: from the decoder's table, by position */
+    const float *cos, *sin;  /* each row's, or NULL: from a table, by position */
     const int64_t *positions;
+    const Layer *layer;  /* the layer in flight: its q/k norms and rotary table */
 } Rows;
 
-/* x[r] += delta[r] (when `add`), then normed[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight (LlamaRMSNorm) */
+/* 1 / sqrt(mean(row^2) + eps), the factor of an RMSNorm */
+static inline float inverse_rms(const float *row, int64_t n, float eps) {
+    v16f squares = (v16f){0};
+    for (int64_t c = 0; c < n; c += LANES) squares += load16(row + c) * load16(row + c);
+    return 1.0f / sqrtf(sum_lanes(squares) / (float)n + eps);
+}
+
+/* x[r] += delta[r] (when `add`; normalized first with delta_norm), then
+ * normed[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight (LlamaRMSNorm) */
 static void residual_norm_row(void *ctx, int64_t r) {
     const Rows *j = ctx;
     const int64_t hidden = j->d->hidden;
     float *row = j->x + r * hidden, *y = j->normed + r * hidden;
-    if (j->add)
-        for (int64_t c = 0; c < hidden; c++) row[c] += j->delta[r * hidden + c];
-    v16f squares = (v16f){0};
-    for (int64_t c = 0; c < hidden; c += LANES) squares += load16(row + c) * load16(row + c);
-    const float inverse = 1.0f / sqrtf(sum_lanes(squares) / (float)hidden + j->d->eps);
+    const float *delta = j->delta + r * hidden;
+    if (j->add && j->delta_norm) {  /* Gemma: residual + norm(delta) */
+        const float inverse = inverse_rms(delta, hidden, j->d->eps);
+        for (int64_t c = 0; c < hidden; c += LANES)
+            store16(row + c, load16(row + c) + load16(delta + c) * inverse * load16(j->delta_norm + c));
+    } else if (j->add) {
+        for (int64_t c = 0; c < hidden; c++) row[c] += delta[c];
+    }
+    const float inverse = inverse_rms(row, hidden, j->d->eps);
     for (int64_t c = 0; c < hidden; c += LANES) store16(y + c, load16(row + c) * inverse * load16(j->norm + c));
 }
 
-/* In place, the q and k heads of row r (side by side in qkv): x*cos + rotate_half(x)*sin */
+/* In place, the q and k heads of row r (side by side in qkv): each normalized where the layer has q/k
+ * norms, then x*cos + rotate_half(x)*sin, from the row's own cos/sin, the layer's half-width table
+ * or the decoder's table */
 static void rotate_row(void *ctx, int64_t r) {
     const Rows *j = ctx;
     const int64_t head_dim = j->d->head_dim, half = head_dim / 2, heads = j->d->heads + j->d->kv_heads;
     const int64_t width = (j->d->heads + 2 * j->d->kv_heads) * head_dim;
-    const float *c = j->cos ? j->cos + r * head_dim : j->d->rope_cos + j->positions[r] * head_dim;
-    const float *s = j->sin ? j->sin + r * head_dim : j->d->rope_sin + j->positions[r] * head_dim;
+    const Layer *layer = j->layer;
+    const float *c, *s;
+    int64_t second;  /* where the second half's cos/sin start: the table repeats the first half */
+    if (layer->rope_cos) {
+        c = layer->rope_cos + j->positions[r] * half, s = layer->rope_sin + j->positions[r] * half, second = 0;
+    } else {
+        c = j->cos ? j->cos + r * head_dim : j->d->rope_cos + j->positions[r] * head_dim;
+        s = j->sin ? j->sin + r * head_dim : j->d->rope_sin + j->positions[r] * head_dim;
+        second = half;
+    }
     for (int64_t h = 0; h < heads; h++) {
         float *head = j->qkv + r * width + h * head_dim;
+        const float *norm = h < j->d->heads ? layer->q_norm : layer->k_norm;
+        if (norm) {
+            const float inverse = inverse_rms(head, head_dim, j->d->eps);
+            for (int64_t i = 0; i < head_dim; i += LANES) store16(head + i, load16(head + i) * inverse * load16(norm + i));
+        }
         for (int64_t i = 0; i < half; i++) {
             const float a = head[i], b = head[i + half];
             head[i] = a * c[i] - b * s[i];
-            head[i + half] = b * c[i + half] + a * s[i + half];
+            head[i + half] = b * c[i + second] + a * s[i + second];
         }
     }
 }
 
-/* act[r] = silu(gate) * up, from gate_up[r] = (gate, up) */
-static void silu_times_up_row(void *ctx, int64_t r) {
+/* act[r] = silu(gate) * up, or gelu(gate) * up, from gate_up[r] = (gate, up) */
+static void activation_times_up_row(void *ctx, int64_t r) {
     const Rows *j = ctx;
     const int64_t intermediate = j->d->intermediate;
     const float *gate = j->gate_up + r * 2 * intermediate, *up = gate + intermediate;
+    if (j->d->activation == 1) {  /* torch's gelu(approximate="tanh"): 0.5 x (1 + tanh(b (x + k x^3))) */
+        const float beta = 0.7978845608028654f, kappa = 0.044715f;
+        for (int64_t c = 0; c < intermediate; c += LANES) {
+            const v16f g = load16(gate + c);
+            const v16f inner = beta * (g + kappa * g * g * g);
+            const v16f tanh = 1.0f - 2.0f / (exp16(2.0f * inner) + 1.0f);  /* exp16: inf, 0 at the ends */
+            store16(j->act + r * intermediate + c, 0.5f * g * (1.0f + tanh) * load16(up + c));
+        }
+        return;
+    }
     for (int64_t c = 0; c < intermediate; c += LANES) {
         const v16f g = load16(gate + c);
         store16(j->act + r * intermediate + c, g / (1.0f + exp16(-g)) * load16(up + c));
@@ -136,6 +178,38 @@ void argmax_rows(const float *logits, int64_t rows, int64_t vocab, int64_t *argm
     parallel_for(rows, threads, argmax_row, &a);
 }
 
+/* Row `id` of a Matrix's weight, from the kernels' layouts (quantized.py's Q4Matmul and Q8Matmul
+ * say how they are packed), as blocks().dequantize() computes it: code * scale, then + minimum,
+ * each rounded on its own (no fused multiply-add, as torch's two ops). */
+__attribute__((optimize("fp-contract=off"))) static void matrix_row(const Matrix *m, int64_t id, float *out) {
+    const int64_t K = m->in_features, tile = id / 16, lane = id % 16;
+    const int64_t group = m->bits == 4 || !m->group ? 32 : m->group, groups = K / group;
+    const uint8_t *codes = m->codes;
+    const float *scale = m->scale + tile * groups * 16, *minimum = m->minimum ? m->minimum + tile * groups * 16 : 0;
+    for (int64_t k = 0; k < K; k++) {
+        int code;
+        if (m->bits == 8 && m->int8_activations)  /* [tiles, K / 4, 16, 4], code + 128 */
+            code = (int8_t)(codes[((tile * (K / 4) + k / 4) * 16 + lane) * 4 + k % 4] ^ 0x80);
+        else if (m->bits == 8)  /* [tiles, K, 16] */
+            code = ((const int8_t *)codes)[(tile * K + k) * 16 + lane];
+        else if (m->int8_activations) {  /* [tiles, K / 8, 16, 4]: k % 8 = 4 * nibble + byte */
+            const uint8_t byte = codes[((tile * (K / 8) + k / 8) * 16 + lane) * 4 + k % 4];
+            code = k % 8 >= 4 ? byte >> 4 : byte & 15;
+        } else {  /* [tiles, K / 2, 16]: even k in the low nibble */
+            const uint8_t byte = codes[(tile * (K / 2) + k / 2) * 16 + lane];
+            code = k % 2 ? byte >> 4 : byte & 15;
+        }
+        const int64_t at = (k / group) * 16 + lane;
+        float w = (float)code * scale[at];
+        if (minimum) w = w + minimum[at];
+        out[k] = w;
+    }
+}
+
+void matrix_rows(const Matrix *m, const int64_t *ids, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) matrix_row(m, ids[i], out + i * m->in_features);
+}
+
 /* ids: [rows] token ids; x: [rows, hidden], the final-norm hidden states out.
  * cos, sin: [rows, head_dim] for each row's position, or NULL where the decoder has a table (then a
  * step runs without a torch op before it, each of which would let the event loop's thread take
@@ -164,30 +238,42 @@ int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *co
      * engine fails the step's sequences), and a row's cache is rewritten before it is read again. */
     int status = normed && qkv && attended && gate_up && act && delta ? KERNEL_OK : KERNEL_NO_MEMORY;
     if (status == KERNEL_OK)
-        for (int64_t r = 0; r < rows; r++) memcpy(x + r * hidden, d->embedding + ids[r] * hidden, sizeof(float) * hidden);
-    Rows j = {d, 0, 0, x, delta, normed, qkv, gate_up, act, cos, sin, positions};
+        for (int64_t r = 0; r < rows; r++) {
+            float *row = x + r * hidden;
+            if (d->embedding)
+                memcpy(row, d->embedding + ids[r] * hidden, sizeof(float) * hidden);
+            else
+                matrix_row(&d->embedding_blocks, ids[r], row);
+            if (d->embedding_scale != 0.0f)
+                for (int64_t c = 0; c < hidden; c++) row[c] *= d->embedding_scale;
+        }
+    Rows j = {d, 0, 0, 0, x, delta, normed, qkv, gate_up, act, cos, sin, positions, 0};
     for (int64_t l = 0; l < d->layers && status == KERNEL_OK; l++) {
         const Layer *layer = d->layer + l;
-        j.norm = layer->input_norm, j.add = l > 0;  /* the previous layer's MLP output, added here */
+        j.layer = layer;
+        /* the previous layer's MLP output, added here */
+        j.norm = layer->input_norm, j.add = l > 0, j.delta_norm = l > 0 ? layer[-1].mlp_out_norm : 0;
         parallel_for(rows, threads, residual_norm_row, &j);
         if ((status = multiply(&layer->qkv, normed, rows, qkv, threads))) break;
         parallel_for(rows, threads, rotate_row, &j);
-        status = decode_attention(qkv, qkv_width, head_dim,
-                                  qkv + heads * head_dim, qkv_width, head_dim,
-                                  qkv + (heads + kv) * head_dim, qkv_width, head_dim,
-                                  (char *)d->cache_k + l * layer_cache * element,
-                                  (char *)d->cache_v + l * layer_cache * element,
-                                  (int)d->half_cache, positions, slots,
-                                  rows, heads, kv, head_dim, d->max_rows, d->max_len, d->attention_scale, attended, threads);
+        status = decode_attention_windowed(qkv, qkv_width, head_dim,
+                                           qkv + heads * head_dim, qkv_width, head_dim,
+                                           qkv + (heads + kv) * head_dim, qkv_width, head_dim,
+                                           (char *)d->cache_k + l * layer_cache * element,
+                                           (char *)d->cache_v + l * layer_cache * element,
+                                           (int)d->half_cache, positions, slots, rows, heads, kv, head_dim,
+                                           d->max_rows, d->max_len, layer->window, d->attention_scale, attended,
+                                           threads);
         if (status || (status = multiply(&layer->o, attended, rows, delta, threads))) break;
-        j.norm = layer->post_attention_norm, j.add = 1;
+        j.norm = layer->post_attention_norm, j.add = 1, j.delta_norm = layer->attention_out_norm;
         parallel_for(rows, threads, residual_norm_row, &j);
         if ((status = multiply(&layer->gate_up, normed, rows, gate_up, threads))) break;
-        parallel_for(rows, threads, silu_times_up_row, &j);
+        parallel_for(rows, threads, activation_times_up_row, &j);
         status = multiply(&layer->down, act, rows, delta, threads);
     }
     if (status == KERNEL_OK) {
         j.norm = d->final_norm, j.add = d->layers > 0;
+        j.delta_norm = d->layers > 0 ? d->layer[d->layers - 1].mlp_out_norm : 0;
         parallel_for(rows, threads, residual_norm_row, &j);
         memcpy(x, normed, sizeof(float) * rows * hidden);
         if (logits) {

@@ -28,8 +28,15 @@ typedef struct {
 } Matrix;
 
 typedef struct {
-    const float *input_norm, *post_attention_norm;  /* RMSNorm weights, [hidden] */
+    const float *input_norm, *post_attention_norm;  /* RMSNorm weights, [hidden]: before attention, MLP */
     Matrix qkv, o, gate_up, down;  /* q, k, v and gate, up stacked along the outputs */
+    /* Beyond a llama's layer; zero (ffi.new's default, and builds before them) is a llama's way. */
+    const float *attention_out_norm, *mlp_out_norm;  /* RMSNorm of the attention's, the MLP's output
+                                                      * before its residual add (Gemma 2/3); NULL: none */
+    const float *q_norm, *k_norm;  /* RMSNorm of every q, k head, [head_dim], before the rotation; NULL: none */
+    int64_t window;  /* attend to the last `window` positions, itself included; 0: all */
+    const float *rope_cos, *rope_sin;  /* this layer's rotary table, [max_len, head_dim / 2] by position
+                                        * (the first half: the second repeats it); NULL: the decoder's */
 } Layer;
 
 /* A llama decoder for decoder_step.c: every pointer is owned by Python, which keeps it alive. */
@@ -44,6 +51,10 @@ typedef struct {
     void *cache_k, *cache_v;  /* [layers, max_rows, kv_heads, max_len, head_dim] */
     int64_t half_cache;  /* 1: the cache holds float16, else float32 */
     int64_t max_rows, max_len;
+    /* Beyond a llama; zero is a llama's way (see Layer) */
+    float embedding_scale;  /* the embeddings times this (Gemma: sqrt(hidden)); 0: as they are */
+    int64_t activation;  /* of the gated MLP: 0 SiLU, 1 GELU's tanh approximation (Gemma) */
+    Matrix embedding_blocks;  /* where `embedding` is NULL: the rows of these blocks (the tied lm_head's) */
 } Decoder;
 
 /* block_matmul.c: y[M, N] = x[M, K] @ W.T on float32 activations */
@@ -73,11 +84,20 @@ int decode_attention(const float *q, int64_t q_row, int64_t q_head, const float 
                      int64_t max_len,
                      float scale, float *out, int threads);
 
+/* the same with a sliding window: each row attends to its last `window` positions (0: all) */
+int decode_attention_windowed(const float *q, int64_t q_row, int64_t q_head, const float *k, int64_t k_row,
+                              int64_t k_head, const float *v, int64_t v_row, int64_t v_head, void *cache_k,
+                              void *cache_v, int half, const int64_t *positions, const int64_t *slots,
+                              int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_rows,
+                              int64_t max_len, int64_t window, float scale, float *out, int threads);
+
 /* decoder_step.c */
 int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *cos, const float *sin,
                  const int64_t *positions, const int64_t *slots, int64_t rows, float *logits,
                  int64_t *argmax, int threads);
 void argmax_rows(const float *logits, int64_t rows, int64_t vocab, int64_t *argmax, int threads);
+/* out[i] = row ids[i] of a Matrix's weight in float32, as its blocks dequantize (quantized.py) */
+void matrix_rows(const Matrix *m, const int64_t *ids, int64_t n, float *out);
 
 /* cpu.c: which builds this CPU runs (ops.py picks the best at load) */
 int kernels_cpu_level(void);

@@ -124,6 +124,18 @@ def half_kv_cache() -> bool:
     return available() and bool(_module().lib.half_kv_cache())
 
 
+def windowed_attention() -> bool:
+    """Whether this build's attention takes a sliding window (decode_attention_windowed); builds
+    from before it lack it, and windowed models then keep torch's attention."""
+    return available() and hasattr(_module().lib, "decode_attention_windowed")
+
+
+def struct_fields(ctype: str) -> frozenset[str]:
+    """The fields this build's kernels.h gives a struct ("Layer", "Decoder"): a build from before a
+    field was added lacks it, and its callers then keep to what it has."""
+    return frozenset(name for name, _ in _module().ffi.typeof(ctype).fields) if available() else frozenset()
+
+
 def threads() -> int:
     """The thread count torch's kernels use now (cpu_threads.py may lower it), for ours to match."""
     return torch.get_num_threads()
@@ -191,6 +203,7 @@ def decode_attention(
     slots: torch.Tensor | None,  # [rows] int64 or None: row r's own
     scale: float,
     out: torch.Tensor,  # [rows, heads, 1, head_dim] float32, contiguous
+    window: int | None = None,  # each row attends to its last `window` positions; None: all
 ) -> None:
     rows, heads, _, head_dim = query.shape
     for name, index in (("positions", positions), ("slots", slots)):
@@ -198,15 +211,23 @@ def decode_attention(
             index.dtype == torch.int64 and index.is_contiguous() and len(index) == rows
         ):
             raise ValueError(f"decode_attention: {name} must be a contiguous int64 tensor, one per row")
-    status = _module().lib.decode_attention(
+    lib = _module().lib
+    args = [
         pointer(query), query.stride(0), query.stride(1),
         pointer(key), key.stride(0), key.stride(1),
         pointer(value), value.stride(0), value.stride(1),
         pointer(cache_k), pointer(cache_v), int(cache_k.dtype == torch.float16),
         pointer(positions), pointer(slots),
         rows, heads, key.shape[1], head_dim, cache_k.shape[0], cache_k.shape[2],
-        scale, pointer(out), threads(),
-    )  # fmt: skip
+    ]  # fmt: skip
+    if window is None:
+        status = lib.decode_attention(*args, scale, pointer(out), threads())
+    elif window < 1 or not windowed_attention():
+        raise ValueError(
+            f"decode_attention: window {window} (this build takes windows: {windowed_attention()})"
+        )
+    else:
+        status = lib.decode_attention_windowed(*args, window, scale, pointer(out), threads())
     check(status, "decode_attention")
 
 
@@ -233,6 +254,18 @@ def decoder_step(
         threads(),
     )  # fmt: skip
     check(status, "decoder_step")
+
+
+def matrix_rows(matrix: Any, ids: torch.Tensor, out: torch.Tensor) -> None:
+    """out[i] = row ids[i] of a `Matrix *`'s weight, as its blocks dequantize (decoder_step.c's
+    embedding lookup on a tied lm_head's blocks; tests and the check at set-up)."""
+    if not (ids.dtype == torch.int64 and ids.is_contiguous() and out.dtype == torch.float32):
+        raise ValueError("matrix_rows takes contiguous int64 ids and float32 rows")
+    if out.shape != (len(ids), matrix.in_features) or not out.is_contiguous():
+        raise ValueError(f"matrix_rows: {len(ids)} rows of {matrix.in_features} into {tuple(out.shape)}")
+    if len(ids) and not (int(ids.min()) >= 0 and int(ids.max()) < matrix.out_features):
+        raise ValueError(f"matrix_rows: ids must be in [0, {matrix.out_features})")
+    _module().lib.matrix_rows(matrix, pointer(ids), len(ids), pointer(out))
 
 
 def fail_allocation(after: int) -> None:

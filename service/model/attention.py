@@ -6,10 +6,12 @@ StepContext (positions, slots, packed prefill chunks) and every layer's call rea
 
 A layer may have a sliding window (it attends to its last `window` positions, itself included, as
 transformers' sliding_window_overlay: key > query - window) and its scores may be soft-capped
-(softcap * tanh(scores / softcap), before the mask, as transformers' eager attention). Both run in
-torch's ops: decode_attention.c computes neither, so a model with either keeps its whole cache in
-torch's layout (SlotAttention.native is False). The window is applied by the mask; the cache still
-holds every position of a row. A window no shorter than the context excludes nothing and is dropped.
+(softcap * tanh(scores / softcap), before the mask, as transformers' eager attention).
+decode_attention.c takes windows (builds with decode_attention_windowed: it reads only the window's
+keys); a soft cap, or a window on an older build, runs in torch's ops, and such a model keeps its
+whole cache in torch's layout (SlotAttention.native is False), where the window is applied by the
+mask. Either way the cache holds every position of a row. A window no shorter than the context
+excludes nothing and is dropped.
 """
 
 from __future__ import annotations
@@ -89,8 +91,8 @@ class SlotAttention:
         self.windows = effective_windows(windows or (None,) * keys.shape[0], self.context_length)
         self.softcap = softcap
         # decode_attention.c: a float32 model on CPU (its cache float32, or float16 by cache_dtype),
-        # a head_dim it takes, and plain attention (no window, no soft cap). A float16 model keeps
-        # torch's ops: the C reads activations as float32.
+        # a head_dim it takes, and attention it computes (no soft cap; windows on builds that take
+        # them). A float16 model keeps torch's ops: the C reads activations as float32.
         self.native = plain_attention(self.windows, softcap) and native_attention(
             keys.device, model_dtype, keys.shape[-1]
         )
@@ -121,7 +123,9 @@ class SlotAttention:
         ctx = self.ctx
         if ctx.decode and self.native:
             assert ctx.positions is not None
-            out = native_decode_attention(query, key, value, cache_k, cache_v, ctx.positions, scaling)
+            out = native_decode_attention(
+                query, key, value, cache_k, cache_v, ctx.positions, scaling, window=window
+            )
         elif ctx.decode:
             n = query.shape[0]
             assert ctx.flat_index is not None
@@ -148,6 +152,7 @@ class SlotAttention:
                 ctx.positions,
                 scaling,
                 slots=ctx.slots,
+                window=window,
             )
             out = out[:, :, 0].transpose(0, 1)[None]
         else:
@@ -201,8 +206,9 @@ def effective_windows(windows: Sequence[int | None], context_length: int) -> tup
 
 
 def plain_attention(windows: Sequence[int | None], softcap: float | None) -> bool:
-    """Whether every layer attends to its whole prefix with plain scores: what decode_attention.c does."""
-    return softcap is None and all(window is None for window in windows)
+    """Whether decode_attention.c computes every layer's attention: plain scores (no soft cap) over
+    the whole prefix, or over a window where this build takes windows."""
+    return softcap is None and (all(window is None for window in windows) or ops.windowed_attention())
 
 
 def native_attention(device: torch.device, model_dtype: torch.dtype, head_dim: int) -> bool:
@@ -299,15 +305,15 @@ def native_decode_attention(
     positions: torch.Tensor,  # [rows] int64
     scale: float | None,
     slots: torch.Tensor | None = None,  # [rows] int64: each row's cache row (a prefill); default row r
+    window: int | None = None,  # attend to each row's last `window` positions; None: all
 ) -> torch.Tensor:
     """decode_attention.c: the same result as `decode_attention`, batch-invariant too, in one call."""
     rows, heads, _, head_dim = query.shape
     assert query.dtype == key.dtype == value.dtype == torch.float32, "decode_attention.c reads float32"
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     out = torch.empty(rows, heads, 1, head_dim, dtype=torch.float32)
-    ops.decode_attention(
-        query, key, value, cache_k, cache_v, positions, slots, head_dim**-0.5 if scale is None else scale, out
-    )
+    scale = head_dim**-0.5 if scale is None else scale
+    ops.decode_attention(query, key, value, cache_k, cache_v, positions, slots, scale, out, window)
     return out
 
 

@@ -1,14 +1,16 @@
-"""A whole decode step in one C call (decoder_step.c), for llama models whose layers all run on GGUF blocks.
+"""A whole decode step in one C call (decoder_step.c), for llama, Mistral, Qwen3 and Gemma 3 models
+whose layers all run on GGUF blocks.
 
 Run from torch, a decode step is ~55 small ops a layer; for one row their dispatch took ~8 of the
 step's ~15 ms here. decoder_step.c runs every layer in one call: the same matmul and attention
 kernels, with RMSNorm, the rotary embedding, SiLU and the residual adds in C between them.
 
-It also looks up the token embeddings, and the rotary cos/sin in a table torch computed once for
-every position (models whose rope changes with the length, "dynamic" and "longrope", get theirs
-from torch each call). So a step starts without a torch op: each releases the GIL, and in the
-server the event loop's thread, woken by the previous step's tokens, took it there and ran first
-while the step waited, its other threads idle.
+It also looks up the token embeddings (from a float32 table, or from the tied lm_head's blocks where
+the embedding is on them: gguf_loading.BlockEmbedding), and the rotary cos/sin in a table torch
+computed once for every position (models whose rope changes with the length, "dynamic" and
+"longrope", get theirs from torch each call). So a step starts without a torch op: each releases
+the GIL, and in the server the event loop's thread, woken by the previous step's tokens, took it
+there and ran first while the step waited, its other threads idle.
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from tokenwire.service.kernels import ops
+from tokenwire.service.model.architectures import model_features
+from tokenwire.service.model.gguf_loading import BlockEmbedding
 from tokenwire.service.model.quantized import BlockLinear, Q4Matmul, Q8Matmul, fuse_blocks
 
 
@@ -36,7 +43,7 @@ class DecoderStep:
         self._decoder = decoder  # a `Decoder *` (kernels.h)
         self._keep = keep  # what the C structs point into: cache, fused matrices, the layers array
         self._rope_table = rope_table
-        self._vocab = backbone.embed_tokens.weight.shape[0]
+        self._vocab = backbone.embed_tokens.num_embeddings
         self._hidden = decoder.hidden
         # A decode step's outputs, reused: allocating them would be a torch op before the step.
         self._rows_out = torch.empty(decoder.max_rows, decoder.hidden)
@@ -49,16 +56,19 @@ class DecoderStep:
         cls, backbone: Any, lm_head: Any, keys: torch.Tensor, values: torch.Tensor, *, attention_in_c: bool
     ) -> DecoderStep | None:
         """None unless decode attention runs in C (`_SlotAttention.native`: the kernels are here, a
-        float32 model on CPU, a head_dim they take) and the model is a plain llama (SiLU MLP,
-        RMSNorm), every projection on native blocks, widths multiples of 16."""
+        float32 model on CPU, a head_dim it takes, windows where the build takes them), the model is
+        one whose layers decoder_step.c computes (a plain llama: SiLU MLP, RMSNorm; Mistral, Qwen3
+        or Gemma 3, see `_KINDS`) and this build of the kernels has the fields its layers need,
+        every projection on native blocks, widths multiples of 16."""
         config = backbone.config
-        if getattr(config, "model_type", None) != "llama":  # before reading llama's module names
+        kind = _KINDS.get(str(getattr(config, "model_type", "")))  # before reading its module names
+        if kind is None or not attention_in_c or not keys.is_contiguous():
             return None
+        if not kind.needs <= ops.struct_fields("Layer") | ops.struct_fields("Decoder"):
+            return None  # a build from before these fields: the model keeps the torch path
         layers = list(backbone.layers)
-        norms = [
-            *(norm for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)),
-            backbone.norm,
-        ]
+        features = model_features(config)
+        norms = [*(norm for layer in layers for norm in kind.norms(layer)), backbone.norm]
         projections = [
             p
             for layer in layers
@@ -70,22 +80,29 @@ class DecoderStep:
             )
         ]
         if (
-            not attention_in_c
-            or not keys.is_contiguous()
-            or getattr(config, "hidden_act", None) != "silu"
+            not kind.accepts(config)
             or not all(_native_blocks(p) for p in projections)
-            or not all(isinstance(norm, LlamaRMSNorm) for norm in norms)
-            or len({norm.variance_epsilon for norm in norms}) != 1  # the C step takes one
+            or not all(type(norm) is kind.norm_type for norm in norms)
+            or len({kind.eps(norm) for norm in norms}) != 1  # the C step takes one
+            or len({layer.self_attn.scaling for layer in layers}) != 1
             or any(width % 16 for width in (config.hidden_size, config.intermediate_size))
         ):
             return None
-        embedding = backbone.embed_tokens.weight.detach()
-        if embedding.dtype != torch.float32 or not embedding.is_contiguous():
+        keep: list[Any] = [keys, values]  # the C structs hold raw pointers into all of these
+        embedding = _embedding(backbone.embed_tokens, lm_head, keep)
+        if embedding is None:
             return None
-        keep: list[Any] = [keys, values, embedding]  # the C structs hold raw pointers into all of these
-        rope = _rope_table(backbone, keys.shape[3])
-        if rope is not None:
-            keep.extend(rope)
+        rope = None
+        layer_ropes: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
+        if kind.rope_per_layer:
+            layer_ropes = _layer_rope_tables(backbone, keys.shape[3])  # type: ignore[assignment]
+            if not layer_ropes:
+                return None
+            keep.extend(layer_ropes)
+        else:
+            rope = _rope_table(backbone, keys.shape[3])
+            if rope is not None:
+                keep.extend(rope)
 
         def matrix(linears: list[BlockLinear]) -> dict[str, Any]:
             matmul = fuse_blocks(linears)
@@ -94,47 +111,61 @@ class DecoderStep:
             keep.append(matmul)
             return _matrix(matmul)
 
+        def weights(norm: Any) -> Any:
+            weight = kind.norm_weight(norm)
+            keep.append(weight)
+            return ops.pointer(weight)
+
         array = ops.new("Layer[]", len(layers))  # zeroed, owned by this cdata: kept below
         try:
-            for struct, layer in zip(array, layers, strict=True):
-                struct.input_norm = ops.pointer(layer.input_layernorm.weight)
-                struct.post_attention_norm = ops.pointer(layer.post_attention_layernorm.weight)
+            for i, (struct, layer) in enumerate(zip(array, layers, strict=True)):
+                for field, norm in kind.layer_norms(layer).items():
+                    setattr(struct, field, weights(norm))
                 struct.qkv = matrix(list(_attention_projections(layer)[:3]))
                 struct.o = matrix([layer.self_attn.o_proj])
                 struct.gate_up = matrix([layer.mlp.gate_proj, layer.mlp.up_proj])
                 struct.down = matrix([layer.mlp.down_proj])
+                window = features.windows[i]
+                if window is not None:  # Mistral, Qwen3, Gemma 3 (not llama): kind.needs has the field
+                    struct.window = window
+                table = layer_ropes[i]
+                if table is not None:
+                    struct.rope_cos, struct.rope_sin = ops.pointer(table[0]), ops.pointer(table[1])
         except _Unsupported:
             return None
         keep.append(array)
-        if _native_blocks(lm_head):
-            keep.append(lm_head.matmul)  # its own blocks, no copy: held here too
-        attention = layers[0].self_attn
-        decoder = ops.new(
-            "Decoder *",
-            {
-                "layers": len(layers),
-                "hidden": config.hidden_size,
-                "heads": config.num_attention_heads,
-                "kv_heads": keys.shape[2],
-                "head_dim": keys.shape[-1],
-                "intermediate": config.intermediate_size,
-                "eps": layers[0].input_layernorm.variance_epsilon,
-                "attention_scale": attention.scaling,
-                "layer": array,
-                "final_norm": ops.pointer(backbone.norm.weight),
-                # out_features 0 where the lm_head is not on native blocks
-                "lm_head": _matrix(lm_head.matmul) if _native_blocks(lm_head) else {},
-                "embedding": ops.pointer(embedding),
-                "rope_cos": ops.pointer(None if rope is None else rope[0]),
-                "rope_sin": ops.pointer(None if rope is None else rope[1]),
-                "cache_k": ops.pointer(keys),
-                "cache_v": ops.pointer(values),
-                "half_cache": int(keys.dtype == torch.float16),
-                "max_rows": keys.shape[1],
-                "max_len": keys.shape[3],
-            },
+        # The lm_head in C, where it is on native blocks and the logits need nothing after it (a
+        # final soft cap or scale runs in torch, from the runner's _logits).
+        head_in_c = _native_blocks(lm_head) and (
+            features.final_softcap is None
+            and features.logit_scale is None
+            and features.logits_divisor is None
         )
-        return cls(backbone, decoder, keep, rope_table=rope is not None)
+        if head_in_c:
+            keep.append(lm_head.matmul)  # its own blocks, no copy: held here too
+        fields = {
+            "layers": len(layers),
+            "hidden": config.hidden_size,
+            "heads": config.num_attention_heads,
+            "kv_heads": keys.shape[2],
+            "head_dim": keys.shape[-1],
+            "intermediate": config.intermediate_size,
+            "eps": kind.eps(norms[0]),
+            "attention_scale": layers[0].self_attn.scaling,
+            "layer": array,
+            "final_norm": weights(backbone.norm),
+            # out_features 0 where the lm_head is not on native blocks
+            "lm_head": _matrix(lm_head.matmul) if head_in_c else {},
+            "rope_cos": ops.pointer(None if rope is None else rope[0]),
+            "rope_sin": ops.pointer(None if rope is None else rope[1]),
+            "cache_k": ops.pointer(keys),
+            "cache_v": ops.pointer(values),
+            "half_cache": int(keys.dtype == torch.float16),
+            "max_rows": keys.shape[1],
+            "max_len": keys.shape[3],
+        }
+        decoder = ops.new("Decoder *", fields | embedding | kind.decoder_fields(backbone))
+        return cls(backbone, decoder, keep, rope_table=rope is not None or kind.rope_per_layer)
 
     def __call__(
         self, ids: Sequence[int], positions: Sequence[int], slots: Sequence[int] | None = None
@@ -184,6 +215,30 @@ class DecoderStep:
         ops.decoder_step(self._decoder, ids_array, x, cos, sin, positions_array, slots_array, logits, argmax)
 
 
+def _embedding(embed: Any, lm_head: Any, keep: list[Any]) -> dict[str, Any] | None:
+    """Decoder's embedding fields: a float32 table, or where the embedding is looked up on the tied
+    lm_head's blocks (gguf_loading.BlockEmbedding, no table) and this build takes it, those blocks,
+    checked to give the rows its lookup gives, bit for bit; None where neither serves."""
+    if isinstance(embed, BlockEmbedding) and "embedding_blocks" in ops.struct_fields("Decoder"):
+        if not _native_blocks(lm_head):
+            return None
+        ids = torch.tensor(sorted({0, 1, embed.num_embeddings // 2, embed.num_embeddings - 1}))
+        rows = torch.empty(len(ids), embed.embedding_dim)
+        matrix = ops.new("Matrix *", _matrix(lm_head.matmul))
+        ops.matrix_rows(matrix, ids, rows)
+        if not torch.equal(rows, embed.lookup(ids)):
+            return None
+        keep.append(lm_head.matmul)
+        return {"embedding": ops.pointer(None), "embedding_blocks": _matrix(lm_head.matmul)}
+    if isinstance(embed, BlockEmbedding) and embed.embed_scale is not None:
+        return None  # its table (.weight) is unscaled: Gemma's needs the fields above anyway
+    table = embed.weight.detach()  # a BlockEmbedding on an older build: its table, made once
+    if table.dtype != torch.float32 or not table.is_contiguous():
+        return None
+    keep.append(table)
+    return {"embedding": ops.pointer(table)}
+
+
 def _native_blocks(linear: Any) -> bool:
     return (
         isinstance(linear, BlockLinear)
@@ -193,7 +248,8 @@ def _native_blocks(linear: Any) -> bool:
 
 
 def _matrix(matmul: Q4Matmul | Q8Matmul) -> dict[str, Any]:
-    """kernels.h's Matrix for a layer's blocks (the C struct points into them: keep them alive)."""
+    """kernels.h's Matrix for a layer's blocks (the C struct points into them: keep them alive).
+    8-bit blocks pass their minimums (Q5_1, Q5_K) and groups (16: Q6_K) too."""
     q4 = isinstance(matmul, Q4Matmul)
     return {
         "bits": 4 if q4 else 8,
@@ -202,7 +258,8 @@ def _matrix(matmul: Q4Matmul | Q8Matmul) -> dict[str, Any]:
         "in_features": matmul.in_features,
         "codes": ops.pointer(matmul.codes),
         "scale": ops.pointer(matmul.scale),
-        "minimum": ops.pointer(matmul.minimum if isinstance(matmul, Q4Matmul) else None),
+        "minimum": ops.pointer(matmul.minimum),
+        "group": matmul.group if isinstance(matmul, Q8Matmul) else 0,
     }
 
 
@@ -216,6 +273,126 @@ def _rope_table(backbone: Any, length: int) -> tuple[torch.Tensor, torch.Tensor]
     dummy = torch.empty(1, dtype=torch.float32)
     cos, sin = rotary(dummy, position_ids=torch.arange(length)[None])
     return cos[0].contiguous(), sin[0].contiguous()
+
+
+def _layer_rope_tables(backbone: Any, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's rotary cos and sin, [length, head_dim / 2], from its layer type's rope (Gemma 3:
+    local and global bases), tables shared by the layers of a type; [] where a rope changes with the
+    length, or its second half does not repeat the first (the C reads the first half only)."""
+    rotary = backbone.rotary_emb
+    types = backbone.config.layer_types[: len(backbone.layers)]
+    tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for layer_type in set(types):
+        rope_type = rotary.rope_type.get(layer_type, "default")
+        if not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope":
+            return []
+        dummy = torch.empty(1, dtype=torch.float32)
+        cos, sin = (t[0] for t in rotary(dummy, torch.arange(length)[None], layer_type))
+        half = cos.shape[-1] // 2
+        if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+            return []
+        tables[layer_type] = (cos[:, :half].contiguous(), sin[:, :half].contiguous())
+    return [tables[layer_type] for layer_type in types]
+
+
+class _LayerKind:
+    """What decoder_step.c needs to know of a model type's layers: a plain llama's by default."""
+
+    norm_type: type = LlamaRMSNorm
+    rope_per_layer = False  # a rotary table per layer (Layer.rope_cos), not the decoder's
+    needs: frozenset[str] = frozenset()  # kernels.h fields beyond a llama's that its layers set
+
+    def accepts(self, config: Any) -> bool:
+        return (
+            getattr(config, "hidden_act", None) == "silu"
+            and not getattr(config, "attention_bias", False)  # no biases in the C step's matmuls
+            and not getattr(config, "mlp_bias", False)
+        )
+
+    def norms(self, layer: Any) -> list[Any]:
+        return list(self.layer_norms(layer).values())
+
+    def layer_norms(self, layer: Any) -> dict[str, Any]:
+        """Layer's norm fields -> the layer's norm modules"""
+        return {"input_norm": layer.input_layernorm, "post_attention_norm": layer.post_attention_layernorm}
+
+    def norm_weight(self, norm: Any) -> torch.Tensor:
+        """The weights x is multiplied by after it is normalized."""
+        return norm.weight.detach()
+
+    def eps(self, norm: Any) -> float:
+        return float(norm.variance_epsilon)
+
+    def decoder_fields(self, backbone: Any) -> dict[str, Any]:
+        return {}
+
+
+class _Gemma3(_LayerKind):
+    """Gemma 3 (transformers' Gemma3DecoderLayer): embeddings times sqrt(hidden); (1 + w) RMSNorms,
+    before and after attention and the MLP; q/k heads normalized before the rotation; local and
+    global rope bases per layer type; sliding-window layers; GELU (tanh) gated MLP. Its final logit
+    soft cap, if set, runs in torch after the lm_head."""
+
+    norm_type = Gemma3RMSNorm
+    rope_per_layer = True
+    needs = frozenset(
+        {"attention_out_norm", "mlp_out_norm", "q_norm", "k_norm", "window", "rope_cos", "embedding_scale",
+         "activation"}
+    )  # fmt: skip
+
+    def accepts(self, config: Any) -> bool:
+        return (
+            config.hidden_activation == "gelu_pytorch_tanh"
+            and not config.attention_bias
+            and not getattr(config, "use_bidirectional_attention", False)
+        )
+
+    def layer_norms(self, layer: Any) -> dict[str, Any]:
+        return {
+            "input_norm": layer.input_layernorm,
+            "post_attention_norm": layer.pre_feedforward_layernorm,  # the MLP's input
+            "attention_out_norm": layer.post_attention_layernorm,
+            "mlp_out_norm": layer.post_feedforward_layernorm,
+            "q_norm": layer.self_attn.q_norm,
+            "k_norm": layer.self_attn.k_norm,
+        }
+
+    def norm_weight(self, norm: Any) -> torch.Tensor:
+        return (1.0 + norm.weight.detach().float()).contiguous()  # as Gemma3RMSNorm.forward adds it
+
+    def eps(self, norm: Any) -> float:
+        return float(norm.eps)
+
+    def decoder_fields(self, backbone: Any) -> dict[str, Any]:
+        embed = backbone.embed_tokens
+        # the scale as the embedding's forward multiplies by it: in the rows' dtype, float32 here
+        return {"embedding_scale": float(embed.embed_scale.to(torch.float32)), "activation": 1}
+
+
+class _Mistral(_LayerKind):
+    """Mistral: a llama with a sliding window on every layer."""
+
+    norm_type = MistralRMSNorm
+    needs = frozenset({"window"})
+
+
+class _Qwen3(_LayerKind):
+    """Qwen3: a llama with q/k heads normalized before the rotation, and windowed layers."""
+
+    norm_type = Qwen3RMSNorm
+    needs = frozenset({"window", "q_norm", "k_norm"})
+
+    def layer_norms(self, layer: Any) -> dict[str, Any]:
+        attention = layer.self_attn
+        return super().layer_norms(layer) | {"q_norm": attention.q_norm, "k_norm": attention.k_norm}
+
+
+_KINDS: dict[str, _LayerKind] = {
+    "llama": _LayerKind(),
+    "mistral": _Mistral(),
+    "qwen3": _Qwen3(),
+    "gemma3_text": _Gemma3(),
+}
 
 
 class _Unsupported(Exception):

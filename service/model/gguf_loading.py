@@ -31,7 +31,14 @@ from transformers.modeling_gguf_pytorch_utils import (
 
 from tokenwire.service.kernels import ops
 from tokenwire.service.model.gguf_blocks import READERS
-from tokenwire.service.model.quantized import BlockLinear, BlockWeight, can_run, map_tensors
+from tokenwire.service.model.quantized import (
+    BlockLinear,
+    BlockWeight,
+    Q4Matmul,
+    Q8Matmul,
+    can_run,
+    map_tensors,
+)
 
 log = logging.getLogger("tokenwire.model")
 
@@ -245,6 +252,8 @@ class BlockEmbedding(nn.Module):
     `weight` gives the whole table, made once on first use, for code that wants it as a tensor
     (decoder_step.c's lookup for llama models); the torch path never asks for it."""
 
+    embed_scale: torch.Tensor | None  # a buffer (register_buffer), typed for what it holds
+
     def __init__(self, head: BlockLinear, embed_scale: torch.Tensor | None, padding_idx: int | None) -> None:
         super().__init__()
         self._head = (head,)  # a tuple: the head is the model's module, not a second submodule here
@@ -279,6 +288,7 @@ def block_rows(layer: BlockLinear, ids: torch.Tensor) -> torch.Tensor:
     matmul = layer.matmul
     if layer._blocks is not None:  # torch's int4 kernel keeps the blocks as they are
         return map_tensors(layer._blocks, lambda t: t[ids]).dequantize()
+    assert isinstance(matmul, Q4Matmul | Q8Matmul), "the layer's blocks were released to decoder_step.c"
     tiles, where = torch.unique(ids // ops.TILE, return_inverse=True)
     part = copy.copy(matmul)  # the same matmul over those tiles only (every layout is tiles first)
     part.codes = matmul.codes[tiles]

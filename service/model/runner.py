@@ -13,7 +13,7 @@ Decode-step speed (SmolLM2-135M, 2 shared cores; a step at 16 rows is ~75% matmu
 - The default model's layers run on the GGUF file's own Q4_1 blocks, its lm_head on its Q8_0 blocks
   (quantized.py, block_matmul.c): a step at 16 rows went from ~84 (float32 MKL) to ~60 (torch's
   int4 kernel) to ~45 ms, one row from ~37 to ~19 to ~16 ms.
-- With the C kernels, a llama on GGUF blocks decodes in decoder_step.c: every layer in one call
+- With the C kernels, a llama (or Gemma 3) on GGUF blocks decodes in decoder_step.c: every layer in one call
   (DecoderStep, decoder_step.py), with the embedding lookup, the lm_head and, when every row is
   greedy, the argmax: such a step runs no torch op. Measured alone: one row ~15 -> ~7 ms a step,
   16 rows ~44 -> ~28 ms (21 of them in the C step, 4.6 in the lm_head); with 8-bit activations and

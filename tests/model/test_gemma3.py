@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.models import reference_greedy
+from tokenwire.service.kernels import ops
 from tokenwire.service.model.gguf_loading import BlockEmbedding
 from tokenwire.service.model.loading import load_model, resolve_model
 from tokenwire.service.model.quantized import BlockLinear
@@ -36,6 +37,8 @@ def test_gemma3_starts_in_seconds_on_its_blocks_and_decodes_as_generate() -> Non
     prompt = tokenizer("The history of the printing press began").input_ids
     expected = reference_greedy(reference, prompt, 24)
     runner = ModelRunner(model, tokenizer, name="gemma3", source="test", max_batch_size=2, max_context=256)
+    # every layer in decoder_step.c, its embedding looked up on the lm_head's blocks there
+    assert runner.decode_kernel == ("c" if "embedding_blocks" in ops.struct_fields("Decoder") else "torch")
     runner.add_sequence(0, SamplingParams(), 0)
     tokens = [runner.prefill([PrefillChunk(0, prompt, True)])[0].token_id]
     while len(tokens) < len(expected):

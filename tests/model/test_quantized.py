@@ -252,6 +252,56 @@ def test_the_c_decode_attention_writes_the_new_key_and_is_batch_invariant(
         assert torch.equal(alone[0], out[0]), length
 
 
+needs_windows = pytest.mark.skipif(not ops.windowed_attention(), reason="a build from before windows")
+
+
+@needs_windows
+@pytest.mark.parametrize("dim", [16, 64, 256])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, pytest.param(torch.float16, marks=needs_half_cache)])
+def test_the_c_decode_attention_reads_only_a_windows_keys(dim: int, cache_dtype: torch.dtype) -> None:
+    """A sliding window (transformers': key > query - window) starting anywhere in a block of 16
+    keys, as SDPA over just those keys; batch-invariant; a prefill's rows (slots) see their own."""
+    g = torch.Generator().manual_seed(9)
+    rows, heads, kv_heads, max_len = 6, 4, 2, 256
+    query = torch.randn(rows, heads, 1, dim, generator=g)
+    key = torch.randn(rows, kv_heads, 1, dim, generator=g)
+    value = torch.randn(rows, kv_heads, 1, dim, generator=g)
+    cache = [torch.randn(rows, kv_heads, max_len, dim, generator=g).to(cache_dtype) for _ in range(2)]
+    for window in (1, 5, 16, 17, 40, 255):
+        positions = torch.tensor([100, 3, 16, 31, 0, 255])
+        keys, values = (c.clone() for c in cache)
+        out = native_decode_attention(query, key, value, keys, values, positions, None, window=window)
+        ordered = keys_in_order(keys)
+        for row, at in enumerate(positions.tolist()):
+            first = max(0, at + 1 - window)
+            sdpa = torch.nn.functional.scaled_dot_product_attention(
+                query[row : row + 1],
+                ordered[row : row + 1, :, first : at + 1].float(),
+                values[row : row + 1, :, first : at + 1].float(),
+                enable_gqa=True,
+            )
+            assert torch.allclose(out[row], sdpa[0], atol=2e-6), (window, row)
+        alone = native_decode_attention(
+            query[:1], key[:1], value[:1], keys, values, positions[:1], None, window=window
+        )
+        assert torch.equal(alone[0], out[0]), window
+        # a prefill: six tokens of one prompt in slot 0, each over its own window of that slot
+        keys, values = (c.clone() for c in cache)
+        at = torch.arange(250, 256)
+        slots = torch.zeros(rows, dtype=torch.int64)
+        prefill = native_decode_attention(query, key, value, keys, values, at, None, slots, window)
+        ordered = keys_in_order(keys)
+        for row, end in enumerate(at.tolist()):
+            first = max(0, end + 1 - window)
+            sdpa = torch.nn.functional.scaled_dot_product_attention(
+                query[row : row + 1],
+                ordered[:1, :, first : end + 1].float(),
+                values[:1, :, first : end + 1].float(),
+                enable_gqa=True,
+            )
+            assert torch.allclose(prefill[row], sdpa[0], atol=2e-6), (window, row)
+
+
 @pytest.mark.parametrize("vocab", [1, 15, 16, 49152, 49157])
 def test_the_c_argmax_answers_as_numpy_does(vocab: int) -> None:
     """decoder_step.c's argmax for greedy rows: the first maximum, or the first NaN if any (numpy's
