@@ -1149,7 +1149,7 @@ def write_outputs(report: Report, out: Path, docs: Path) -> None:
     chart = out / "benchmarks.png"
     draw_chart(report, chart)
     (out / "bench.json").write_text(json.dumps(asdict(report), indent=2))
-    docs_chart = docs.parent / "benchmarks.png"
+    docs_chart = docs.with_suffix(".png")  # each page its own chart (docs/benchmarks.md: benchmarks.png)
     docs_chart.parent.mkdir(parents=True, exist_ok=True)
     docs_chart.write_bytes(chart.read_bytes())
     docs.write_text(render_markdown(report, docs_chart.name))
