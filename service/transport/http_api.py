@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenwire.service.engine.engine import Engine
 from tokenwire.service.engine.requests import (
@@ -43,6 +43,7 @@ from tokenwire.service.transport.openai_convert import (
     chat_call,
     completion_call,
 )
+from tokenwire.v1.metadata import REPLICA_HEADER
 
 log = logging.getLogger("tokenwire.http")
 
@@ -80,6 +81,21 @@ async def _first(work: Awaitable[Any], receive: Receive) -> tuple[bool, Any]:
     if working.cancelled():
         return False, None
     return True, working.result()
+
+
+def _naming_replica(app: ASGIApp, replica_id: str) -> ASGIApp:
+    """`app` with the replica header on every response."""
+    header = (REPLICA_HEADER.encode(), replica_id.encode())
+
+    async def named(scope: Scope, receive: Receive, send: Send) -> None:
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        await app(scope, receive, sending)
+
+    return named
 
 
 class EventStream(Response):
@@ -133,6 +149,7 @@ class HttpApi:
         serving: Callable[[], bool],
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         on_refused: Callable[[ErrorCode], None] | None = None,
+        replica_id: str = "",
     ) -> None:
         if authenticator.tokens is None and authenticator.certificates:
             raise ValueError(
@@ -144,10 +161,11 @@ class HttpApi:
         self.serving = serving  # what /health answers: the gRPC health status of the server
         self.max_body_bytes = max_body_bytes
         self.on_refused = on_refused
+        self.replica_id = replica_id
         self.created = int(time.time())
         # (owner, request id) -> stream of the requests this API started and has not answered yet
         self.live: dict[tuple[str, str], RequestStream] = {}
-        self.app = Starlette(
+        starlette = Starlette(
             routes=[
                 Route("/health", self.health, methods=["GET"]),
                 Route("/v1/models", self.models, methods=["GET"]),
@@ -156,6 +174,9 @@ class HttpApi:
             ],
             exception_handlers={HTTPException: _routing_error},  # type: ignore[dict-item]
         )
+        # Behind a proxy, as on gRPC: every answer names its replica (x-tokenwire-replica), so a gRPC
+        # Cancel of an HTTP request's id can be routed to the replica that holds it.
+        self.app: ASGIApp = _naming_replica(starlette, replica_id) if replica_id else starlette
 
     # ---- routes ----
 
@@ -209,7 +230,8 @@ class HttpApi:
         generation = call.request
         generation.owner = principal.name
         # OpenAI's id shapes. The id is live in the principal's namespace: gRPC Cancel reaches it too.
-        generation.request_id = f"{'chatcmpl' if call.kind == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
+        replica = f"{self.replica_id}." if self.replica_id else ""  # as gRPC's server-assigned ids
+        generation.request_id = f"{'chatcmpl' if call.kind == CHAT else 'cmpl'}-{replica}{uuid.uuid4().hex}"
         try:
             stream = await engine.submit(generation)
         except RequestError as error:

@@ -334,6 +334,7 @@ class RunningServer:
             serving=lambda: bool(self._serving) and not self._draining,
             max_body_bytes=config.max_message_bytes,
             on_refused=self.metrics.on_refused,
+            replica_id=config.replica_id,
         )
         tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
         self._http = HttpServer(self.http_api.app, tls)

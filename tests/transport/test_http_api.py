@@ -478,3 +478,26 @@ async def test_a_port_in_use_is_a_bind_error_naming_http() -> None:
         with pytest.raises(BindError) as taken:
             await serve(None, ServerConfig(host="127.0.0.1", port=0, http_port=port))
     assert taken.value.http and taken.value.in_use
+
+
+async def test_behind_a_proxy_answers_name_their_replica_and_its_ids_carry_it() -> None:
+    """As a gRPC Generate does: so a gRPC Cancel of an HTTP request's id can be routed to its replica."""
+    async with (
+        running_server(step_delay=0.02, http_port=0, replica_id="r7") as server,
+        httpx.AsyncClient(base_url=server.http_url, timeout=30) as http,
+    ):
+        whole = await http.post("/v1/completions", json={"prompt": " hello", "max_tokens": 2})
+        assert whole.headers["x-tokenwire-replica"] == "r7"
+        assert whole.json()["id"].startswith("cmpl-r7.")
+        body = {"prompt": " hello", "max_tokens": 200, "stream": True}
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200 and response.headers["x-tokenwire-replica"] == "r7"
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    request_id = json.loads(line.removeprefix("data: "))["id"]
+                    break
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                cancel = pb.CancelRequest(request_id=request_id)
+                replica = (("x-tokenwire-replica", "r7"),)
+                assert (await pb_grpc.TokenWireStub(channel).Cancel(cancel, metadata=replica)).found
+        assert (await http.get("/health")).headers["x-tokenwire-replica"] == "r7"
