@@ -19,6 +19,7 @@ from tokenwire.service.engine.requests import (
 from tokenwire.service.engine.runner import Runner
 from tokenwire.service.engine.sessions import SessionStore
 from tokenwire.service.engine.wording import plural
+from tokenwire.service.model.types import NotServable
 
 
 class Prompts:
@@ -38,6 +39,8 @@ class Prompts:
             return self.sessions.prompt_ids(request, self.runner)
         except RequestError:
             raise
+        except NotServable as error:  # the request is fine; the server was not started for it
+            raise RequestError(ErrorCode.FAILED_PRECONDITION, str(error), RequestField.CHAT) from error
         except Exception as error:  # a chat template that rejects the messages, say
             field = RequestField.CHAT if request.input.chat is not None else RequestField.INPUT
             raise RequestError(
@@ -51,6 +54,8 @@ class Prompts:
     def tokenize_chat(self, messages: Sequence[tuple[str, str]]) -> Tokenized:
         try:
             ids = self.runner.encode_chat(messages)
+        except NotServable as error:
+            raise RequestError(ErrorCode.FAILED_PRECONDITION, str(error), RequestField.CHAT) from error
         except Exception as error:
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT, f"cannot apply the chat template: {error}", RequestField.CHAT

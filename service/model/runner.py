@@ -70,7 +70,7 @@ from tokenwire.service.model.loading import ModelSource, load_model, pick_device
 from tokenwire.service.model.quantized import BlockLinear, block_activations, block_format
 from tokenwire.service.model.sampling import SamplingRow, argmax_only, make_generator, mark_seen, sample
 from tokenwire.service.model.templates import (
-    ChatTemplateError,
+    NoChatTemplate,
     no_template_message,
     read_template,
     use_chat_template,
@@ -311,7 +311,7 @@ class ModelRunner:
 
     def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ChatTemplateError(no_template_message())
+            raise NoChatTemplate(no_template_message())
         rendered = self.tokenizer.apply_chat_template(
             [{"role": role, "content": content} for role, content in messages],
             tokenize=False,

@@ -8,6 +8,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tokenwire.service.model.types import NotServable
+
 log = logging.getLogger("tokenwire.model")
 
 _FOLDER = "chat_templates"
@@ -23,7 +25,11 @@ _END_OF_TURN = {
 
 
 class ChatTemplateError(ValueError):
-    """A chat without a template, or a --chat-template that names nothing usable."""
+    """A --chat-template that names nothing usable (at start), or a chat without a template."""
+
+
+class NoChatTemplate(ChatTemplateError, NotServable):
+    """A chat request to a model without a template: the server's start decides, not the request."""
 
 
 def no_template_message() -> str:

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class NotServable(Exception):
+    """The model, as this server was started, cannot serve the request (no chat template, say): the
+    request itself may be fine, on a server configured for it. The engine answers FAILED_PRECONDITION."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling. temperature 0 means greedy (top_k/top_p/min_p then do not matter)."""

@@ -19,6 +19,7 @@ from tokenwire.service.engine.requests import (
     RequestField,
     StoppingParams,
 )
+from tokenwire.service.model.types import NotServable
 
 
 @pytest.fixture
@@ -88,3 +89,21 @@ async def test_tokenize(engine: Engine) -> None:
         await engine.tokenize_chat((("robot", " cat"),))
     assert (caught.value.code, caught.value.field) == (ErrorCode.INVALID_ARGUMENT, RequestField.CHAT)
     assert caught.value.message == "cannot apply the chat template: unknown role"
+
+
+async def test_a_chat_the_server_was_not_started_for_is_a_failed_precondition(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No chat template: the request is fine, the server's configuration is not (FAILED_PRECONDITION),
+    for a Start and a Tokenize alike; the message says how to start the server."""
+
+    def no_template(messages: object) -> list[int]:
+        raise NotServable("the model has no chat template: start the server with --chat-template FILE")
+
+    monkeypatch.setattr(engine.runner, "encode_chat", no_template)
+    chat = PromptInput(chat=(("user", " cat"),))
+    for attempt in (engine.tokenize_chat(chat.chat or ()), engine.submit(GenerationRequest("c", chat))):
+        with pytest.raises(RequestError) as caught:
+            await attempt
+        assert (caught.value.code, caught.value.field) == (ErrorCode.FAILED_PRECONDITION, RequestField.CHAT)
+        assert "--chat-template" in caught.value.message
