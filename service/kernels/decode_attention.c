@@ -22,7 +22,8 @@
  *
  * A sliding window (decode_attention_windowed) reads only the window's keys: from the block of 16
  * its first key falls in, the keys before it in that block masked. Without one, the same bits as
- * before windows existed.
+ * before windows existed. A soft cap (decode_attention_capped, Gemma 2) bends each score as it is
+ * computed, before the window's mask.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -45,6 +46,7 @@ typedef struct {
     const int64_t *positions, *slots;
     int64_t heads, kv_heads, head_dim, max_len;
     int64_t window;  /* a row attends to its last `window` positions, itself included; 0: all */
+    float softcap;  /* scores -> softcap * tanh(scores / softcap); 0: as they are */
     float scale;
     float *out;
     atomic_int *failed;  /* set when an item could not allocate its scores: the call answers KERNEL_NO_MEMORY */
@@ -130,8 +132,11 @@ static inline __attribute__((always_inline)) void attend_heads(
                 odd[i] += query[i][d + 1] * k1;
             }
         }
-        for (int i = 0; i < n; i++)
-            store16(scores + i * stride + b * KEY_BLOCK - start, (even[i] + odd[i]) * a->scale);
+        for (int i = 0; i < n; i++) {
+            v16f s = (even[i] + odd[i]) * a->scale;
+            if (a->softcap != 0.0f) s = tanh16(s / a->softcap) * a->softcap;  /* as transformers: / tanh * */
+            store16(scores + i * stride + b * KEY_BLOCK - start, s);
+        }
     }
     float top[HEAD_BLOCK];
     for (int i = 0; i < n; i++) {
@@ -220,6 +225,33 @@ int half_kv_cache(void) {
  * reads its slot up to its own position only, so token i sees tokens <= i, as a causal mask would.
  * window: a row attends to its last `window` positions, itself included (transformers' sliding
  * window: key > query - window); 0: to all. The cache still holds every position. */
+int decode_attention_capped(
+    const float *q, int64_t q_row, int64_t q_head,
+    const float *k, int64_t k_row, int64_t k_head,
+    const float *v, int64_t v_row, int64_t v_head,
+    void *cache_k, void *cache_v, int half, const int64_t *positions, const int64_t *slots,
+    int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_rows, int64_t max_len,
+    int64_t window, float softcap, float scale, float *out, int threads)
+{
+    if (half && !half_kv_cache()) return KERNEL_UNSUPPORTED;  /* the caller asks half_kv_cache() first */
+    if (head_dim % LANES || head_dim > MAX_CHUNKS * LANES || kv_heads <= 0 || heads % kv_heads || max_len % KEY_BLOCK
+        || window < 0 || !(softcap >= 0.0f))
+        return KERNEL_BAD_ARGUMENT;
+    if (!slots && rows > max_rows) return KERNEL_BAD_ARGUMENT;
+    for (int64_t r = 0; r < rows; r++)  /* a position or slot past the cache would write outside it */
+        if (positions[r] < 0 || positions[r] >= max_len || (slots && (slots[r] < 0 || slots[r] >= max_rows)))
+            return KERNEL_BAD_ARGUMENT;
+    atomic_int failed = 0;
+    Attention a = {q, k, v, q_row, q_head, k_row, k_head, v_row, v_head, cache_k, cache_v, positions, slots,
+                   heads, kv_heads, head_dim, max_len, window, softcap, scale, out, &failed};
+    if (slots)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t g = 0; g < kv_heads; g++) write_new(&a, r, g, slot_base(&a, r, g), half);
+    parallel_for(rows * kv_heads, threads, half ? attend_float16 : attend_float32, &a);
+    return atomic_load(&failed) ? KERNEL_NO_MEMORY : KERNEL_OK;
+}
+
+/* No soft cap: the entry point of builds before decode_attention_capped. */
 int decode_attention_windowed(
     const float *q, int64_t q_row, int64_t q_head,
     const float *k, int64_t k_row, int64_t k_head,
@@ -228,22 +260,9 @@ int decode_attention_windowed(
     int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_rows, int64_t max_len,
     int64_t window, float scale, float *out, int threads)
 {
-    if (half && !half_kv_cache()) return KERNEL_UNSUPPORTED;  /* the caller asks half_kv_cache() first */
-    if (head_dim % LANES || head_dim > MAX_CHUNKS * LANES || kv_heads <= 0 || heads % kv_heads || max_len % KEY_BLOCK
-        || window < 0)
-        return KERNEL_BAD_ARGUMENT;
-    if (!slots && rows > max_rows) return KERNEL_BAD_ARGUMENT;
-    for (int64_t r = 0; r < rows; r++)  /* a position or slot past the cache would write outside it */
-        if (positions[r] < 0 || positions[r] >= max_len || (slots && (slots[r] < 0 || slots[r] >= max_rows)))
-            return KERNEL_BAD_ARGUMENT;
-    atomic_int failed = 0;
-    Attention a = {q, k, v, q_row, q_head, k_row, k_head, v_row, v_head, cache_k, cache_v, positions, slots,
-                   heads, kv_heads, head_dim, max_len, window, scale, out, &failed};
-    if (slots)
-        for (int64_t r = 0; r < rows; r++)
-            for (int64_t g = 0; g < kv_heads; g++) write_new(&a, r, g, slot_base(&a, r, g), half);
-    parallel_for(rows * kv_heads, threads, half ? attend_float16 : attend_float32, &a);
-    return atomic_load(&failed) ? KERNEL_NO_MEMORY : KERNEL_OK;
+    return decode_attention_capped(q, q_row, q_head, k, k_row, k_head, v, v_row, v_head, cache_k, cache_v, half,
+                                   positions, slots, rows, heads, kv_heads, head_dim, max_rows, max_len, window,
+                                   0.0f, scale, out, threads);
 }
 
 /* Every position, no window: the entry point of builds before windows (ops.py calls either). */

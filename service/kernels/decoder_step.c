@@ -2,11 +2,15 @@
  *
  * The same computation as transformers' LlamaDecoderLayer (RMSNorm, rotary q/k, grouped-query
  * attention, SiLU-gated MLP, residuals), with the matmuls of block_matmul.c and the attention of
- * decode_attention.c; and what Gemma 3's layers add, each switched on per layer or per model by
- * kernels.h's structs: the embeddings scaled, the attention's and the MLP's outputs normalized
- * before their residual adds, q/k heads normalized, sliding windows, a rotary table per layer
- * (local and global bases), GELU (tanh) in the MLP. Gemma's (1 + w) norm weights come added. Run from torch, a step is ~55 small ops a layer, and at one row their
- * dispatch costs more than the arithmetic; here it is one call. Each row is computed on
+ * decode_attention.c; and what the other architectures' layers add, each switched on per layer or
+ * per model by kernels.h's structs: the embeddings scaled (Gemma, Granite), projection biases
+ * (Qwen2), the attention's and the MLP's outputs normalized before their residual adds (Gemma 2/3,
+ * OLMo 2) and scaled (Granite), no norm before them (OLMo 2), q/k norms per head (Qwen3, Gemma 3) or
+ * over all heads (OLMo 2), sliding windows, a rotary table per layer (Gemma 3's local and global
+ * bases), part of each head rotated (Phi-3) or none (SmolLM3's NoPE layers), soft-capped scores
+ * (Gemma 2), GELU (tanh) in the MLP. Gemma's (1 + w) norm weights come added. Run from torch, a
+ * step is ~55 small ops a layer, and at one row their dispatch costs more than the arithmetic;
+ * here it is one call. Each row is computed on
  * its own with fixed reduction orders, so a row gets the same bits in any batch. Against the
  * transformers layers the results differ in the last bits only (the order of sums, exp).
  * A decode step goes from token ids (their embeddings looked up here) to the lm_head's outputs,
@@ -23,7 +27,7 @@
 #include "thread_pool.h"
 #include "vec16.h"
 
-static int multiply(const Matrix *m, const float *x, int64_t rows, float *y, int threads) {
+static int multiply_blocks(const Matrix *m, const float *x, int64_t rows, float *y, int threads) {
     if (m->bits == 8 && (m->minimum || (m->group && m->group != 32))) {  /* Q5_1, Q5_K, Q6_K repacked */
         const int64_t group = m->group ? m->group : 32;
         if (m->int8_activations)
@@ -39,6 +43,15 @@ static int multiply(const Matrix *m, const float *x, int64_t rows, float *y, int
     if (m->bits == 4)
         return q4_matmul(x, rows, m->in_features, m->codes, m->scale, m->minimum, m->out_features, y, threads);
     return q8_matmul(x, rows, m->in_features, m->codes, m->scale, m->out_features, y, threads);
+}
+
+/* y = x @ W.T, plus the bias where the Matrix has one (added after the sum, as torch's linear) */
+static int multiply(const Matrix *m, const float *x, int64_t rows, float *y, int threads) {
+    const int status = multiply_blocks(m, x, rows, y, threads);
+    if (status == KERNEL_OK && m->bias)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t c = 0; c < m->out_features; c++) y[r * m->out_features + c] += m->bias[c];
+    return status;
 }
 
 /* The work between the matmuls, one row per item of a parallel job (at 16 rows, run alone it left
@@ -62,48 +75,66 @@ static inline float inverse_rms(const float *row, int64_t n, float eps) {
     return 1.0f / sqrtf(sum_lanes(squares) / (float)n + eps);
 }
 
-/* x[r] += delta[r] (when `add`; normalized first with delta_norm), then
- * normed[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight (LlamaRMSNorm) */
+/* In place: row = row / sqrt(mean(row^2) + eps) * weight, over n values (a multiple of 16) */
+static inline void normalize(float *row, int64_t n, const float *weight, float eps) {
+    const float inverse = inverse_rms(row, n, eps);
+    for (int64_t i = 0; i < n; i += LANES) store16(row + i, load16(row + i) * inverse * load16(weight + i));
+}
+
+/* x[r] += delta[r] (when `add`; normalized first with delta_norm, then times the residual scale),
+ * then normed[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight (LlamaRMSNorm), or x[r] as it is where
+ * the sublayer has no norm before it (OLMo 2) */
 static void residual_norm_row(void *ctx, int64_t r) {
     const Rows *j = ctx;
     const int64_t hidden = j->d->hidden;
+    const float scale = j->d->residual_scale != 0.0f ? j->d->residual_scale : 1.0f;  /* x * 1 is x */
     float *row = j->x + r * hidden, *y = j->normed + r * hidden;
     const float *delta = j->delta + r * hidden;
-    if (j->add && j->delta_norm) {  /* Gemma: residual + norm(delta) */
+    if (j->add && j->delta_norm) {  /* Gemma, OLMo 2: residual + norm(delta) */
         const float inverse = inverse_rms(delta, hidden, j->d->eps);
         for (int64_t c = 0; c < hidden; c += LANES)
-            store16(row + c, load16(row + c) + load16(delta + c) * inverse * load16(j->delta_norm + c));
+            store16(row + c, load16(row + c) + load16(delta + c) * inverse * load16(j->delta_norm + c) * scale);
     } else if (j->add) {
-        for (int64_t c = 0; c < hidden; c++) row[c] += delta[c];
+        for (int64_t c = 0; c < hidden; c++) row[c] += delta[c] * scale;
+    }
+    if (!j->norm) {
+        memcpy(y, row, sizeof(float) * hidden);
+        return;
     }
     const float inverse = inverse_rms(row, hidden, j->d->eps);
     for (int64_t c = 0; c < hidden; c += LANES) store16(y + c, load16(row + c) * inverse * load16(j->norm + c));
 }
 
-/* In place, the q and k heads of row r (side by side in qkv): each normalized where the layer has q/k
- * norms, then x*cos + rotate_half(x)*sin, from the row's own cos/sin, the layer's half-width table
- * or the decoder's table */
+/* In place, the q and k heads of row r (side by side in qkv): normalized where the layer has q/k
+ * norms (each head, or all q and all k heads at once), then, unless the layer has no rope, their first
+ * rotary_dim values x*cos + rotate_half(x)*sin, from the row's own cos/sin, the layer's half-width
+ * table or the decoder's table */
 static void rotate_row(void *ctx, int64_t r) {
     const Rows *j = ctx;
-    const int64_t head_dim = j->d->head_dim, half = head_dim / 2, heads = j->d->heads + j->d->kv_heads;
-    const int64_t width = (j->d->heads + 2 * j->d->kv_heads) * head_dim;
+    const Decoder *d = j->d;
+    const int64_t head_dim = d->head_dim, heads = d->heads + d->kv_heads;
+    const int64_t rotary = d->rotary_dim ? d->rotary_dim : head_dim, half = rotary / 2;
+    const int64_t width = (d->heads + 2 * d->kv_heads) * head_dim;
     const Layer *layer = j->layer;
+    float *qk = j->qkv + r * width;
+    if (d->whole_qk_norm) {  /* OLMo 2: one RMS over all the q heads, one over all the k heads */
+        if (layer->q_norm) normalize(qk, d->heads * head_dim, layer->q_norm, d->eps);
+        if (layer->k_norm) normalize(qk + d->heads * head_dim, d->kv_heads * head_dim, layer->k_norm, d->eps);
+    }
     const float *c, *s;
     int64_t second;  /* where the second half's cos/sin start: the table repeats the first half */
     if (layer->rope_cos) {
         c = layer->rope_cos + j->positions[r] * half, s = layer->rope_sin + j->positions[r] * half, second = 0;
     } else {
-        c = j->cos ? j->cos + r * head_dim : j->d->rope_cos + j->positions[r] * head_dim;
-        s = j->sin ? j->sin + r * head_dim : j->d->rope_sin + j->positions[r] * head_dim;
+        c = j->cos ? j->cos + r * rotary : d->rope_cos + j->positions[r] * rotary;
+        s = j->sin ? j->sin + r * rotary : d->rope_sin + j->positions[r] * rotary;
         second = half;
     }
     for (int64_t h = 0; h < heads; h++) {
-        float *head = j->qkv + r * width + h * head_dim;
-        const float *norm = h < j->d->heads ? layer->q_norm : layer->k_norm;
-        if (norm) {
-            const float inverse = inverse_rms(head, head_dim, j->d->eps);
-            for (int64_t i = 0; i < head_dim; i += LANES) store16(head + i, load16(head + i) * inverse * load16(norm + i));
-        }
+        float *head = qk + h * head_dim;
+        const float *norm = h < d->heads ? layer->q_norm : layer->k_norm;
+        if (norm && !d->whole_qk_norm) normalize(head, head_dim, norm, d->eps);
+        if (layer->no_rope) continue;
         for (int64_t i = 0; i < half; i++) {
             const float a = head[i], b = head[i + half];
             head[i] = a * c[i] - b * s[i];
@@ -122,8 +153,7 @@ static void activation_times_up_row(void *ctx, int64_t r) {
         for (int64_t c = 0; c < intermediate; c += LANES) {
             const v16f g = load16(gate + c);
             const v16f inner = beta * (g + kappa * g * g * g);
-            const v16f tanh = 1.0f - 2.0f / (exp16(2.0f * inner) + 1.0f);  /* exp16: inf, 0 at the ends */
-            store16(j->act + r * intermediate + c, 0.5f * g * (1.0f + tanh) * load16(up + c));
+            store16(j->act + r * intermediate + c, 0.5f * g * (1.0f + tanh16(inner)) * load16(up + c));
         }
         return;
     }
@@ -256,14 +286,14 @@ int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *co
         parallel_for(rows, threads, residual_norm_row, &j);
         if ((status = multiply(&layer->qkv, normed, rows, qkv, threads))) break;
         parallel_for(rows, threads, rotate_row, &j);
-        status = decode_attention_windowed(qkv, qkv_width, head_dim,
-                                           qkv + heads * head_dim, qkv_width, head_dim,
-                                           qkv + (heads + kv) * head_dim, qkv_width, head_dim,
-                                           (char *)d->cache_k + l * layer_cache * element,
-                                           (char *)d->cache_v + l * layer_cache * element,
-                                           (int)d->half_cache, positions, slots, rows, heads, kv, head_dim,
-                                           d->max_rows, d->max_len, layer->window, d->attention_scale, attended,
-                                           threads);
+        status = decode_attention_capped(qkv, qkv_width, head_dim,
+                                         qkv + heads * head_dim, qkv_width, head_dim,
+                                         qkv + (heads + kv) * head_dim, qkv_width, head_dim,
+                                         (char *)d->cache_k + l * layer_cache * element,
+                                         (char *)d->cache_v + l * layer_cache * element,
+                                         (int)d->half_cache, positions, slots, rows, heads, kv, head_dim,
+                                         d->max_rows, d->max_len, layer->window, d->attention_softcap,
+                                         d->attention_scale, attended, threads);
         if (status || (status = multiply(&layer->o, attended, rows, delta, threads))) break;
         j.norm = layer->post_attention_norm, j.add = 1, j.delta_norm = layer->attention_out_norm;
         parallel_for(rows, threads, residual_norm_row, &j);

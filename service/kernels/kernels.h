@@ -25,6 +25,7 @@ typedef struct {
     const void *codes;
     const float *scale, *minimum;
     int64_t group;  /* k's per scale: 16 (Q6_K), or 0 / 32 */
+    const float *bias;  /* [out_features], added to every row's outputs (Qwen2's q/k/v); NULL: none */
 } Matrix;
 
 typedef struct {
@@ -35,8 +36,9 @@ typedef struct {
                                                       * before its residual add (Gemma 2/3); NULL: none */
     const float *q_norm, *k_norm;  /* RMSNorm of every q, k head, [head_dim], before the rotation; NULL: none */
     int64_t window;  /* attend to the last `window` positions, itself included; 0: all */
-    const float *rope_cos, *rope_sin;  /* this layer's rotary table, [max_len, head_dim / 2] by position
+    const float *rope_cos, *rope_sin;  /* this layer's rotary table, [max_len, rotary_dim / 2] by position
                                         * (the first half: the second repeats it); NULL: the decoder's */
+    int64_t no_rope;  /* 1: q and k are not rotated in this layer (SmolLM3's NoPE layers) */
 } Layer;
 
 /* A llama decoder for decoder_step.c: every pointer is owned by Python, which keeps it alive. */
@@ -55,6 +57,14 @@ typedef struct {
     float embedding_scale;  /* the embeddings times this (Gemma: sqrt(hidden)); 0: as they are */
     int64_t activation;  /* of the gated MLP: 0 SiLU, 1 GELU's tanh approximation (Gemma) */
     Matrix embedding_blocks;  /* where `embedding` is NULL: the rows of these blocks (the tied lm_head's) */
+    int64_t rotary_dim;  /* the leading dimensions of each q/k head the rope rotates (Phi-3's partial
+                          * rotary factor), the rest pass; 0: all of head_dim */
+    int64_t whole_qk_norm;  /* 1: q_norm and k_norm span all the q, all the k heads ([heads * head_dim],
+                             * one RMS over them: OLMo 2); 0: each head alone ([head_dim]) */
+    float attention_softcap;  /* scores -> softcap * tanh(scores / softcap) (Gemma 2); 0: none */
+    float residual_scale;  /* each sublayer's output times this before its residual add (Granite); 0: 1 */
+    /* A layer's input_norm or post_attention_norm NULL: its attention or MLP takes x as it is (OLMo 2,
+     * whose norms come after them) */
 } Decoder;
 
 /* block_matmul.c: y[M, N] = x[M, K] @ W.T on float32 activations */
@@ -90,6 +100,13 @@ int decode_attention_windowed(const float *q, int64_t q_row, int64_t q_head, con
                               void *cache_v, int half, const int64_t *positions, const int64_t *slots,
                               int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_rows,
                               int64_t max_len, int64_t window, float scale, float *out, int threads);
+
+/* the same with the scores soft-capped: softcap * tanh(scale * q.k / softcap) (Gemma 2); 0: none */
+int decode_attention_capped(const float *q, int64_t q_row, int64_t q_head, const float *k, int64_t k_row,
+                            int64_t k_head, const float *v, int64_t v_row, int64_t v_head, void *cache_k,
+                            void *cache_v, int half, const int64_t *positions, const int64_t *slots,
+                            int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_rows,
+                            int64_t max_len, int64_t window, float softcap, float scale, float *out, int threads);
 
 /* decoder_step.c */
 int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *cos, const float *sin,

@@ -130,6 +130,12 @@ def windowed_attention() -> bool:
     return available() and hasattr(_module().lib, "decode_attention_windowed")
 
 
+def capped_attention() -> bool:
+    """Whether this build's attention takes a score soft cap (decode_attention_capped, Gemma 2);
+    without it such models keep torch's attention."""
+    return available() and hasattr(_module().lib, "decode_attention_capped")
+
+
 def struct_fields(ctype: str) -> frozenset[str]:
     """The fields this build's kernels.h gives a struct ("Layer", "Decoder"): a build from before a
     field was added lacks it, and its callers then keep to what it has."""
@@ -204,6 +210,7 @@ def decode_attention(
     scale: float,
     out: torch.Tensor,  # [rows, heads, 1, head_dim] float32, contiguous
     window: int | None = None,  # each row attends to its last `window` positions; None: all
+    softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap); None: none
 ) -> None:
     rows, heads, _, head_dim = query.shape
     for name, index in (("positions", positions), ("slots", slots)):
@@ -220,7 +227,14 @@ def decode_attention(
         pointer(positions), pointer(slots),
         rows, heads, key.shape[1], head_dim, cache_k.shape[0], cache_k.shape[2],
     ]  # fmt: skip
-    if window is None:
+    if softcap is not None:
+        if not (softcap > 0 and capped_attention()) or (window is not None and window < 1):
+            raise ValueError(
+                f"decode_attention: softcap {softcap}, window {window} (this build takes soft caps: "
+                f"{capped_attention()})"
+            )
+        status = lib.decode_attention_capped(*args, window or 0, softcap, scale, pointer(out), threads())
+    elif window is None:
         status = lib.decode_attention(*args, scale, pointer(out), threads())
     elif window < 1 or not windowed_attention():
         raise ValueError(

@@ -79,4 +79,7 @@ static inline v16f exp16(v16f x) {
     return select16(underflow, (v16f){0}, select16(overflow, (v16f){0} + __builtin_inff(), e));
 }
 
+/* tanh(x) = 1 - 2 / (e^2x + 1): exp16's inf and 0 at the ends give +-1 exactly */
+static inline v16f tanh16(v16f x) { return 1.0f - 2.0f / (exp16(2.0f * x) + 1.0f); }
+
 #endif

@@ -8,10 +8,10 @@ A layer may have a sliding window (it attends to its last `window` positions, it
 transformers' sliding_window_overlay: key > query - window) and its scores may be soft-capped
 (softcap * tanh(scores / softcap), before the mask, as transformers' eager attention).
 decode_attention.c takes windows (builds with decode_attention_windowed: it reads only the window's
-keys); a soft cap, or a window on an older build, runs in torch's ops, and such a model keeps its
-whole cache in torch's layout (SlotAttention.native is False), where the window is applied by the
-mask. Either way the cache holds every position of a row. A window no shorter than the context
-excludes nothing and is dropped.
+keys) and soft caps (decode_attention_capped); either on an older build runs in torch's ops, and
+such a model keeps its whole cache in torch's layout (SlotAttention.native is False), where the
+window is applied by the mask. Either way the cache holds every position of a row. A window no
+shorter than the context excludes nothing and is dropped.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class SlotAttention:
         if ctx.decode and self.native:
             assert ctx.positions is not None
             out = native_decode_attention(
-                query, key, value, cache_k, cache_v, ctx.positions, scaling, window=window
+                query, key, value, cache_k, cache_v, ctx.positions, scaling, window=window, softcap=softcap
             )
         elif ctx.decode:
             n = query.shape[0]
@@ -153,6 +153,7 @@ class SlotAttention:
                 scaling,
                 slots=ctx.slots,
                 window=window,
+                softcap=softcap,
             )
             out = out[:, :, 0].transpose(0, 1)[None]
         else:
@@ -206,9 +207,11 @@ def effective_windows(windows: Sequence[int | None], context_length: int) -> tup
 
 
 def plain_attention(windows: Sequence[int | None], softcap: float | None) -> bool:
-    """Whether decode_attention.c computes every layer's attention: plain scores (no soft cap) over
-    the whole prefix, or over a window where this build takes windows."""
-    return softcap is None and (all(window is None for window in windows) or ops.windowed_attention())
+    """Whether decode_attention.c computes every layer's attention: scores over the whole prefix, or
+    over a window where this build takes windows; soft-capped where it takes soft caps."""
+    return (softcap is None or ops.capped_attention()) and (
+        all(window is None for window in windows) or ops.windowed_attention()
+    )
 
 
 def native_attention(device: torch.device, model_dtype: torch.dtype, head_dim: int) -> bool:
@@ -306,6 +309,7 @@ def native_decode_attention(
     scale: float | None,
     slots: torch.Tensor | None = None,  # [rows] int64: each row's cache row (a prefill); default row r
     window: int | None = None,  # attend to each row's last `window` positions; None: all
+    softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap); None: none
 ) -> torch.Tensor:
     """decode_attention.c: the same result as `decode_attention`, batch-invariant too, in one call."""
     rows, heads, _, head_dim = query.shape
@@ -313,7 +317,7 @@ def native_decode_attention(
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     out = torch.empty(rows, heads, 1, head_dim, dtype=torch.float32)
     scale = head_dim**-0.5 if scale is None else scale
-    ops.decode_attention(query, key, value, cache_k, cache_v, positions, slots, scale, out, window)
+    ops.decode_attention(query, key, value, cache_k, cache_v, positions, slots, scale, out, window, softcap)
     return out
 
 

@@ -1,5 +1,6 @@
-"""A whole decode step in one C call (decoder_step.c), for llama, Mistral, Qwen3 and Gemma 3 models
-whose layers all run on GGUF blocks.
+"""A whole decode step in one C call (decoder_step.c), for models of the architectures in `_KINDS`
+(every accepted one but StarCoder2 and Command R, whose layer norms subtract the mean) whose layers
+all run on GGUF blocks.
 
 Run from torch, a decode step is ~55 small ops a layer; for one row their dispatch took ~8 of the
 step's ~15 ms here. decoder_step.c runs every layer in one call: the same matmul and attention
@@ -20,10 +21,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+from transformers.models.granite.modeling_granite import GraniteRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+from transformers.models.phi3.modeling_phi3 import Phi3RMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+from transformers.models.smollm3.modeling_smollm3 import SmolLM3RMSNorm
 
 from tokenwire.service.kernels import ops
 from tokenwire.service.model.architectures import model_features
@@ -56,36 +64,32 @@ class DecoderStep:
         cls, backbone: Any, lm_head: Any, keys: torch.Tensor, values: torch.Tensor, *, attention_in_c: bool
     ) -> DecoderStep | None:
         """None unless decode attention runs in C (`_SlotAttention.native`: the kernels are here, a
-        float32 model on CPU, a head_dim it takes, windows where the build takes them), the model is
-        one whose layers decoder_step.c computes (a plain llama: SiLU MLP, RMSNorm; Mistral, Qwen3
-        or Gemma 3, see `_KINDS`) and this build of the kernels has the fields its layers need,
-        every projection on native blocks, widths multiples of 16."""
+        float32 model on CPU, a head_dim it takes, windows and soft caps where the build takes them),
+        the model is one whose layers decoder_step.c computes (`_KINDS`) and this build of the
+        kernels has the fields its layers need, every projection on native blocks, widths multiples
+        of 16."""
         config = backbone.config
         kind = _KINDS.get(str(getattr(config, "model_type", "")))  # before reading its module names
         if kind is None or not attention_in_c or not keys.is_contiguous():
             return None
-        if not kind.needs <= ops.struct_fields("Layer") | ops.struct_fields("Decoder"):
+        fields = {name: ops.struct_fields(name) for name in ("Layer", "Decoder", "Matrix")}
+        if not kind.needs <= fields["Layer"] | fields["Decoder"]:
             return None  # a build from before these fields: the model keeps the torch path
         layers = list(backbone.layers)
         features = model_features(config)
-        norms = [*(norm for layer in layers for norm in kind.norms(layer)), backbone.norm]
-        projections = [
-            p
-            for layer in layers
-            for p in (
-                *_attention_projections(layer),
-                layer.mlp.gate_proj,
-                layer.mlp.up_proj,
-                layer.mlp.down_proj,
-            )
+        norms = [
+            *(norm for layer in layers for norm in kind.layer_norms(layer).values() if norm is not None),
+            backbone.norm,
         ]
+        projections = [p for layer in layers for group in kind.projections(layer) for p in group]
         if (
             not kind.accepts(config)
             or not all(_native_blocks(p) for p in projections)
             or not all(type(norm) is kind.norm_type for norm in norms)
-            or len({kind.eps(norm) for norm in norms}) != 1  # the C step takes one
+            or len({_eps(norm) for norm in norms}) != 1  # the C step takes one
             or len({layer.self_attn.scaling for layer in layers}) != 1
             or any(width % 16 for width in (config.hidden_size, config.intermediate_size))
+            or (features.attention_softcap is not None and "attention_softcap" not in fields["Decoder"])
         ):
             return None
         keep: list[Any] = [keys, values]  # the C structs hold raw pointers into all of these
@@ -99,17 +103,38 @@ class DecoderStep:
             if not layer_ropes:
                 return None
             keep.extend(layer_ropes)
+            rotary_dim = 2 * layer_ropes[0][0].shape[-1]  # type: ignore[index]
         else:
             rope = _rope_table(backbone, keys.shape[3])
             if rope is not None:
                 keep.extend(rope)
+            rotary_dim = _rotary_width(backbone)
+        head_dim = keys.shape[-1]
+        if (
+            rotary_dim % 2
+            or rotary_dim > head_dim
+            or (rotary_dim < head_dim and "rotary_dim" not in fields["Decoder"])
+        ):
+            return None
 
         def matrix(linears: list[BlockLinear]) -> dict[str, Any]:
             matmul = fuse_blocks(linears)
             if matmul is None:
                 raise _Unsupported
             keep.append(matmul)
-            return _matrix(matmul)
+            out = _matrix(matmul)
+            if any(p.bias is not None for p in linears):
+                if "bias" not in fields["Matrix"]:
+                    raise _Unsupported
+                bias = torch.cat(
+                    [
+                        torch.zeros(p.out_features) if p.bias is None else p.bias.detach().float()
+                        for p in linears
+                    ]
+                ).contiguous()
+                keep.append(bias)
+                out["bias"] = ops.pointer(bias)
+            return out
 
         def weights(norm: Any) -> Any:
             weight = kind.norm_weight(norm)
@@ -120,37 +145,42 @@ class DecoderStep:
         try:
             for i, (struct, layer) in enumerate(zip(array, layers, strict=True)):
                 for field, norm in kind.layer_norms(layer).items():
-                    setattr(struct, field, weights(norm))
-                struct.qkv = matrix(list(_attention_projections(layer)[:3]))
-                struct.o = matrix([layer.self_attn.o_proj])
-                struct.gate_up = matrix([layer.mlp.gate_proj, layer.mlp.up_proj])
-                struct.down = matrix([layer.mlp.down_proj])
+                    if norm is not None:  # NULL: no norm there (OLMo 2's inputs)
+                        setattr(struct, field, weights(norm))
+                qkv, o, gate_up, down = kind.projections(layer)
+                struct.qkv, struct.o, struct.gate_up, struct.down = map(matrix, (qkv, o, gate_up, down))
                 window = features.windows[i]
-                if window is not None:  # Mistral, Qwen3, Gemma 3 (not llama): kind.needs has the field
+                if window is not None:  # kind.needs has the field where its layers have windows
                     struct.window = window
                 table = layer_ropes[i]
                 if table is not None:
                     struct.rope_cos, struct.rope_sin = ops.pointer(table[0]), ops.pointer(table[1])
+                if not kind.rotates(layer):
+                    struct.no_rope = 1
         except _Unsupported:
             return None
         keep.append(array)
         # The lm_head in C, where it is on native blocks and the logits need nothing after it (a
         # final soft cap or scale runs in torch, from the runner's _logits).
-        head_in_c = _native_blocks(lm_head) and (
-            features.final_softcap is None
-            and features.logit_scale is None
-            and features.logits_divisor is None
+        head_in_c = (
+            _native_blocks(lm_head)
+            and lm_head.bias is None
+            and (
+                features.final_softcap is None
+                and features.logit_scale is None
+                and features.logits_divisor is None
+            )
         )
         if head_in_c:
             keep.append(lm_head.matmul)  # its own blocks, no copy: held here too
-        fields = {
+        decoder_fields = {
             "layers": len(layers),
             "hidden": config.hidden_size,
             "heads": config.num_attention_heads,
             "kv_heads": keys.shape[2],
-            "head_dim": keys.shape[-1],
+            "head_dim": head_dim,
             "intermediate": config.intermediate_size,
-            "eps": kind.eps(norms[0]),
+            "eps": _eps(norms[0]),
             "attention_scale": layers[0].self_attn.scaling,
             "layer": array,
             "final_norm": weights(backbone.norm),
@@ -164,7 +194,11 @@ class DecoderStep:
             "max_rows": keys.shape[1],
             "max_len": keys.shape[3],
         }
-        decoder = ops.new("Decoder *", fields | embedding | kind.decoder_fields(backbone))
+        if rotary_dim < head_dim:
+            decoder_fields["rotary_dim"] = rotary_dim
+        if features.attention_softcap is not None:
+            decoder_fields["attention_softcap"] = features.attention_softcap
+        decoder = ops.new("Decoder *", decoder_fields | embedding | kind.decoder_fields(backbone))
         return cls(backbone, decoder, keep, rope_table=rope is not None or kind.rope_per_layer)
 
     def __call__(
@@ -296,90 +330,60 @@ def _layer_rope_tables(backbone: Any, length: int) -> list[tuple[torch.Tensor, t
 
 
 class _LayerKind:
-    """What decoder_step.c needs to know of a model type's layers: a plain llama's by default."""
+    """What decoder_step.c needs to know of a model type's layers: a llama's by default (RMSNorms
+    before attention and the MLP, a SiLU-gated MLP, biases where the config has them)."""
 
     norm_type: type = LlamaRMSNorm
     rope_per_layer = False  # a rotary table per layer (Layer.rope_cos), not the decoder's
     needs: frozenset[str] = frozenset()  # kernels.h fields beyond a llama's that its layers set
 
     def accepts(self, config: Any) -> bool:
+        return getattr(config, "hidden_act", None) == "silu"
+
+    def projections(self, layer: Any) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+        """The layer's q/k/v, o, gate/up and down projections, each group one matrix in C."""
+        attention, mlp = layer.self_attn, layer.mlp
         return (
-            getattr(config, "hidden_act", None) == "silu"
-            and not getattr(config, "attention_bias", False)  # no biases in the C step's matmuls
-            and not getattr(config, "mlp_bias", False)
+            [attention.q_proj, attention.k_proj, attention.v_proj],
+            [attention.o_proj],
+            [mlp.gate_proj, mlp.up_proj],
+            [mlp.down_proj],
         )
 
-    def norms(self, layer: Any) -> list[Any]:
-        return list(self.layer_norms(layer).values())
-
     def layer_norms(self, layer: Any) -> dict[str, Any]:
-        """Layer's norm fields -> the layer's norm modules"""
+        """Layer's norm fields -> the layer's norm modules (None: no norm there)"""
         return {"input_norm": layer.input_layernorm, "post_attention_norm": layer.post_attention_layernorm}
+
+    def rotates(self, layer: Any) -> bool:
+        """Whether the layer rotates q and k (SmolLM3's NoPE layers do not)."""
+        return True
 
     def norm_weight(self, norm: Any) -> torch.Tensor:
         """The weights x is multiplied by after it is normalized."""
         return norm.weight.detach()
 
-    def eps(self, norm: Any) -> float:
-        return float(norm.variance_epsilon)
-
     def decoder_fields(self, backbone: Any) -> dict[str, Any]:
         return {}
 
 
-class _Gemma3(_LayerKind):
-    """Gemma 3 (transformers' Gemma3DecoderLayer): embeddings times sqrt(hidden); (1 + w) RMSNorms,
-    before and after attention and the MLP; q/k heads normalized before the rotation; local and
-    global rope bases per layer type; sliding-window layers; GELU (tanh) gated MLP. Its final logit
-    soft cap, if set, runs in torch after the lm_head."""
+class _Qwen2(_LayerKind):
+    """Qwen2, Qwen2.5: a llama with q/k/v biases and windowed layers."""
 
-    norm_type = Gemma3RMSNorm
-    rope_per_layer = True
-    needs = frozenset(
-        {"attention_out_norm", "mlp_out_norm", "q_norm", "k_norm", "window", "rope_cos", "embedding_scale",
-         "activation"}
-    )  # fmt: skip
-
-    def accepts(self, config: Any) -> bool:
-        return (
-            config.hidden_activation == "gelu_pytorch_tanh"
-            and not config.attention_bias
-            and not getattr(config, "use_bidirectional_attention", False)
-        )
-
-    def layer_norms(self, layer: Any) -> dict[str, Any]:
-        return {
-            "input_norm": layer.input_layernorm,
-            "post_attention_norm": layer.pre_feedforward_layernorm,  # the MLP's input
-            "attention_out_norm": layer.post_attention_layernorm,
-            "mlp_out_norm": layer.post_feedforward_layernorm,
-            "q_norm": layer.self_attn.q_norm,
-            "k_norm": layer.self_attn.k_norm,
-        }
-
-    def norm_weight(self, norm: Any) -> torch.Tensor:
-        return (1.0 + norm.weight.detach().float()).contiguous()  # as Gemma3RMSNorm.forward adds it
-
-    def eps(self, norm: Any) -> float:
-        return float(norm.eps)
-
-    def decoder_fields(self, backbone: Any) -> dict[str, Any]:
-        embed = backbone.embed_tokens
-        # the scale as the embedding's forward multiplies by it: in the rows' dtype, float32 here
-        return {"embedding_scale": float(embed.embed_scale.to(torch.float32)), "activation": 1}
+    norm_type: type = Qwen2RMSNorm
+    needs = frozenset({"window"})
 
 
 class _Mistral(_LayerKind):
     """Mistral: a llama with a sliding window on every layer."""
 
-    norm_type = MistralRMSNorm
+    norm_type: type = MistralRMSNorm
     needs = frozenset({"window"})
 
 
 class _Qwen3(_LayerKind):
     """Qwen3: a llama with q/k heads normalized before the rotation, and windowed layers."""
 
-    norm_type = Qwen3RMSNorm
+    norm_type: type = Qwen3RMSNorm
     needs = frozenset({"window", "q_norm", "k_norm"})
 
     def layer_norms(self, layer: Any) -> dict[str, Any]:
@@ -387,18 +391,146 @@ class _Qwen3(_LayerKind):
         return super().layer_norms(layer) | {"q_norm": attention.q_norm, "k_norm": attention.k_norm}
 
 
+class _Phi3(_LayerKind):
+    """Phi-3: q/k/v and gate/up each one projection already; windowed layers; part of each head
+    rotated (partial_rotary_factor, checked by build against the field)."""
+
+    norm_type: type = Phi3RMSNorm
+    needs = frozenset({"window"})
+
+    def projections(self, layer: Any) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+        return (
+            [layer.self_attn.qkv_proj],
+            [layer.self_attn.o_proj],
+            [layer.mlp.gate_up_proj],
+            [layer.mlp.down_proj],
+        )
+
+
+class _SmolLM3(_LayerKind):
+    """SmolLM3: a llama whose NoPE layers (no_rope_layers) do not rotate; windowed layers."""
+
+    norm_type: type = SmolLM3RMSNorm
+    needs = frozenset({"window", "no_rope"})
+
+    def rotates(self, layer: Any) -> bool:
+        return bool(layer.self_attn.use_rope)
+
+
+class _Granite(_LayerKind):
+    """Granite 3: a llama with its embeddings, and each sublayer's output before its residual add,
+    multiplied by the config's multipliers (the attention's is its scaling; the logits' divisor
+    runs in torch after the lm_head)."""
+
+    norm_type: type = GraniteRMSNorm
+    needs = frozenset({"embedding_scale", "residual_scale"})
+
+    def decoder_fields(self, backbone: Any) -> dict[str, Any]:
+        config = backbone.config
+        return {"embedding_scale": config.embedding_multiplier, "residual_scale": config.residual_multiplier}
+
+
+class _Olmo2(_LayerKind):
+    """OLMo 2: no norm before attention and the MLP, their outputs normalized before the residual
+    adds, and q/k normalized over all heads at once before the rotation."""
+
+    norm_type: type = Olmo2RMSNorm
+    needs = frozenset({"attention_out_norm", "mlp_out_norm", "q_norm", "k_norm", "whole_qk_norm"})
+
+    def layer_norms(self, layer: Any) -> dict[str, Any]:
+        return {
+            "input_norm": None,
+            "post_attention_norm": None,
+            "attention_out_norm": layer.post_attention_layernorm,
+            "mlp_out_norm": layer.post_feedforward_layernorm,
+            "q_norm": layer.self_attn.q_norm,
+            "k_norm": layer.self_attn.k_norm,
+        }
+
+    def decoder_fields(self, backbone: Any) -> dict[str, Any]:
+        return {"whole_qk_norm": 1}
+
+
+class _Gemma(_LayerKind):
+    """Gemma: embeddings times sqrt(hidden), (1 + w) RMSNorms, a GELU (tanh) gated MLP."""
+
+    norm_type: type = GemmaRMSNorm
+    needs = frozenset({"embedding_scale", "activation"})
+    activation_setting = "hidden_act"  # Gemma 2 and 3 read hidden_activation
+
+    def accepts(self, config: Any) -> bool:
+        return getattr(config, self.activation_setting, None) == "gelu_pytorch_tanh" and not getattr(
+            config, "use_bidirectional_attention", False
+        )
+
+    def norm_weight(self, norm: Any) -> torch.Tensor:
+        return (1.0 + norm.weight.detach().float()).contiguous()  # as the Gemma norms' forward adds it
+
+    def decoder_fields(self, backbone: Any) -> dict[str, Any]:
+        embed = backbone.embed_tokens
+        # the scale as the embedding's forward multiplies by it: in the rows' dtype, float32 here
+        return {"embedding_scale": float(embed.embed_scale.to(torch.float32)), "activation": 1}
+
+
+class _Gemma2(_Gemma):
+    """Gemma 2: Gemma's, with the attention's and the MLP's outputs normalized before their residual
+    adds, sliding-window layers and soft-capped attention scores (its final logit soft cap runs in
+    torch after the lm_head)."""
+
+    norm_type: type = Gemma2RMSNorm
+    needs = _Gemma.needs | {"attention_out_norm", "mlp_out_norm", "window"}
+    activation_setting = "hidden_activation"
+
+    def layer_norms(self, layer: Any) -> dict[str, Any]:
+        return {
+            "input_norm": layer.input_layernorm,
+            "post_attention_norm": layer.pre_feedforward_layernorm,  # the MLP's input
+            "attention_out_norm": layer.post_attention_layernorm,
+            "mlp_out_norm": layer.post_feedforward_layernorm,
+        }
+
+
+class _Gemma3(_Gemma2):
+    """Gemma 3 (transformers' Gemma3DecoderLayer): Gemma 2's layers without the attention soft cap,
+    with q/k heads normalized before the rotation and local and global rope bases per layer type."""
+
+    norm_type: type = Gemma3RMSNorm
+    rope_per_layer = True
+    needs = _Gemma2.needs | {"q_norm", "k_norm", "rope_cos"}
+
+    def layer_norms(self, layer: Any) -> dict[str, Any]:
+        return super().layer_norms(layer) | {
+            "q_norm": layer.self_attn.q_norm,
+            "k_norm": layer.self_attn.k_norm,
+        }
+
+
 _KINDS: dict[str, _LayerKind] = {
     "llama": _LayerKind(),
     "mistral": _Mistral(),
+    "qwen2": _Qwen2(),
     "qwen3": _Qwen3(),
+    "phi3": _Phi3(),
+    "smollm3": _SmolLM3(),
+    "granite": _Granite(),
+    "olmo2": _Olmo2(),
+    "gemma": _Gemma(),
+    "gemma2": _Gemma2(),
     "gemma3_text": _Gemma3(),
 }
 
 
+def _eps(norm: Any) -> float:
+    """An RMSNorm's epsilon (llama's modules call it variance_epsilon, Gemma's eps)."""
+    eps = getattr(norm, "variance_epsilon", None)
+    return float(norm.eps if eps is None else eps)
+
+
+def _rotary_width(backbone: Any) -> int:
+    """How many of each head's dimensions the model's rope rotates (its cos's width)."""
+    cos, _ = backbone.rotary_emb(torch.empty(1), position_ids=torch.zeros(1, 1, dtype=torch.long))
+    return int(cos.shape[-1])
+
+
 class _Unsupported(Exception):
     pass
-
-
-def _attention_projections(layer: Any) -> tuple[Any, ...]:
-    attention = layer.self_attn
-    return (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj)

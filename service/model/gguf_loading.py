@@ -69,6 +69,8 @@ def build_model(gguf_path: Path, config: Any, dtype: torch.dtype, *, blocks: boo
         if blocks and target != embedding and _is_linear_weight(model, target):
             block = _block_layer(processor, info.name, data, kind, info.shape, activations)
             if block is not None:
+                # the linear's own bias parameter, which its tensor (before or after) is read into
+                block.bias = model.get_submodule(target.rpartition(".")[0]).bias
                 _replace(model, target.rpartition(".")[0], block)
                 loaded.add(target)
                 on_blocks[kind.name] += 1
@@ -203,10 +205,9 @@ def _embedding_name(model: Any) -> str:
 
 
 def _is_linear_weight(model: Any, target: str) -> bool:
-    """Whether `target` is the weight of a bias-free nn.Linear (what BlockLinear replaces)."""
+    """Whether `target` is the weight of an nn.Linear (what BlockLinear replaces)."""
     module_name, _, leaf = target.rpartition(".")
-    module = model.get_submodule(module_name)
-    return leaf == "weight" and isinstance(module, nn.Linear) and module.bias is None
+    return leaf == "weight" and isinstance(model.get_submodule(module_name), nn.Linear)
 
 
 def _replace(model: Any, module_name: str, block: nn.Module) -> None:

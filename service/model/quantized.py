@@ -304,11 +304,21 @@ class _Released:
 
 
 class BlockLinear(nn.Module):
-    """Drop-in for a bias-free nn.Linear whose weight came from a GGUF tensor of blocks; `format`
-    names the file's type ("q4_k", ...; by default "q4_1" or "q8_0" after the layout)."""
+    """Drop-in for an nn.Linear whose weight came from a GGUF tensor of blocks; `format` names the
+    file's type ("q4_k", ...; by default "q4_1" or "q8_0" after the layout). `bias`: the layer's own
+    parameter where it has one (Qwen2's q/k/v), added to the outputs as nn.Linear adds it."""
 
-    def __init__(self, weight: BlockWeight, activations: str = "auto", format: str | None = None) -> None:
+    bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        weight: BlockWeight,
+        activations: str = "auto",
+        format: str | None = None,
+        bias: nn.Parameter | None = None,
+    ) -> None:
         super().__init__()
+        self.bias = bias
         self.format = format or ("q4_1" if isinstance(weight, Q4Weight) else "q8_0")
         self.layout = (type(weight).__name__, *(weight.layout if isinstance(weight, Q8Weight) else ()))
         self.out_features, self.in_features = weight.shape
@@ -323,7 +333,8 @@ class BlockLinear(nn.Module):
         return self._blocks if self._blocks is not None else self.matmul.blocks()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x)
+        y = self.matmul(x)
+        return y if self.bias is None else y + self.bias
 
     def release(self) -> int:
         """Drop the layer's blocks, for a model whose steps all run elsewhere (decoder_step.c keeps
@@ -336,7 +347,7 @@ class BlockLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, {self.format}, "
-            f"{self.matmul.activations} activations"
+            f"{self.matmul.activations} activations, bias={self.bias is not None}"
         )
 
 
@@ -387,6 +398,6 @@ def swap_in_block_linears(model: Any, weights: dict[str, BlockWeight], activatio
         parent = model.get_submodule(parent_name)
         current = getattr(parent, attr, None)
         if isinstance(current, nn.Linear) and (current.out_features, current.in_features) == weight.shape:
-            setattr(parent, attr, BlockLinear(weight, activations))
+            setattr(parent, attr, BlockLinear(weight, activations, bias=current.bias))
             replaced += 1
     return replaced

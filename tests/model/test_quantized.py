@@ -12,7 +12,12 @@ from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from tests.models import default_model, quantize_q4_1, quantize_q8_0, runner_and_reference
 from tokenwire.service.kernels import ops
-from tokenwire.service.model.attention import decode_attention, keys_in_order, native_decode_attention
+from tokenwire.service.model.attention import (
+    decode_attention,
+    keys_in_order,
+    native_decode_attention,
+    prefill_attention,
+)
 from tokenwire.service.model.gguf_blocks import read_q4_1, read_q8_0
 from tokenwire.service.model.quantized import (
     BlockLinear,
@@ -300,6 +305,46 @@ def test_the_c_decode_attention_reads_only_a_windows_keys(dim: int, cache_dtype:
                 enable_gqa=True,
             )
             assert torch.allclose(prefill[row], sdpa[0], atol=2e-6), (window, row)
+
+
+@pytest.mark.skipif(not ops.capped_attention(), reason="a build from before soft caps")
+@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, pytest.param(torch.float16, marks=needs_half_cache)])
+def test_the_c_decode_attention_soft_caps_its_scores(window: int | None, cache_dtype: torch.dtype) -> None:
+    """Gemma 2's soft cap (scores -> cap * tanh(scores / cap), before the mask) as transformers'
+    eager ops compute it, with and without a window; batch-invariant."""
+    g = torch.Generator().manual_seed(10)
+    rows, heads, kv_heads, dim, max_len, cap = 4, 4, 2, 64, 128, 1.5
+    query = torch.randn(rows, heads, 1, dim, generator=g) * 2  # scores far past the cap
+    key = torch.randn(rows, kv_heads, 1, dim, generator=g)
+    value = torch.randn(rows, kv_heads, 1, dim, generator=g)
+    cache = [torch.randn(rows, kv_heads, max_len, dim, generator=g).to(cache_dtype) for _ in range(2)]
+    positions = torch.tensor([100, 3, 20, 127])
+    scale = dim**-0.5
+    keys, values = (c.clone() for c in cache)
+    out = native_decode_attention(
+        query, key, value, keys, values, positions, scale, window=window, softcap=cap
+    )
+    uncapped = native_decode_attention(
+        query, key, value, *(c.clone() for c in cache), positions, scale, window=window
+    )
+    ordered = keys_in_order(keys)
+    for row, at in enumerate(positions.tolist()):
+        first = 0 if window is None else max(0, at + 1 - window)
+        expected = prefill_attention(
+            query[row : row + 1],
+            ordered[row : row + 1, :, first : at + 1].float(),
+            values[row : row + 1, :, first : at + 1].float(),
+            torch.ones(1, at + 1 - first, dtype=torch.bool),
+            scale,
+            cap,
+        )
+        assert torch.allclose(out[row], expected[0], atol=2e-6), row
+        assert not torch.allclose(out[row], uncapped[row], atol=1e-3), row  # the cap changed it
+    alone = native_decode_attention(
+        query[:1], key[:1], value[:1], keys, values, positions[:1], scale, window=window, softcap=cap
+    )
+    assert torch.equal(alone[0], out[0])
 
 
 @pytest.mark.parametrize("vocab", [1, 15, 16, 49152, 49157])
