@@ -8,7 +8,9 @@
  * OLMo 2) and scaled (Granite), no norm before them (OLMo 2), q/k norms per head (Qwen3, Gemma 3) or
  * over all heads (OLMo 2), sliding windows, a rotary table per layer (Gemma 3's local and global
  * bases), part of each head rotated (Phi-3) or none (SmolLM3's NoPE layers), soft-capped scores
- * (Gemma 2), GELU (tanh) in the MLP. Gemma's (1 + w) norm weights come added. Run from torch, a
+ * (Gemma 2), GELU (tanh) in the MLP, layer norms with biases and an ungated MLP (StarCoder2),
+ * attention and MLP in parallel with interleaved rope and per-head q/k norm weights (Command R).
+ * Gemma's (1 + w) norm weights come added. Run from torch, a
  * step is ~55 small ops a layer, and at one row their dispatch costs more than the arithmetic;
  * here it is one call. Each row is computed on
  * its own with fixed reduction orders, so a row gets the same bits in any batch. Against the
@@ -59,9 +61,10 @@ static int multiply(const Matrix *m, const float *x, int64_t rows, float *y, int
  * the other rows. */
 typedef struct {
     const Decoder *d;
-    const float *norm;  /* RMSNorm weights: of the next sublayer, or the final norm */
+    const float *norm, *norm_bias;  /* the norm's weights (and bias): of the next sublayer, or the final */
     int add;  /* first x += delta (the previous sublayer's output) */
     const float *delta_norm;  /* RMSNorm weights for delta before it is added; NULL: added as it is */
+    const float *mlp_delta;  /* the MLP's output, added after delta (a parallel layer's); NULL: none */
     float *x, *delta, *normed, *qkv, *gate_up, *act;
     const float *cos, *sin;  /* each row's, or NULL: from a table, by position */
     const int64_t *positions;
@@ -75,15 +78,30 @@ static inline float inverse_rms(const float *row, int64_t n, float eps) {
     return 1.0f / sqrtf(sum_lanes(squares) / (float)n + eps);
 }
 
-/* In place: row = row / sqrt(mean(row^2) + eps) * weight, over n values (a multiple of 16) */
-static inline void normalize(float *row, int64_t n, const float *weight, float eps) {
-    const float inverse = inverse_rms(row, n, eps);
-    for (int64_t i = 0; i < n; i += LANES) store16(row + i, load16(row + i) * inverse * load16(weight + i));
+/* y = x / sqrt(mean(x^2) + eps) * weight (RMSNorm), or with the decoder's layer norms
+ * (x - mean) / sqrt(mean((x - mean)^2) + eps) * weight + bias (bias NULL: none); over n values (a
+ * multiple of 16); y may be x */
+static inline void normalize(const Decoder *d, const float *x, float *y, int64_t n, const float *weight,
+                             const float *bias) {
+    if (!d->layer_norm) {
+        const float inverse = inverse_rms(x, n, d->eps);
+        for (int64_t i = 0; i < n; i += LANES) store16(y + i, load16(x + i) * inverse * load16(weight + i));
+        return;
+    }
+    v16f total = (v16f){0}, squares = (v16f){0};
+    for (int64_t i = 0; i < n; i += LANES) total += load16(x + i);
+    const float mean = sum_lanes(total) / (float)n;
+    for (int64_t i = 0; i < n; i += LANES) squares += (load16(x + i) - mean) * (load16(x + i) - mean);
+    const float inverse = 1.0f / sqrtf(sum_lanes(squares) / (float)n + d->eps);
+    for (int64_t i = 0; i < n; i += LANES) {
+        const v16f v = (load16(x + i) - mean) * inverse * load16(weight + i);
+        store16(y + i, bias ? v + load16(bias + i) : v);
+    }
 }
 
-/* x[r] += delta[r] (when `add`; normalized first with delta_norm, then times the residual scale),
- * then normed[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight (LlamaRMSNorm), or x[r] as it is where
- * the sublayer has no norm before it (OLMo 2) */
+/* x[r] += delta[r] (when `add`; normalized first with delta_norm, then times the residual scale; then
+ * x[r] += mlp_delta[r] for a parallel layer), then normed[r] = the norm of x[r] (LlamaRMSNorm's, or
+ * a layer norm), or x[r] as it is where the sublayer has no norm before it (OLMo 2) */
 static void residual_norm_row(void *ctx, int64_t r) {
     const Rows *j = ctx;
     const int64_t hidden = j->d->hidden;
@@ -97,12 +115,13 @@ static void residual_norm_row(void *ctx, int64_t r) {
     } else if (j->add) {
         for (int64_t c = 0; c < hidden; c++) row[c] += delta[c] * scale;
     }
+    if (j->add && j->mlp_delta)  /* Command R: residual + attention + MLP, in that order */
+        for (int64_t c = 0; c < hidden; c++) row[c] += j->mlp_delta[r * hidden + c];
     if (!j->norm) {
         memcpy(y, row, sizeof(float) * hidden);
         return;
     }
-    const float inverse = inverse_rms(row, hidden, j->d->eps);
-    for (int64_t c = 0; c < hidden; c += LANES) store16(y + c, load16(row + c) * inverse * load16(j->norm + c));
+    normalize(j->d, row, y, hidden, j->norm, j->norm_bias);
 }
 
 /* In place, the q and k heads of row r (side by side in qkv): normalized where the layer has q/k
@@ -118,8 +137,9 @@ static void rotate_row(void *ctx, int64_t r) {
     const Layer *layer = j->layer;
     float *qk = j->qkv + r * width;
     if (d->whole_qk_norm) {  /* OLMo 2: one RMS over all the q heads, one over all the k heads */
-        if (layer->q_norm) normalize(qk, d->heads * head_dim, layer->q_norm, d->eps);
-        if (layer->k_norm) normalize(qk + d->heads * head_dim, d->kv_heads * head_dim, layer->k_norm, d->eps);
+        float *k = qk + d->heads * head_dim;
+        if (layer->q_norm) normalize(d, qk, qk, d->heads * head_dim, layer->q_norm, 0);
+        if (layer->k_norm) normalize(d, k, k, d->kv_heads * head_dim, layer->k_norm, 0);
     }
     const float *c, *s;
     int64_t second;  /* where the second half's cos/sin start: the table repeats the first half */
@@ -133,8 +153,17 @@ static void rotate_row(void *ctx, int64_t r) {
     for (int64_t h = 0; h < heads; h++) {
         float *head = qk + h * head_dim;
         const float *norm = h < d->heads ? layer->q_norm : layer->k_norm;
-        if (norm && !d->whole_qk_norm) normalize(head, head_dim, norm, d->eps);
+        if (norm && d->qk_norm_per_head) norm += (h < d->heads ? h : h - d->heads) * head_dim;
+        if (norm && !d->whole_qk_norm) normalize(d, head, head, head_dim, norm, 0);
         if (layer->no_rope) continue;
+        if (d->interleaved_rope) {  /* Command R: pairs (2i, 2i + 1), the table's entries in pairs too */
+            for (int64_t i = 0; i < rotary; i += 2) {
+                const float a = head[i], b = head[i + 1];
+                head[i] = a * c[i] - b * s[i];
+                head[i + 1] = b * c[i + 1] + a * s[i + 1];
+            }
+            continue;
+        }
         for (int64_t i = 0; i < half; i++) {
             const float a = head[i], b = head[i + half];
             head[i] = a * c[i] - b * s[i];
@@ -143,23 +172,25 @@ static void rotate_row(void *ctx, int64_t r) {
     }
 }
 
-/* act[r] = silu(gate) * up, or gelu(gate) * up, from gate_up[r] = (gate, up) */
+/* The MLP's activation: torch's silu, or its gelu(approximate="tanh"): 0.5 x (1 + tanh(b (x + k x^3))) */
+static inline v16f activate(const Decoder *d, v16f g) {
+    if (d->activation == 1) {
+        const float beta = 0.7978845608028654f, kappa = 0.044715f;
+        return 0.5f * g * (1.0f + tanh16(beta * (g + kappa * g * g * g)));
+    }
+    return g / (1.0f + exp16(-g));
+}
+
+/* act[r] = act(gate) * up from gate_up[r] = (gate, up), or act(up) from gate_up[r] = up (ungated) */
 static void activation_times_up_row(void *ctx, int64_t r) {
     const Rows *j = ctx;
-    const int64_t intermediate = j->d->intermediate;
-    const float *gate = j->gate_up + r * 2 * intermediate, *up = gate + intermediate;
-    if (j->d->activation == 1) {  /* torch's gelu(approximate="tanh"): 0.5 x (1 + tanh(b (x + k x^3))) */
-        const float beta = 0.7978845608028654f, kappa = 0.044715f;
-        for (int64_t c = 0; c < intermediate; c += LANES) {
-            const v16f g = load16(gate + c);
-            const v16f inner = beta * (g + kappa * g * g * g);
-            store16(j->act + r * intermediate + c, 0.5f * g * (1.0f + tanh16(inner)) * load16(up + c));
-        }
-        return;
-    }
+    const Decoder *d = j->d;
+    const int64_t intermediate = d->intermediate, width = d->ungated_mlp ? intermediate : 2 * intermediate;
+    const float *gate = j->gate_up + r * width, *up = gate + intermediate;
+    float *out = j->act + r * intermediate;
     for (int64_t c = 0; c < intermediate; c += LANES) {
-        const v16f g = load16(gate + c);
-        store16(j->act + r * intermediate + c, g / (1.0f + exp16(-g)) * load16(up + c));
+        const v16f a = activate(d, load16(gate + c));
+        store16(out + c, d->ungated_mlp ? a : a * load16(up + c));
     }
 }
 
@@ -248,6 +279,14 @@ void matrix_rows(const Matrix *m, const int64_t *ids, int64_t n, float *out) {
  * slots: each row's cache slot, or NULL for slot r (decode: one token per sequence). A prompt's
  * tokens may share one slot, each attending up to its own position (decode_attention.c): then this
  * is a prefill, and a token's result is the same however its prompt is split into chunks. */
+/* out = the layer's MLP of j->normed */
+static int mlp(const Layer *layer, Rows *j, int64_t rows, float *out, int threads) {
+    int status = multiply(&layer->gate_up, j->normed, rows, j->gate_up, threads);
+    if (status) return status;
+    parallel_for(rows, threads, activation_times_up_row, j);
+    return multiply(&layer->down, j->act, rows, out, threads);
+}
+
 int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *cos, const float *sin,
                  const int64_t *positions, const int64_t *slots, int64_t rows, float *logits, int64_t *argmax,
                  int threads) {
@@ -264,9 +303,11 @@ int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *co
     float *gate_up = kernel_malloc(sizeof(float) * rows * 2 * d->intermediate);
     float *act = kernel_malloc(sizeof(float) * rows * d->intermediate);
     float *delta = kernel_malloc(sizeof(float) * rows * hidden);
+    float *mlp_out = d->parallel ? kernel_malloc(sizeof(float) * rows * hidden) : 0;
     /* A failure part way leaves the rows' caches written up to some layer: their requests end (the
      * engine fails the step's sequences), and a row's cache is rewritten before it is read again. */
-    int status = normed && qkv && attended && gate_up && act && delta ? KERNEL_OK : KERNEL_NO_MEMORY;
+    int status = normed && qkv && attended && gate_up && act && delta && (mlp_out || !d->parallel)
+                     ? KERNEL_OK : KERNEL_NO_MEMORY;
     if (status == KERNEL_OK)
         for (int64_t r = 0; r < rows; r++) {
             float *row = x + r * hidden;
@@ -277,12 +318,13 @@ int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *co
             if (d->embedding_scale != 0.0f)
                 for (int64_t c = 0; c < hidden; c++) row[c] *= d->embedding_scale;
         }
-    Rows j = {d, 0, 0, 0, x, delta, normed, qkv, gate_up, act, cos, sin, positions, 0};
+    Rows j = {d, 0, 0, 0, 0, 0, x, delta, normed, qkv, gate_up, act, cos, sin, positions, 0};
     for (int64_t l = 0; l < d->layers && status == KERNEL_OK; l++) {
         const Layer *layer = d->layer + l;
         j.layer = layer;
-        /* the previous layer's MLP output, added here */
-        j.norm = layer->input_norm, j.add = l > 0, j.delta_norm = l > 0 ? layer[-1].mlp_out_norm : 0;
+        /* the previous layer's MLP output (a parallel layer's attention and MLP outputs), added here */
+        j.norm = layer->input_norm, j.norm_bias = layer->input_norm_bias, j.add = l > 0;
+        j.delta_norm = l > 0 ? layer[-1].mlp_out_norm : 0, j.mlp_delta = l > 0 ? mlp_out : 0;
         parallel_for(rows, threads, residual_norm_row, &j);
         if ((status = multiply(&layer->qkv, normed, rows, qkv, threads))) break;
         parallel_for(rows, threads, rotate_row, &j);
@@ -295,15 +337,19 @@ int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *co
                                          d->max_rows, d->max_len, layer->window, d->attention_softcap,
                                          d->attention_scale, attended, threads);
         if (status || (status = multiply(&layer->o, attended, rows, delta, threads))) break;
-        j.norm = layer->post_attention_norm, j.add = 1, j.delta_norm = layer->attention_out_norm;
+        if (d->parallel) {  /* the MLP of the same normed input; both added at the next norm */
+            status = mlp(layer, &j, rows, mlp_out, threads);
+            continue;
+        }
+        j.norm = layer->post_attention_norm, j.norm_bias = layer->post_attention_norm_bias, j.add = 1;
+        j.delta_norm = layer->attention_out_norm, j.mlp_delta = 0;
         parallel_for(rows, threads, residual_norm_row, &j);
-        if ((status = multiply(&layer->gate_up, normed, rows, gate_up, threads))) break;
-        parallel_for(rows, threads, activation_times_up_row, &j);
-        status = multiply(&layer->down, act, rows, delta, threads);
+        status = mlp(layer, &j, rows, delta, threads);
     }
     if (status == KERNEL_OK) {
-        j.norm = d->final_norm, j.add = d->layers > 0;
+        j.norm = d->final_norm, j.norm_bias = d->final_norm_bias, j.add = d->layers > 0;
         j.delta_norm = d->layers > 0 ? d->layer[d->layers - 1].mlp_out_norm : 0;
+        j.mlp_delta = d->layers > 0 ? mlp_out : 0;
         parallel_for(rows, threads, residual_norm_row, &j);
         memcpy(x, normed, sizeof(float) * rows * hidden);
         if (logits) {
@@ -311,6 +357,6 @@ int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *co
             if (status == KERNEL_OK && argmax) argmax_rows(logits, rows, d->lm_head.out_features, argmax, threads);
         }
     }
-    free(normed); free(qkv); free(attended); free(gate_up); free(act); free(delta);
+    free(normed); free(qkv); free(attended); free(gate_up); free(act); free(delta); free(mlp_out);
     return status;
 }

@@ -39,6 +39,8 @@ typedef struct {
     const float *rope_cos, *rope_sin;  /* this layer's rotary table, [max_len, rotary_dim / 2] by position
                                         * (the first half: the second repeats it); NULL: the decoder's */
     int64_t no_rope;  /* 1: q and k are not rotated in this layer (SmolLM3's NoPE layers) */
+    const float *input_norm_bias, *post_attention_norm_bias;  /* [hidden], added after those norms
+                                                                * (StarCoder2's layer norms); NULL: none */
 } Layer;
 
 /* A llama decoder for decoder_step.c: every pointer is owned by Python, which keeps it alive. */
@@ -65,6 +67,17 @@ typedef struct {
     float residual_scale;  /* each sublayer's output times this before its residual add (Granite); 0: 1 */
     /* A layer's input_norm or post_attention_norm NULL: its attention or MLP takes x as it is (OLMo 2,
      * whose norms come after them) */
+    int64_t layer_norm;  /* 1: every norm subtracts the mean first (LayerNorm: StarCoder2, Command R),
+                          * its bias added where it has one; 0: RMSNorms */
+    const float *final_norm_bias;  /* [hidden]; NULL: none */
+    int64_t ungated_mlp;  /* 1: gate_up holds the up projection alone, and the MLP is down(act(up))
+                           * (StarCoder2); 0: down(act(gate) * up) */
+    int64_t parallel;  /* 1: the MLP takes the attention's input norm too, and both outputs are added to
+                        * the residual together (Command R); 0: one after the other */
+    int64_t interleaved_rope;  /* 1: the rope rotates pairs (2i, 2i + 1), by a table whose entries come
+                                * in pairs (Command R); 0: halves (i, i + rotary_dim / 2) */
+    int64_t qk_norm_per_head;  /* 1: q_norm and k_norm hold a row of weights per head ([heads, head_dim],
+                                * Command R); 0: one row for all heads */
 } Decoder;
 
 /* block_matmul.c: y[M, N] = x[M, K] @ W.T on float32 activations */

@@ -1,6 +1,5 @@
-"""A whole decode step in one C call (decoder_step.c), for models of the architectures in `_KINDS`
-(every accepted one but StarCoder2 and Command R, whose layer norms subtract the mean) whose layers
-all run on GGUF blocks.
+"""A whole decode step in one C call (decoder_step.c), for models of every accepted architecture
+(`_KINDS`) whose layers all run on GGUF blocks.
 
 Run from torch, a decode step is ~55 small ops a layer; for one row their dispatch took ~8 of the
 step's ~15 ms here. decoder_step.c runs every layer in one call: the same matmul and attention
@@ -21,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from transformers.models.cohere.modeling_cohere import CohereLayerNorm
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
@@ -136,10 +137,12 @@ class DecoderStep:
                 out["bias"] = ops.pointer(bias)
             return out
 
+        def pointer_to(tensor: torch.Tensor) -> Any:
+            keep.append(tensor)
+            return ops.pointer(tensor)
+
         def weights(norm: Any) -> Any:
-            weight = kind.norm_weight(norm)
-            keep.append(weight)
-            return ops.pointer(weight)
+            return pointer_to(kind.norm_weight(norm))
 
         array = ops.new("Layer[]", len(layers))  # zeroed, owned by this cdata: kept below
         try:
@@ -147,6 +150,9 @@ class DecoderStep:
                 for field, norm in kind.layer_norms(layer).items():
                     if norm is not None:  # NULL: no norm there (OLMo 2's inputs)
                         setattr(struct, field, weights(norm))
+                for field, bias in kind.norm_biases(layer).items():
+                    if bias is not None:
+                        setattr(struct, field, pointer_to(bias.detach()))
                 qkv, o, gate_up, down = kind.projections(layer)
                 struct.qkv, struct.o, struct.gate_up, struct.down = map(matrix, (qkv, o, gate_up, down))
                 window = features.windows[i]
@@ -198,6 +204,9 @@ class DecoderStep:
             decoder_fields["rotary_dim"] = rotary_dim
         if features.attention_softcap is not None:
             decoder_fields["attention_softcap"] = features.attention_softcap
+        final_bias = getattr(backbone.norm, "bias", None)
+        if final_bias is not None:
+            decoder_fields["final_norm_bias"] = pointer_to(final_bias.detach())
         decoder = ops.new("Decoder *", decoder_fields | embedding | kind.decoder_fields(backbone))
         return cls(backbone, decoder, keep, rope_table=rope is not None or kind.rope_per_layer)
 
@@ -354,6 +363,10 @@ class _LayerKind:
         """Layer's norm fields -> the layer's norm modules (None: no norm there)"""
         return {"input_norm": layer.input_layernorm, "post_attention_norm": layer.post_attention_layernorm}
 
+    def norm_biases(self, layer: Any) -> dict[str, Any]:
+        """Layer's norm bias fields -> the biases (layer norms')"""
+        return {}
+
     def rotates(self, layer: Any) -> bool:
         """Whether the layer rotates q and k (SmolLM3's NoPE layers do not)."""
         return True
@@ -505,6 +518,57 @@ class _Gemma3(_Gemma2):
         }
 
 
+class _StarCoder2(_LayerKind):
+    """StarCoder2: layer norms with biases, biases on every projection, an ungated GELU (tanh) MLP
+    (c_fc, c_proj), windowed layers."""
+
+    norm_type: type = nn.LayerNorm
+    needs = frozenset(
+        {"layer_norm", "input_norm_bias", "final_norm_bias", "ungated_mlp", "activation", "window"}
+    )
+
+    def accepts(self, config: Any) -> bool:
+        return config.hidden_act == "gelu_pytorch_tanh"
+
+    def projections(self, layer: Any) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+        attention = layer.self_attn
+        return (
+            [attention.q_proj, attention.k_proj, attention.v_proj],
+            [attention.o_proj],
+            [layer.mlp.c_fc],
+            [layer.mlp.c_proj],
+        )
+
+    def norm_biases(self, layer: Any) -> dict[str, Any]:
+        return {
+            "input_norm_bias": layer.input_layernorm.bias,
+            "post_attention_norm_bias": layer.post_attention_layernorm.bias,
+        }
+
+    def decoder_fields(self, backbone: Any) -> dict[str, Any]:
+        return {"layer_norm": 1, "ungated_mlp": 1, "activation": 1}
+
+
+class _Cohere(_LayerKind):
+    """Command R: layer norms without biases; attention and MLP in parallel on the same normed input;
+    the rope over interleaved pairs; q/k layer norms with a row of weights per head (use_qk_norm);
+    its logit scale runs in torch after the lm_head."""
+
+    norm_type: type = CohereLayerNorm
+    needs = frozenset({"layer_norm", "parallel", "interleaved_rope", "qk_norm_per_head", "q_norm"})
+
+    def layer_norms(self, layer: Any) -> dict[str, Any]:
+        attention = layer.self_attn
+        qk = {"q_norm": attention.q_norm, "k_norm": attention.k_norm} if attention.use_qk_norm else {}
+        return {"input_norm": layer.input_layernorm, "post_attention_norm": None} | qk
+
+    def norm_weight(self, norm: Any) -> torch.Tensor:
+        return norm.weight.detach().reshape(-1).contiguous()  # q/k: [heads, head_dim], a row per head
+
+    def decoder_fields(self, backbone: Any) -> dict[str, Any]:
+        return {"layer_norm": 1, "parallel": 1, "interleaved_rope": 1, "qk_norm_per_head": 1}
+
+
 _KINDS: dict[str, _LayerKind] = {
     "llama": _LayerKind(),
     "mistral": _Mistral(),
@@ -517,6 +581,8 @@ _KINDS: dict[str, _LayerKind] = {
     "gemma": _Gemma(),
     "gemma2": _Gemma2(),
     "gemma3_text": _Gemma3(),
+    "starcoder2": _StarCoder2(),
+    "cohere": _Cohere(),
 }
 
 

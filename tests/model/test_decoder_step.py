@@ -32,13 +32,13 @@ from tokenwire.service.model.runner import ModelRunner
 from tokenwire.service.model.types import PrefillChunk, SamplingParams
 
 pytestmark = pytest.mark.skipif(
-    not (ops.capped_attention() and "no_rope" in ops.struct_fields("Layer") and ops.grouped_blocks()),
+    not (ops.capped_attention() and "parallel" in ops.struct_fields("Decoder") and ops.grouped_blocks()),
     reason="a build of the kernels from before the fields of every architecture",
 )
-# CASES the C step runs (the rest keep the torch path: see the last tests)
+# every architecture's CASES (test_architectures.py checks the torch path on them all)
 C_CASES = [
     "llama", "llama3-rope-biases", "mistral", "qwen2", "qwen3", "phi3", "phi3-longrope", "smollm3", "granite",
-    "olmo2", "gemma", "gemma2", "gemma3",
+    "olmo2", "gemma", "gemma2", "gemma3", "starcoder2", "cohere",
 ]  # fmt: skip
 
 
@@ -77,11 +77,11 @@ def tiny_on_blocks(name: str, *, activations: str = "float32", **overrides: Any)
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for parameter_name, parameter in model.named_parameters():
-            if "norm" in parameter_name:
+            if parameter_name.endswith(".bias"):  # layer norms' too
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+            elif "norm" in parameter_name:
                 base = 0.0 if model_type.startswith("gemma") else 1.0  # Gemma's are added to 1
                 parameter.copy_(base + torch.randn(parameter.shape, generator=generator) * 0.5)
-            elif parameter_name.endswith(".bias"):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
     return on_blocks(model, activations)
 
 
@@ -99,14 +99,14 @@ def runner_over(model: Any) -> ModelRunner:
 async def test_the_c_step_gives_the_tokens_of_the_transformers_layers(name: str) -> None:
     """Greedy tokens as `generate` gives them over the same blocks: past the window, prompts in
     chunks of 16 tokens, alone and batched. With a final soft cap or a logit scale (Gemma 2,
-    Granite) the lm_head runs in torch after the C step (the cap with it)."""
+    Granite, Command R) the lm_head runs in torch after the C step (the cap with it)."""
     softcap = name == "gemma3-softcap"
     if name.startswith("gemma3"):
         model = tiny_gemma3(softcap=softcap)
     else:  # with the architecture tests' weights these repeat one or two tokens
         lively = name in ("gemma", "granite", "llama3-rope-biases")
         model = tiny_on_blocks(name, **({"initializer_range": 0.2} if lively else {}))
-    head_in_c = name not in ("gemma3-softcap", "gemma2", "granite")
+    head_in_c = name not in ("gemma3-softcap", "gemma2", "granite", "cohere")
     reference = copy.deepcopy(model)
     if reference._supports_sdpa:  # faster; Gemma 2's soft cap needs the eager attention
         reference.set_attn_implementation("sdpa")
@@ -218,12 +218,3 @@ def test_the_c_embedding_lookup_gives_the_rows_the_blocks_dequantize_to(
     rows = torch.empty(len(ids), 64)
     ops.matrix_rows(ops.new("Matrix *", _matrix(layer.matmul)), ids, rows)
     assert torch.equal(rows, block.dequantize()[ids])
-
-
-@pytest.mark.parametrize("name", ["starcoder2", "cohere"])
-def test_architectures_the_c_step_does_not_take_keep_the_torch_path(name: str) -> None:
-    """StarCoder2's and Command R's layer norms subtract the mean (and StarCoder2's MLP is not
-    gated): decoder_step.c does not compute them, so they decode through their own modules (exact:
-    test_architectures.py), on the same blocks."""
-    runner = runner_over(tiny_on_blocks(name))
-    assert runner.decode_kernel == "torch" and runner._decoder_step is None
