@@ -99,7 +99,7 @@ static inline void normalize(const Decoder *d, const float *x, float *y, int64_t
     }
 }
 
-/* x[r] += delta[r] (when `add`; normalized first with delta_norm, then times the residual scale; then
+/* x[r] += delta[r] (when `add`; normalized first with delta_norm, or times the residual scale; then
  * x[r] += mlp_delta[r] for a parallel layer), then normed[r] = the norm of x[r] (LlamaRMSNorm's, or
  * a layer norm), or x[r] as it is where the sublayer has no norm before it (OLMo 2) */
 static void residual_norm_row(void *ctx, int64_t r) {
@@ -108,10 +108,10 @@ static void residual_norm_row(void *ctx, int64_t r) {
     const float scale = j->d->residual_scale != 0.0f ? j->d->residual_scale : 1.0f;  /* x * 1 is x */
     float *row = j->x + r * hidden, *y = j->normed + r * hidden;
     const float *delta = j->delta + r * hidden;
-    if (j->add && j->delta_norm) {  /* Gemma, OLMo 2: residual + norm(delta) */
+    if (j->add && j->delta_norm) {  /* Gemma, OLMo 2: residual + norm(delta); no residual scale with these */
         const float inverse = inverse_rms(delta, hidden, j->d->eps);
         for (int64_t c = 0; c < hidden; c += LANES)
-            store16(row + c, load16(row + c) + load16(delta + c) * inverse * load16(j->delta_norm + c) * scale);
+            store16(row + c, load16(row + c) + load16(delta + c) * inverse * load16(j->delta_norm + c));
     } else if (j->add) {
         for (int64_t c = 0; c < hidden; c++) row[c] += delta[c] * scale;
     }

@@ -111,11 +111,8 @@ class DecoderStep:
                 keep.extend(rope)
             rotary_dim = _rotary_width(backbone)
         head_dim = keys.shape[-1]
-        if (
-            rotary_dim % 2
-            or rotary_dim > head_dim
-            or (rotary_dim < head_dim and "rotary_dim" not in fields["Decoder"])
-        ):
+        partial = kind.partial_rotary and rotary_dim % 2 == 0 and "rotary_dim" in fields["Decoder"]
+        if rotary_dim > head_dim or (rotary_dim < head_dim and not partial):
             return None
 
         def matrix(linears: list[BlockLinear]) -> dict[str, Any]:
@@ -344,6 +341,9 @@ class _LayerKind:
 
     norm_type: type = LlamaRMSNorm
     rope_per_layer = False  # a rotary table per layer (Layer.rope_cos), not the decoder's
+    # Whether its modules rotate part of each head when the rope is partial (Phi-3's do; for the
+    # others transformers' rope set-up reads partial_rotary_factor but their attention cannot apply it)
+    partial_rotary = False
     needs: frozenset[str] = frozenset()  # kernels.h fields beyond a llama's that its layers set
 
     def accepts(self, config: Any) -> bool:
@@ -409,6 +409,7 @@ class _Phi3(_LayerKind):
     rotated (partial_rotary_factor, checked by build against the field)."""
 
     norm_type: type = Phi3RMSNorm
+    partial_rotary = True
     needs = frozenset({"window"})
 
     def projections(self, layer: Any) -> tuple[list[Any], list[Any], list[Any], list[Any]]:

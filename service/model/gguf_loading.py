@@ -14,6 +14,7 @@ import copy
 import functools
 import logging
 import struct
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,6 +44,7 @@ from tokenwire.service.model.quantized import (
 
 log = logging.getLogger("tokenwire.model")
 
+_NAME_TABLE_SWAP = threading.Lock()
 _FLOAT_TYPES = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
 
 
@@ -205,12 +207,13 @@ def _weights_map(model: Any, processor: Any) -> dict[str, str]:
     submodule and builds gguf's name table (thousands of formatted names) anew at each: 4.7 of the
     default model's 6.9 s of loading here. The table depends on the architecture and the layer count
     alone, so it is built once for the call (gguf's function, read by name at each recursion)."""
-    build_table = gguf.get_tensor_name_map
-    gguf.get_tensor_name_map = functools.cache(build_table)  # type: ignore[assignment]
-    try:
-        return dict(get_gguf_hf_weights_map(model, processor))
-    finally:
-        gguf.get_tensor_name_map = build_table  # type: ignore[assignment]
+    with _NAME_TABLE_SWAP:  # two loads at once must not restore each other's cached function
+        build_table = gguf.get_tensor_name_map
+        gguf.get_tensor_name_map = functools.cache(build_table)  # type: ignore[assignment]
+        try:
+            return dict(get_gguf_hf_weights_map(model, processor))
+        finally:
+            gguf.get_tensor_name_map = build_table  # type: ignore[assignment]
 
 
 def _embedding_name(model: Any) -> str:
@@ -388,4 +391,8 @@ def _check_complete(model: Any, loaded: set[str], gguf_path: Path, tied_head: bo
 
 
 def _is_block(model: Any, name: str) -> bool:
-    return isinstance(model.get_submodule(name.rpartition(".")[0]), BlockLinear)
+    """Whether `name` is read from a block layer's own tensor (a BlockLinear's bias is a tensor of its
+    own in the file: without it the parameter would keep whatever memory it was given)."""
+    return not name.endswith(".bias") and isinstance(
+        model.get_submodule(name.rpartition(".")[0]), BlockLinear
+    )

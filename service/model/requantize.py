@@ -30,10 +30,14 @@ def quantize_to_q8_0(model: Any, activations: str) -> int:
     blocks (biases kept as they are); returns how many were replaced. A layer no kernel takes (inputs
     not a multiple of 32, outputs not of 16) stays dense."""
     head = model.get_output_embeddings()
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and (".layers." in name or module is head)
+    ]
     replaced = 0
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or not (".layers." in name or module is head):
-            continue
+    for name in names:  # by name: each dense layer is freed as its blocks replace it, not at the end
+        module = model.get_submodule(name)
         if module.in_features % _BLOCK:
             continue
         rows = gguf.quants.quantize(module.weight.detach().float().numpy(), _Q8_0)

@@ -26,14 +26,15 @@ Q8_0 = gguf.GGMLQuantizationType.Q8_0
 SETTINGS = CASES["qwen2"][1] | {"initializer_range": 0.2}  # at 0.1 its greedy tokens repeat one
 
 
-def write_gguf(model: Any, path: Path, architecture: str) -> dict[str, torch.Tensor]:
+def write_gguf(model: Any, path: Path, architecture: str, leave_out: str = "") -> dict[str, torch.Tensor]:
     """The model's tensors in a GGUF file: 2-D weights as Q8_0 blocks, the rest float32 (a tied
-    lm_head is the embedding's). Returns the state the file holds, dequantized, by parameter name."""
+    lm_head is the embedding's; `leave_out`: a parameter not written). Returns the state the file
+    holds, dequantized, by parameter name."""
     names = {hf: name for name, hf in get_gguf_hf_weights_map(model, TensorProcessor()).items()}
     writer = gguf.GGUFWriter(path, architecture)
     held: dict[str, torch.Tensor] = {}
     for hf_name, tensor in model.state_dict().items():
-        if hf_name == "lm_head.weight" and model.config.tie_word_embeddings:
+        if hf_name == leave_out or (hf_name == "lm_head.weight" and model.config.tie_word_embeddings):
             continue
         name = names[hf_name]
         data = tensor.detach().float().numpy()
@@ -82,3 +83,14 @@ def test_a_qwen2_file_runs_on_its_blocks_with_its_biases(tmp_path: Path) -> None
             tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
         runner.remove_sequence(0)
         assert tokens == expected
+
+
+def test_a_file_without_a_block_layers_bias_is_refused(tmp_path: Path) -> None:
+    """Its parameter would otherwise keep whatever memory the model was built with."""
+    source = tiny("qwen2", **SETTINGS)
+    path = tmp_path / "no-bias.gguf"
+    write_gguf(source, path, "qwen2", leave_out="model.layers.2.self_attn.k_proj.bias")
+    with pytest.raises(
+        ValueError, match=r"no tensor in the file for model\.layers\.2\.self_attn\.k_proj\.bias"
+    ):
+        build_model(path, source.config, torch.float32, blocks=True, activations="float32")
