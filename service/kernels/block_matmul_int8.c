@@ -45,6 +45,7 @@ int int8_activations(void) { return 1; }
 
 #define BLOCK_ROWS 16  /* rows sharing one tile's unpacked codes: 16 accumulators + 8 code vectors */
 #define PANEL_ROWS 128  /* rows per work item, so that a long prefill's codes stay in L2 */
+#define AMX_ROWS 32  /* the fewest rows a matmul takes on AMX: at 16 (a decode step) it was slower */
 
 /* The rounded activations: codes [M][K], and per row and block the scale, the sum of the codes,
  * and scale * sum (Q4_1's minimum term takes it as it is, broadcast from memory); and the sums of
@@ -90,7 +91,30 @@ typedef struct {
     int64_t N;
     float *y;
     atomic_llong rounded;  /* rows of x done */
+    int amx;  /* whole blocks of 16 rows on the tile unit */
 } Matmul;
+
+/* acc + one group's integer sums (16 columns of one row) in floats: a group of 32 k's, or a group of
+ * 16 (Q6_K's halves), each as block() has always computed it; AMX's sums go through the same steps,
+ * so a row gets the same bits either way. */
+static inline __attribute__((always_inline)) __m512 add_group32(
+    __m512 acc, __m512i dot, __m512 scale, __m512 minimum, float dx, int32_t sum, float scaled_sum, int offset,
+    int has_min)
+{
+    if (offset) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * sum));  /* summed over qw + 128 */
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, _mm512_set1_ps(dx)), acc);
+    if (has_min) acc = _mm512_fmadd_ps(minimum, _mm512_set1_ps(scaled_sum), acc);
+    return acc;
+}
+
+static inline __attribute__((always_inline)) __m512 add_group16(
+    __m512 acc, __m512i dot, __m512 s16, __m512 m16, float dx, int32_t sum, int offset, int has_min)
+{
+    if (offset) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * sum));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s16, _mm512_set1_ps(dx)), acc);
+    if (has_min) acc = _mm512_fmadd_ps(m16, _mm512_set1_ps(dx * (float)sum), acc);
+    return acc;
+}
 
 static inline __m512i four_codes(const int8_t *codes) {  /* 4 activation bytes in every lane */
     int32_t four;
@@ -136,11 +160,8 @@ static inline __attribute__((always_inline)) void block(const Matmul *m, int64_t
                     __m512i dot = _mm512_setzero_si512();
                     for (int h = 4 * half; h < 4 * half + 4; h++)
                         dot = _mm512_dpbusd_epi32(dot, w[h], four_codes(qx + 4 * h));
-                    const float dx = x_scale[row * groups + g];
-                    const int32_t sum = x_sum16[row * 2 * groups + gg];
-                    if (bits == 8) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * sum));
-                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s16, _mm512_set1_ps(dx)), acc[r]);
-                    if (has_min) acc[r] = _mm512_fmadd_ps(m16, _mm512_set1_ps(dx * (float)sum), acc[r]);
+                    acc[r] = add_group16(acc[r], dot, s16, m16, x_scale[row * groups + g],
+                                         x_sum16[row * 2 * groups + gg], bits == 8, has_min);
                 }
             }
             continue;
@@ -152,14 +173,166 @@ static inline __attribute__((always_inline)) void block(const Matmul *m, int64_t
             const int8_t *qx = x_codes + row * K + g * GROUP;
             __m512i dot = _mm512_setzero_si512();
             for (int h = 0; h < 8; h++) dot = _mm512_dpbusd_epi32(dot, w[h], four_codes(qx + 4 * h));
-            const float dx = x_scale[row * groups + g];
-            if (bits == 8) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * x_sum[row * groups + g]));  /* codes are qw + 128 */
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scale, _mm512_set1_ps(dx)), acc[r]);
-            if (has_min) acc[r] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(x_scaled_sum[row * groups + g]), acc[r]);
+            const int64_t at = row * groups + g;
+            acc[r] = add_group32(acc[r], dot, scale, minimum, x_scale[at], x_sum[at], x_scaled_sum[at], bits == 8,
+                                 has_min);
         }
     }
     for (int r = 0; r < rows; r++) _mm512_storeu_ps(m->y + (r0 + r) * m->N + t * TILE, acc[r]);
 }
+
+/* AMX (the tile unit of Intel CPUs since Sapphire Rapids): a group's 16 rows x 16 columns of integer
+ * sums in one tile multiply (tdpbsud: signed activation codes by unsigned weight codes, the same
+ * products vpdpbusd sums), then the same float steps as block(), so a row gets the same bits with
+ * AMX or without, alone or in any batch. It replaces the 8 vpdpbusd a row takes per group, and most
+ * of a long prefill's time is those.
+ *
+ * Tiles, loaded with ldtilecfg at each item (the step thread shares its tile state with torch's
+ * oneDNN, which loads its own): C 16 x 16 int32 sums; A 16 rows x 32 activation codes (a group);
+ * B the group's weights, 8 rows of 64 bytes (4 k's x 16 columns, the layout these codes are kept
+ * in); A16 and B16 the halves of a group for weights in groups of 16.
+ * Linux lends a process the tile registers only after arch_prctl(ARCH_REQ_XCOMP_PERM), asked once;
+ * without AMX, or TOKENWIRE_AMX=0, block() runs alone. */
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define TILE_C 0
+#define TILE_A 1
+#define TILE_B 2
+#define TILE_A16 3
+#define TILE_B16 4
+#define TILE_A_NEXT 5  /* the next group's, so that its tile multiply overlaps this group's float steps */
+#define TILE_B_NEXT 6
+#define TILE_C_NEXT 7
+
+typedef struct __attribute__((aligned(64))) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static const TileConfig tile_config = {1, 0, {0}, {64, 32, 64, 16, 64, 32, 64, 64}, {16, 16, 8, 16, 4, 16, 8, 16}};
+
+/* ldtilecfg of the whole 64-byte struct: gcc 12's _tile_loadconfig names only a pointer's worth
+ * of memory as read, which let stores into a stack config be dropped (llama.cpp's AMX fault) */
+static inline void load_tile_config(void) { __asm__ volatile("ldtilecfg %0" ::"m"(tile_config)); }
+
+/* back to the tiles' initial state (cheaper context switches); gcc's _tile_release needs -mamx-tile */
+static inline void release_tiles(void) { __asm__ volatile("tilerelease" ::); }
+
+static atomic_int amx_state = -1;  /* -1: not asked yet; 0: no AMX here; 1: AMX lent to this process */
+static atomic_int amx_wanted = 1;  /* kernels_use_amx(0) turns it off (tests compare both ways) */
+
+static int detect_amx(void) {
+    unsigned eax, ebx, ecx, edx;
+    const char *env = getenv("TOKENWIRE_AMX");
+    if (env && env[0] == '0') return 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24)) || !(edx & (1u << 25)))
+        return 0;  /* AMX-TILE, AMX-INT8 */
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+
+int amx_int8(void) {
+    int state = atomic_load(&amx_state);
+    if (state < 0) atomic_store(&amx_state, state = detect_amx());
+    return state;
+}
+
+void kernels_use_amx(int on) { atomic_store(&amx_wanted, on); }
+
+static int use_amx(void) { return atomic_load(&amx_wanted) && amx_int8(); }
+
+/* Group g's weight codes as signed bytes, B's 8 rows of 64 (4 k's x 16 columns): Q4_1's nibbles
+ * (line h/2's low nibbles for even h, high for odd, are k = 4h..4h+3), or Q8's qw + 128 back to qw,
+ * so that tdpbssd sums the products themselves (no 128 * sum(qx) to take off per row) */
+static inline __attribute__((always_inline)) void signed_codes(const uint8_t *lines, int64_t g, int bits, int8_t *out) {
+    for (int h = 0; h < 8; h++) {
+        __m512i codes;
+        if (bits == 4) {
+            const __m512i line = _mm512_loadu_si512(lines + (g * 4 + h / 2) * 64);
+            codes = _mm512_and_si512(h % 2 ? _mm512_srli_epi16(line, 4) : line, _mm512_set1_epi8(0x0F));
+        } else {
+            codes = _mm512_xor_si512(_mm512_loadu_si512(lines + (g * 8 + h) * 64), _mm512_set1_epi8((char)0x80));
+        }
+        _mm512_store_si512(out + h * 64, codes);
+    }
+}
+
+/* Rows r0..r0+15 of tile t, as block() computes them, the integer sums from the tile unit. */
+static inline __attribute__((always_inline)) void block_amx(const Matmul *m, int64_t r0, int64_t t, int bits,
+                                                            int group, int has_min) {
+    const int64_t K = m->K, groups = K / GROUP;
+    const int8_t *x_codes = m->x->codes;
+    const float *x_scale = m->x->scale, *x_scaled_sum = m->x->scaled_sum;
+    const int32_t *x_sum = m->x->sum, *x_sum16 = m->x->sum16;
+    const int64_t line_k = bits == 4 ? 8 : 4;
+    const uint8_t *lines = m->codes + t * (K / line_k) * 64;
+    int32_t sums[BLOCK_ROWS * TILE] __attribute__((aligned(64))), sums_next[BLOCK_ROWS * TILE] __attribute__((aligned(64)));
+    int8_t codes[8 * 64] __attribute__((aligned(64))), codes_next[8 * 64] __attribute__((aligned(64)));
+    __m512 acc[BLOCK_ROWS];
+    for (int r = 0; r < BLOCK_ROWS; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        signed_codes(lines, g, bits, codes);
+        __asm__ volatile("" ::: "memory");  /* tileloadd's asm names no memory read: the stores above first */
+        const int8_t *qx = x_codes + r0 * K + g * GROUP;
+        if (group == 16) {
+            for (int half = 0; half < 2; half++) {
+                const int64_t gg = 2 * g + half;
+                const __m512 s16 = _mm512_loadu_ps(m->scale + (t * 2 * groups + gg) * TILE);
+                const __m512 m16 = has_min ? _mm512_loadu_ps(m->minimum + (t * 2 * groups + gg) * TILE) : s16;
+                _tile_loadd(TILE_A16, qx + half * 16, K);
+                _tile_loadd(TILE_B16, codes + half * 4 * 64, 64);
+                _tile_zero(TILE_C);
+                _tile_dpbssd(TILE_C, TILE_A16, TILE_B16);
+                _tile_stored(TILE_C, sums, 64);
+                for (int r = 0; r < BLOCK_ROWS; r++) {
+                    const int64_t row = r0 + r;
+                    acc[r] = add_group16(acc[r], _mm512_load_si512(sums + r * TILE), s16, m16, x_scale[row * groups + g],
+                                         x_sum16[row * 2 * groups + gg], 0, has_min);
+                }
+            }
+            continue;
+        }
+        /* groups of 32: this one and the next at once (two sum tiles in flight), added in order */
+        const int pair = g + 1 < groups;
+        if (pair) signed_codes(lines, g + 1, bits, codes_next);
+        __asm__ volatile("" ::: "memory");
+        _tile_loadd(TILE_A, qx, K);
+        _tile_loadd(TILE_B, codes, 64);
+        _tile_zero(TILE_C);
+        _tile_dpbssd(TILE_C, TILE_A, TILE_B);
+        if (pair) {
+            _tile_loadd(TILE_A_NEXT, qx + GROUP, K);
+            _tile_loadd(TILE_B_NEXT, codes_next, 64);
+            _tile_zero(TILE_C_NEXT);
+            _tile_dpbssd(TILE_C_NEXT, TILE_A_NEXT, TILE_B_NEXT);
+        }
+        _tile_stored(TILE_C, sums, 64);
+        if (pair) _tile_stored(TILE_C_NEXT, sums_next, 64);
+        for (int64_t gg = g; gg <= g + pair; gg++) {
+            const int32_t *group_sums = gg == g ? sums : sums_next;
+            const __m512 scale = _mm512_loadu_ps(m->scale + (t * groups + gg) * TILE);
+            const __m512 minimum = has_min ? _mm512_loadu_ps(m->minimum + (t * groups + gg) * TILE) : scale;
+            for (int r = 0; r < BLOCK_ROWS; r++) {
+                const int64_t at = (r0 + r) * groups + gg;
+                acc[r] = add_group32(acc[r], _mm512_load_si512(group_sums + r * TILE), scale, minimum, x_scale[at],
+                                     x_sum[at], x_scaled_sum[at], 0, has_min);
+            }
+        }
+        g += pair;
+    }
+    for (int r = 0; r < BLOCK_ROWS; r++) _mm512_storeu_ps(m->y + (r0 + r) * m->N + t * TILE, acc[r]);
+}
+#else
+int amx_int8(void) { return 0; }
+void kernels_use_amx(int on) { (void)on; }
+static int use_amx(void) { return 0; }
+static inline void load_tile_config(void) {}
+static inline void release_tiles(void) {}
+static inline void block_amx(const Matmul *m, int64_t r0, int64_t t, int bits, int group, int has_min) {}
+#endif
 
 #define ROWS(n) case n: block(m, r, n, t, bits, group, has_min); break;
 
@@ -167,12 +340,19 @@ static inline __attribute__((always_inline)) void block(const Matmul *m, int64_t
 static inline __attribute__((always_inline)) void item(const Matmul *m, int64_t i, int bits, int group, int has_min) {
     const int64_t tiles = m->N / TILE, t = i % tiles, r_begin = i / tiles * PANEL_ROWS;
     const int64_t r_end = r_begin + PANEL_ROWS < m->M ? r_begin + PANEL_ROWS : m->M;
+    const int amx = m->amx && r_end - r_begin >= BLOCK_ROWS;
+    if (amx) load_tile_config();
     for (int64_t r = r_begin; r < r_end; r += BLOCK_ROWS) {
+        if (amx && r_end - r >= BLOCK_ROWS) {
+            block_amx(m, r, t, bits, group, has_min);
+            continue;
+        }
         switch (r_end - r < BLOCK_ROWS ? (int)(r_end - r) : BLOCK_ROWS) {
             ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
             ROWS(9) ROWS(10) ROWS(11) ROWS(12) ROWS(13) ROWS(14) ROWS(15) ROWS(16)
         }
     }
+    if (amx) release_tiles();
 }
 
 /* One job rounds the rows (items 0..M-1), then multiplies (the rest): the rounding runs on every
@@ -209,6 +389,7 @@ static int run(const float *x, int64_t M, int64_t K, const uint8_t *codes, const
                      (int32_t *)(scratch + per_group * (2 * sizeof(float) + sizeof(int32_t)))};
     Matmul m = {x, &a, M, K, codes, scale, minimum, N, y};
     atomic_init(&m.rounded, 0);
+    m.amx = M >= AMX_ROWS && use_amx();
     parallel_for(M + (M + PANEL_ROWS - 1) / PANEL_ROWS * (N / TILE), threads, fn, &m);
     free(scratch);
     return KERNEL_OK;
@@ -237,6 +418,8 @@ int q8_matmul_groups_int8(const float *x, int64_t M, int64_t K, const uint8_t *c
 #else
 
 int int8_activations(void) { return 0; }
+int amx_int8(void) { return 0; }
+void kernels_use_amx(int on) { (void)on; }
 
 /* Python asks int8_activations() first; defined so that every build has the same functions. */
 int q4_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,

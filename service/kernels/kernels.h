@@ -91,6 +91,8 @@ int q8_matmul_groups(const float *x, int64_t M, int64_t K, const int8_t *codes, 
 
 /* block_matmul_int8.c: the same on activations rounded to 8 bits (AVX512-VNNI builds only) */
 int int8_activations(void);
+int amx_int8(void);  /* 1: this build and CPU run those sums on AMX tiles (for 16 rows and more) */
+void kernels_use_amx(int on);  /* 0: never (the results are the same bits; tests compare both) */
 int q4_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
                    const float *minimum, int64_t N, float *y, int threads);
 int q8_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,

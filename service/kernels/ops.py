@@ -48,7 +48,8 @@ def _load() -> ModuleType | None:
     except NotBuilt as exc:
         log.warning("C kernels unavailable (%s): Q4_1 layers use torch's int4 kernel, Q8_0 stay dense", exc)
         return None
-    log.info("C kernels: the %s build", module.__name__.rsplit("._", 1)[1])
+    amx = hasattr(module.lib, "amx_int8") and module.lib.amx_int8()
+    log.info("C kernels: the %s build%s", module.__name__.rsplit("._", 1)[1], " (AMX tiles)" if amx else "")
     return module
 
 
@@ -111,6 +112,17 @@ def _module() -> ModuleType:
 def int8_activations() -> bool:
     """Whether this build has block_matmul_int8.c (AVX512-VNNI)."""
     return available() and bool(_module().lib.int8_activations())
+
+
+def amx_int8() -> bool:
+    """Whether the 8-bit activations' sums run on AMX tiles here (16 rows and more): the same bits."""
+    return int8_activations() and hasattr(_module().lib, "amx_int8") and bool(_module().lib.amx_int8())
+
+
+def use_amx(on: bool) -> None:
+    """Let the kernels use AMX where they can (the default), or never (tests compare the two)."""
+    if available() and hasattr(_module().lib, "kernels_use_amx"):
+        _module().lib.kernels_use_amx(int(on))
 
 
 def grouped_blocks() -> bool:

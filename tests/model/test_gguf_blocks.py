@@ -89,3 +89,24 @@ def test_layers_of_one_layout_fuse_to_the_same_bits_and_others_do_not(activation
     fused = fuse_blocks([a, b])
     assert fused is not None and torch.equal(fused(x), torch.cat([a(x), b(x)], dim=-1))
     assert fuse_blocks([a, c]) is None
+
+
+@needs_int8
+@pytest.mark.parametrize("kind", list(HALVES), ids=lambda kind: kind.name)
+def test_the_tile_unit_gives_the_bits_of_the_vector_instructions(kind: Q) -> None:
+    """Where the CPU has AMX, blocks of 16 rows take their integer sums from its tiles
+    (block_matmul_int8.c): the same bits as vpdpbusd's, in a prefill's batch (240 rows: panels of
+    128 and a tail of 16 that are not whole blocks) as in any other."""
+    weight = READERS[kind](random_tensor(kind, 48, 512, 7), (48, 512))
+    matmul = Q4Matmul(weight, "native", "int8") if isinstance(weight, Q4Weight) else Q8Matmul(weight, "int8")
+    x = torch.randn(250, 512, generator=torch.Generator().manual_seed(8))
+    tiles = matmul(x)
+    try:
+        ops.use_amx(False)
+        vectors = matmul(x)
+    finally:
+        ops.use_amx(True)
+    assert torch.equal(tiles, vectors)
+    assert torch.allclose(
+        tiles, rounded_reference(x, weight), rtol=1e-5, atol=1e-5 * float(tiles.abs().max())
+    )
