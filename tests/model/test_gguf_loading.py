@@ -1,6 +1,7 @@
-"""A GGUF file's projections on its own blocks with their biases (Qwen2's q/k/v): a file written here
-with gguf's writer from a tiny Qwen2, read by gguf_loading.build_model, runs every layer in the C
-step, with the file's biases, and decodes greedily as transformers does over the file's weights
+"""GGUF files of each architecture whose file layout is transformers' own (no llama q/k permutation,
+no Gemma norm offset): written here with gguf's writer from a tiny model, read by
+gguf_loading.build_model, every projection on its blocks (Qwen2's q/k/v with their biases), every
+layer in the C step, and greedy tokens as transformers gives them over the file's weights
 dequantized."""
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from tokenwire.service.model.runner import ModelRunner
 from tokenwire.service.model.types import PrefillChunk, SamplingParams
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
-SETTINGS = CASES["qwen2"][1] | {"initializer_range": 0.2}  # at 0.1 its greedy tokens repeat one
 
 
 def write_gguf(model: Any, path: Path, architecture: str, leave_out: str = "") -> dict[str, torch.Tensor]:
@@ -33,12 +33,15 @@ def write_gguf(model: Any, path: Path, architecture: str, leave_out: str = "") -
     names = {hf: name for name, hf in get_gguf_hf_weights_map(model, TensorProcessor()).items()}
     writer = gguf.GGUFWriter(path, architecture)
     held: dict[str, torch.Tensor] = {}
+    linears = {
+        f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)
+    }
     for hf_name, tensor in model.state_dict().items():
         if hf_name == leave_out or (hf_name == "lm_head.weight" and model.config.tie_word_embeddings):
             continue
         name = names[hf_name]
         data = tensor.detach().float().numpy()
-        if data.ndim == 2:
+        if hf_name in linears:
             blocks = gguf.quants.quantize(data, Q8_0)
             writer.add_tensor(name, blocks, raw_dtype=Q8_0)
             data = gguf.quants.dequantize(blocks, Q8_0)
@@ -52,27 +55,42 @@ def write_gguf(model: Any, path: Path, architecture: str, leave_out: str = "") -
     return held
 
 
+# case -> the file's architecture name (gguf's)
+FILES = {
+    "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "smollm3": "smollm3", "starcoder2": "starcoder2",
+    "olmo2": "olmo2", "granite": "granite", "cohere": "command-r",
+}  # fmt: skip
+
+
 @pytest.mark.skipif(
-    not (ops.available() and "bias" in ops.struct_fields("Matrix")), reason="a build from before biases"
+    not (ops.available() and "parallel" in ops.struct_fields("Decoder")), reason="a build from before them"
 )
-def test_a_qwen2_file_runs_on_its_blocks_with_its_biases(tmp_path: Path) -> None:
-    source = tiny("qwen2", **SETTINGS)
+@pytest.mark.parametrize("name", list(FILES))
+def test_a_file_runs_on_its_blocks_in_the_c_step(name: str, tmp_path: Path) -> None:
+    model_type, overrides = CASES[name]
+    settings = overrides | {"initializer_range": 0.2}  # at 0.1 some repeat one token
+    source = tiny(model_type, **settings)
     with torch.no_grad():  # biases large enough that a layer without its own would decode otherwise
-        for name, parameter in source.named_parameters():
-            if name.endswith(".bias"):
+        for parameter_name, parameter in source.named_parameters():
+            if parameter_name.endswith(".bias"):
                 parameter.copy_(
                     torch.randn(parameter.shape, generator=torch.Generator().manual_seed(4)) * 0.5
                 )
-    path = tmp_path / "tiny-qwen2.gguf"
-    held = write_gguf(source, path, "qwen2")
+    path = tmp_path / f"tiny-{name}.gguf"
+    held = write_gguf(source, path, FILES[name])
     model = build_model(path, source.config, torch.float32, blocks=True, activations="float32")
-    layer = model.model.layers[1].self_attn
-    assert all(isinstance(p, BlockLinear) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
-    assert torch.equal(layer.q_proj.bias, held["model.layers.1.self_attn.q_proj.bias"])
-    dense = tiny("qwen2", **SETTINGS)
+    projections = [
+        m
+        for n, m in model.named_modules()
+        if ".layers." in n and isinstance(m, torch.nn.Linear | BlockLinear)
+    ]
+    assert projections and all(isinstance(m, BlockLinear) for m in projections)
+    for parameter_name, parameter in model.named_parameters():  # biases, norms: the file's, exactly
+        assert torch.equal(parameter, held[parameter_name]), parameter_name
+    dense = tiny(model_type, **settings)
     dense.load_state_dict(held, strict=False)
     dense.tie_weights()
-    runner = ModelRunner(model, tokenizer(), name="qwen2", source="test", max_batch_size=2)
+    runner = ModelRunner(model, tokenizer(), name=name, source="test", max_batch_size=2)
     assert runner.decode_kernel == "c"
     for prompt in prompts()[1:3]:
         expected = reference_greedy(dense, prompt, NEW_TOKENS)
@@ -87,7 +105,7 @@ def test_a_qwen2_file_runs_on_its_blocks_with_its_biases(tmp_path: Path) -> None
 
 def test_a_file_without_a_block_layers_bias_is_refused(tmp_path: Path) -> None:
     """Its parameter would otherwise keep whatever memory the model was built with."""
-    source = tiny("qwen2", **SETTINGS)
+    source = tiny("qwen2", **CASES["qwen2"][1])
     path = tmp_path / "no-bias.gguf"
     write_gguf(source, path, "qwen2", leave_out="model.layers.2.self_attn.k_proj.bias")
     with pytest.raises(
