@@ -20,10 +20,9 @@
  * together, so each key and value is read and converted once for them (~25% less time with the
  * cache in L2; 30 layers of 16 rows x 116 keys: ~6.1 ms on one thread from memory, 2.7 from L2).
  *
- * A sliding window (decode_attention_windowed) reads only the window's keys: from the block of 16
- * its first key falls in, the keys before it in that block masked. Without one, the same bits as
- * before windows existed. A soft cap (decode_attention_capped, Gemma 2) bends each score as it is
- * computed, before the window's mask.
+ * A sliding window reads only the window's keys: from the block of 16 its first key falls in, the
+ * keys before it in that block masked. A soft cap (Gemma 2) bends each score as it is computed,
+ * before the window's mask.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -224,8 +223,9 @@ int half_kv_cache(void) {
  * prefilled together): then every new key and value is written before any row attends, and each row
  * reads its slot up to its own position only, so token i sees tokens <= i, as a causal mask would.
  * window: a row attends to its last `window` positions, itself included (transformers' sliding
- * window: key > query - window); 0: to all. The cache still holds every position. */
-int decode_attention_capped(
+ * window: key > query - window); 0: to all. The cache still holds every position.
+ * softcap: scores -> softcap * tanh(scores / softcap) (Gemma 2); 0: as they are. */
+int decode_attention(
     const float *q, int64_t q_row, int64_t q_head,
     const float *k, int64_t k_row, int64_t k_head,
     const float *v, int64_t v_row, int64_t v_head,
@@ -249,32 +249,4 @@ int decode_attention_capped(
             for (int64_t g = 0; g < kv_heads; g++) write_new(&a, r, g, slot_base(&a, r, g), half);
     parallel_for(rows * kv_heads, threads, half ? attend_float16 : attend_float32, &a);
     return atomic_load(&failed) ? KERNEL_NO_MEMORY : KERNEL_OK;
-}
-
-/* No soft cap: the entry point of builds before decode_attention_capped. */
-int decode_attention_windowed(
-    const float *q, int64_t q_row, int64_t q_head,
-    const float *k, int64_t k_row, int64_t k_head,
-    const float *v, int64_t v_row, int64_t v_head,
-    void *cache_k, void *cache_v, int half, const int64_t *positions, const int64_t *slots,
-    int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_rows, int64_t max_len,
-    int64_t window, float scale, float *out, int threads)
-{
-    return decode_attention_capped(q, q_row, q_head, k, k_row, k_head, v, v_row, v_head, cache_k, cache_v, half,
-                                   positions, slots, rows, heads, kv_heads, head_dim, max_rows, max_len, window,
-                                   0.0f, scale, out, threads);
-}
-
-/* Every position, no window: the entry point of builds before windows (ops.py calls either). */
-int decode_attention(
-    const float *q, int64_t q_row, int64_t q_head,
-    const float *k, int64_t k_row, int64_t k_head,
-    const float *v, int64_t v_row, int64_t v_head,
-    void *cache_k, void *cache_v, int half, const int64_t *positions, const int64_t *slots,
-    int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_rows, int64_t max_len,
-    float scale, float *out, int threads)
-{
-    return decode_attention_windowed(q, q_row, q_head, k, k_row, k_head, v, v_row, v_head, cache_k, cache_v, half,
-                                     positions, slots, rows, heads, kv_heads, head_dim, max_rows, max_len, 0,
-                                     scale, out, threads);
 }

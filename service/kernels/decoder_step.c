@@ -328,14 +328,14 @@ int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *co
         parallel_for(rows, threads, residual_norm_row, &j);
         if ((status = multiply(&layer->qkv, normed, rows, qkv, threads))) break;
         parallel_for(rows, threads, rotate_row, &j);
-        status = decode_attention_capped(qkv, qkv_width, head_dim,
-                                         qkv + heads * head_dim, qkv_width, head_dim,
-                                         qkv + (heads + kv) * head_dim, qkv_width, head_dim,
-                                         (char *)d->cache_k + l * layer_cache * element,
-                                         (char *)d->cache_v + l * layer_cache * element,
-                                         (int)d->half_cache, positions, slots, rows, heads, kv, head_dim,
-                                         d->max_rows, d->max_len, layer->window, d->attention_softcap,
-                                         d->attention_scale, attended, threads);
+        status = decode_attention(qkv, qkv_width, head_dim,
+                                  qkv + heads * head_dim, qkv_width, head_dim,
+                                  qkv + (heads + kv) * head_dim, qkv_width, head_dim,
+                                  (char *)d->cache_k + l * layer_cache * element,
+                                  (char *)d->cache_v + l * layer_cache * element,
+                                  (int)d->half_cache, positions, slots, rows, heads, kv, head_dim,
+                                  d->max_rows, d->max_len, layer->window, d->attention_softcap,
+                                  d->attention_scale, attended, threads);
         if (status || (status = multiply(&layer->o, attended, rows, delta, threads))) break;
         if (d->parallel) {  /* the MLP of the same normed input; both added at the next norm */
             status = mlp(layer, &j, rows, mlp_out, threads);

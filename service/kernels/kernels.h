@@ -100,28 +100,14 @@ int q8_matmul_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, c
 int q8_matmul_groups_int8(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scale,
                           const float *minimum, int64_t group, int64_t N, float *y, int threads);
 
-/* decode_attention.c */
+/* decode_attention.c: each row attends to its last `window` positions (0: all), its scores soft-capped
+ * by `softcap` (0: not) */
 int half_kv_cache(void);
-int decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k, int64_t k_row,
-                     int64_t k_head, const float *v, int64_t v_row, int64_t v_head, void *cache_k,
-                     void *cache_v, int half, const int64_t *positions, const int64_t *slots,
-                     int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_rows,
-                     int64_t max_len,
-                     float scale, float *out, int threads);
-
-/* the same with a sliding window: each row attends to its last `window` positions (0: all) */
-int decode_attention_windowed(const float *q, int64_t q_row, int64_t q_head, const float *k, int64_t k_row,
-                              int64_t k_head, const float *v, int64_t v_row, int64_t v_head, void *cache_k,
-                              void *cache_v, int half, const int64_t *positions, const int64_t *slots,
-                              int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_rows,
-                              int64_t max_len, int64_t window, float scale, float *out, int threads);
-
-/* the same with the scores soft-capped: softcap * tanh(scale * q.k / softcap) (Gemma 2); 0: none */
-int decode_attention_capped(const float *q, int64_t q_row, int64_t q_head, const float *k, int64_t k_row,
-                            int64_t k_head, const float *v, int64_t v_row, int64_t v_head, void *cache_k,
-                            void *cache_v, int half, const int64_t *positions, const int64_t *slots,
-                            int64_t rows, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t max_rows,
-                            int64_t max_len, int64_t window, float softcap, float scale, float *out, int threads);
+int decode_attention(const float *q, int64_t q_row, int64_t q_head, const float *k, int64_t k_row, int64_t k_head,
+                     const float *v, int64_t v_row, int64_t v_head, void *cache_k, void *cache_v, int half,
+                     const int64_t *positions, const int64_t *slots, int64_t rows, int64_t heads, int64_t kv_heads,
+                     int64_t head_dim, int64_t max_rows, int64_t max_len, int64_t window, float softcap, float scale,
+                     float *out, int threads);
 
 /* decoder_step.c */
 int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *cos, const float *sin,

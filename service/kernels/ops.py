@@ -136,18 +136,6 @@ def half_kv_cache() -> bool:
     return available() and bool(_module().lib.half_kv_cache())
 
 
-def windowed_attention() -> bool:
-    """Whether this build's attention takes a sliding window (decode_attention_windowed); builds
-    from before it lack it, and windowed models then keep torch's attention."""
-    return available() and hasattr(_module().lib, "decode_attention_windowed")
-
-
-def capped_attention() -> bool:
-    """Whether this build's attention takes a score soft cap (decode_attention_capped, Gemma 2);
-    without it such models keep torch's attention."""
-    return available() and hasattr(_module().lib, "decode_attention_capped")
-
-
 def struct_fields(ctype: str) -> frozenset[str]:
     """The fields this build's kernels.h gives a struct ("Layer", "Decoder"): a build from before a
     field was added lacks it, and its callers then keep to what it has."""
@@ -239,21 +227,9 @@ def decode_attention(
         pointer(positions), pointer(slots),
         rows, heads, key.shape[1], head_dim, cache_k.shape[0], cache_k.shape[2],
     ]  # fmt: skip
-    if softcap is not None:
-        if not (softcap > 0 and capped_attention()) or (window is not None and window < 1):
-            raise ValueError(
-                f"decode_attention: softcap {softcap}, window {window} (this build takes soft caps: "
-                f"{capped_attention()})"
-            )
-        status = lib.decode_attention_capped(*args, window or 0, softcap, scale, pointer(out), threads())
-    elif window is None:
-        status = lib.decode_attention(*args, scale, pointer(out), threads())
-    elif window < 1 or not windowed_attention():
-        raise ValueError(
-            f"decode_attention: window {window} (this build takes windows: {windowed_attention()})"
-        )
-    else:
-        status = lib.decode_attention_windowed(*args, window, scale, pointer(out), threads())
+    if (window is not None and window < 1) or (softcap is not None and not softcap > 0):
+        raise ValueError(f"decode_attention: window {window}, softcap {softcap}")
+    status = lib.decode_attention(*args, window or 0, softcap or 0.0, scale, pointer(out), threads())
     check(status, "decode_attention")
 
 

@@ -7,11 +7,10 @@ StepContext (positions, slots, packed prefill chunks) and every layer's call rea
 A layer may have a sliding window (it attends to its last `window` positions, itself included, as
 transformers' sliding_window_overlay: key > query - window) and its scores may be soft-capped
 (softcap * tanh(scores / softcap), before the mask, as transformers' eager attention).
-decode_attention.c takes windows (builds with decode_attention_windowed: it reads only the window's
-keys) and soft caps (decode_attention_capped); either on an older build runs in torch's ops, and
-such a model keeps its whole cache in torch's layout (SlotAttention.native is False), where the
-window is applied by the mask. Either way the cache holds every position of a row. A window no
-shorter than the context excludes nothing and is dropped.
+decode_attention.c takes both (it reads only a window's keys). Without the kernels (or off the CPU,
+or a dense float16 model) torch's ops run it and the cache keeps torch's layout (SlotAttention.native
+is False), where the window is applied by the mask. Either way the cache holds every position of a
+row. A window no shorter than the context excludes nothing and is dropped.
 """
 
 from __future__ import annotations
@@ -91,11 +90,8 @@ class SlotAttention:
         self.windows = effective_windows(windows or (None,) * keys.shape[0], self.context_length)
         self.softcap = softcap
         # decode_attention.c: a float32 model on CPU (its cache float32, or float16 by cache_dtype),
-        # a head_dim it takes, and attention it computes (no soft cap; windows on builds that take
-        # them). A float16 model keeps torch's ops: the C reads activations as float32.
-        self.native = plain_attention(self.windows, softcap) and native_attention(
-            keys.device, model_dtype, keys.shape[-1]
-        )
+        # a head_dim it takes. A float16 model keeps torch's ops: the C reads activations as float32.
+        self.native = native_attention(keys.device, model_dtype, keys.shape[-1])
 
     def whole_key_blocks(self, length: int) -> int:
         """How many positions to copy so that a row's first `length` keys move whole: the C
@@ -206,28 +202,18 @@ def effective_windows(windows: Sequence[int | None], context_length: int) -> tup
     return tuple(w if w is not None and w < context_length else None for w in windows)
 
 
-def plain_attention(windows: Sequence[int | None], softcap: float | None) -> bool:
-    """Whether decode_attention.c computes every layer's attention: scores over the whole prefix, or
-    over a window where this build takes windows; soft-capped where it takes soft caps."""
-    return (softcap is None or ops.capped_attention()) and (
-        all(window is None for window in windows) or ops.windowed_attention()
-    )
-
-
 def native_attention(device: torch.device, model_dtype: torch.dtype, head_dim: int) -> bool:
     """Whether decode_attention.c can run plain attention for this model (see SlotAttention)."""
     return ops.available() and device.type == "cpu" and model_dtype == torch.float32 and _c_head_dim(head_dim)
 
 
-def cache_dtype(
-    device: torch.device, dtype: torch.dtype, activations: str, head_dim: int, *, plain: bool = True
-) -> torch.dtype:
+def cache_dtype(device: torch.device, dtype: torch.dtype, activations: str, head_dim: int) -> torch.dtype:
     """float16 where the block layers already round their activations to 8 bits and the C attention
     takes it (as llama.cpp keeps its cache): a decode step reads every row's keys and values, and at
     16 rows that read is most of attention's time; float16 rounds them by ~2e-4 relative, far less
     than 8-bit activations round (values beyond 65,504 would become inf; these models' keys and
     values stay far below). Elsewhere the model's dtype, so dense or float32 runs stay exact."""
-    if plain and native_attention(device, dtype, head_dim) and activations == "int8" and ops.half_kv_cache():
+    if native_attention(device, dtype, head_dim) and activations == "int8" and ops.half_kv_cache():
         return torch.float16
     return dtype
 

@@ -59,7 +59,6 @@ from tokenwire.service.model.attention import (
     StepContext,
     cache_dtype,
     effective_windows,
-    plain_attention,
     whole_blocks,
 )
 from tokenwire.service.model.cpu_threads import ThreadGovernor
@@ -155,9 +154,7 @@ class ModelRunner:
         windows = effective_windows(self.features.windows, self.context_length)
         softcap = self.features.attention_softcap
         # torch.empty: pages are committed only as positions are written, so a large context is cheap.
-        self.cache_dtype = cache_dtype(
-            self.device, self.dtype, self.activations, head_dim, plain=plain_attention(windows, softcap)
-        )
+        self.cache_dtype = cache_dtype(self.device, self.dtype, self.activations, head_dim)
         keys = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
         values = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
         self._attention = SlotAttention(
@@ -206,18 +203,9 @@ class ModelRunner:
         head_dim: int,
     ) -> KVSize:
         """The context the KV budget allows (raises KVBudgetError when not even a short one fits),
-        logged. The cache's dtype is the one it has at the wanted context: a shorter context can only
-        drop sliding windows, which may make it float16, never wider."""
+        logged."""
         wanted = self.context_length
-        element = cache_dtype(
-            self.device,
-            self.dtype,
-            self.activations,
-            head_dim,
-            plain=plain_attention(
-                effective_windows(self.features.windows, wanted), self.features.attention_softcap
-            ),
-        )
+        element = cache_dtype(self.device, self.dtype, self.activations, head_dim)
         per_token = bytes_per_token(layers, kv_heads, head_dim, element.itemsize)
         size = fit_context(wanted, rows, per_token, budget)
         if size.context_length < wanted:

@@ -32,7 +32,7 @@ from tokenwire.service.model.runner import ModelRunner
 from tokenwire.service.model.types import PrefillChunk, SamplingParams
 
 pytestmark = pytest.mark.skipif(
-    not (ops.capped_attention() and "parallel" in ops.struct_fields("Decoder") and ops.grouped_blocks()),
+    not (ops.available() and "parallel" in ops.struct_fields("Decoder") and ops.grouped_blocks()),
     reason="a build of the kernels from before the fields of every architecture",
 )
 # every architecture's CASES (test_architectures.py checks the torch path on them all)
