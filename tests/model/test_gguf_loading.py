@@ -6,6 +6,7 @@ dequantized."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from tests.model.test_architectures import CASES, NEW_TOKENS, prompts, tiny
 from tests.models import reference_greedy, tokenizer
 from tokenwire.service.kernels import ops
 from tokenwire.service.model.gguf_loading import build_model
+from tokenwire.service.model.loading import resolve_model
 from tokenwire.service.model.quantized import BlockLinear
 from tokenwire.service.model.runner import ModelRunner
 from tokenwire.service.model.types import PrefillChunk, SamplingParams
@@ -26,10 +28,16 @@ from tokenwire.service.model.types import PrefillChunk, SamplingParams
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
 
-def write_gguf(model: Any, path: Path, architecture: str, leave_out: str = "") -> dict[str, torch.Tensor]:
+def write_gguf(
+    model: Any,
+    path: Path,
+    architecture: str,
+    leave_out: str = "",
+    metadata: Callable[[gguf.GGUFWriter], None] | None = None,
+) -> dict[str, torch.Tensor]:
     """The model's tensors in a GGUF file: 2-D weights as Q8_0 blocks, the rest float32 (a tied
-    lm_head is the embedding's; `leave_out`: a parameter not written). Returns the state the file
-    holds, dequantized, by parameter name."""
+    lm_head is the embedding's; `leave_out`: a parameter not written), and what `metadata` adds.
+    Returns the state the file holds, dequantized, by parameter name."""
     names = {hf: name for name, hf in get_gguf_hf_weights_map(model, TensorProcessor()).items()}
     writer = gguf.GGUFWriter(path, architecture)
     held: dict[str, torch.Tensor] = {}
@@ -48,6 +56,8 @@ def write_gguf(model: Any, path: Path, architecture: str, leave_out: str = "") -
         else:
             writer.add_tensor(name, data)
         held[hf_name] = torch.from_numpy(np.array(data))
+    if metadata is not None:
+        metadata(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -112,3 +122,61 @@ def test_a_file_without_a_block_layers_bias_is_refused(tmp_path: Path) -> None:
         ValueError, match=r"no tensor in the file for model\.layers\.2\.self_attn\.k_proj\.bias"
     ):
         build_model(path, source.config, torch.float32, blocks=True, activations="float32")
+
+
+def config_and_vocabulary(model: Any) -> Callable[[gguf.GGUFWriter], None]:
+    """A llama.cpp file's metadata for a tiny Qwen2: its config, and the default model's vocabulary
+    (the tiny models' own), copied from the SmolLM2 file."""
+    vocabulary = gguf.GGUFReader(resolve_model("default").location)
+
+    def add(writer: gguf.GGUFWriter) -> None:
+        config = model.config
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        for name, field in vocabulary.fields.items():
+            if not name.startswith("tokenizer."):
+                continue
+            kind, item = field.types[0], field.types[-1]
+            values = [
+                bytes(field.parts[i]).decode()
+                if item == gguf.GGUFValueType.STRING
+                else field.parts[i].tolist()[0]
+                for i in field.data
+            ]
+            if kind == gguf.GGUFValueType.ARRAY:
+                writer.add_key_value(name, values, kind, sub_type=item)
+            else:
+                writer.add_key_value(name, values[0], kind)
+
+    return add
+
+
+@pytest.mark.skipif(not ops.available(), reason="blocks need the C kernels")
+def test_a_qwen2_file_loads_as_the_server_loads_it(tmp_path: Path) -> None:
+    """`--model file.gguf`: the config and the vocabulary from the file's metadata, the layers on its
+    blocks, every step in C, greedy tokens as transformers gives them over the file's weights."""
+    source = tiny("qwen2", initializer_range=0.2)
+    path = tmp_path / "tiny-qwen2.gguf"
+    held = write_gguf(source, path, "qwen2", metadata=config_and_vocabulary(source))
+    runner = ModelRunner.load(str(path), max_batch_size=2, activations="float32")
+    assert runner.decode_kernel == "c"
+    config = runner.model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads) == (4, 64, 2)
+    dense = tiny("qwen2", initializer_range=0.2)
+    dense.load_state_dict(held, strict=False)
+    dense.tie_weights()
+    text = "The quick brown fox"
+    prompt = runner.tokenizer(text).input_ids
+    assert prompt == tokenizer()(text).input_ids  # the file's vocabulary is the default model's
+    expected = reference_greedy(dense, prompt, NEW_TOKENS)
+    runner.add_sequence(0, SamplingParams(), 0)
+    tokens = [runner.prefill([PrefillChunk(0, prompt, True)])[0].token_id]
+    while len(tokens) < len(expected):
+        tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
+    assert tokens == expected
