@@ -32,6 +32,7 @@ from transformers.modeling_gguf_pytorch_utils import (
 )
 
 from tokenwire.service.kernels import ops
+from tokenwire.service.model.architectures import UnsupportedModelError
 from tokenwire.service.model.gguf_blocks import READERS
 from tokenwire.service.model.quantized import (
     BlockLinear,
@@ -64,7 +65,14 @@ def build_model(gguf_path: Path, config: Any, dtype: torch.dtype, *, blocks: boo
     embedding = _embedding_name(model)
     for info in header.tensors:
         target = names.get(info.name)
-        if target is None or target not in params:
+        weight_name = info.name.removesuffix(".bias") + ".weight"
+        if target is None and info.name.endswith(".bias") and weight_name in names:
+            # a bias for a layer the config builds without one: running it would drop the bias
+            raise UnsupportedModelError(
+                f"{gguf_path}: {info.name} is a bias the model built from its metadata has no place for "
+                f"({names[weight_name]} has none); tokenwire would not run it exactly"
+            )
+        if target is None or target not in params:  # tensors the model does not read (llama3's rope_freqs)
             continue
         data = file[header.data_start + info.offset : header.data_start + info.offset + info.nbytes]
         kind = gguf.GGMLQuantizationType(info.ggml_type)

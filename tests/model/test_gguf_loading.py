@@ -19,6 +19,7 @@ from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_h
 from tests.model.test_architectures import CASES, NEW_TOKENS, prompts, tiny
 from tests.models import reference_greedy, tokenizer
 from tokenwire.service.kernels import ops
+from tokenwire.service.model.architectures import UnsupportedModelError
 from tokenwire.service.model.gguf_loading import build_model
 from tokenwire.service.model.loading import resolve_model
 from tokenwire.service.model.quantized import BlockLinear
@@ -122,6 +123,17 @@ def test_a_file_without_a_block_layers_bias_is_refused(tmp_path: Path) -> None:
         ValueError, match=r"no tensor in the file for model\.layers\.2\.self_attn\.k_proj\.bias"
     ):
         build_model(path, source.config, torch.float32, blocks=True, activations="float32")
+
+
+def test_a_file_with_a_bias_the_config_has_no_place_for_is_refused(tmp_path: Path) -> None:
+    """A Qwen2 file read as Qwen3 (whose config has no attention biases): the q/k/v biases would be
+    dropped, so the file is refused, naming the tensor."""
+    source = tiny("qwen2", **CASES["qwen2"][1])
+    path = tmp_path / "biases.gguf"
+    write_gguf(source, path, "qwen3")
+    target = tiny("qwen3").config
+    with pytest.raises(UnsupportedModelError, match=r"blk\.0\.attn_q\.bias is a bias"):
+        build_model(path, target, torch.float32, blocks=True, activations="float32")
 
 
 def config_and_vocabulary(model: Any) -> Callable[[gguf.GGUFWriter], None]:
