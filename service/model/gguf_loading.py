@@ -63,6 +63,7 @@ def build_model(gguf_path: Path, config: Any, dtype: torch.dtype, *, blocks: boo
     dense_types: Counter[str] = Counter()
     on_blocks: Counter[str] = Counter()
     embedding = _embedding_name(model)
+    rope_factors = None
     for info in header.tensors:
         target = names.get(info.name)
         weight_name = info.name.removesuffix(".bias") + ".weight"
@@ -72,9 +73,12 @@ def build_model(gguf_path: Path, config: Any, dtype: torch.dtype, *, blocks: boo
                 f"{gguf_path}: {info.name} is a bias the model built from its metadata has no place for "
                 f"({names[weight_name]} has none); tokenwire would not run it exactly"
             )
-        if target is None or target not in params:  # tensors the model does not read (llama3's rope_freqs)
-            continue
         data = file[header.data_start + info.offset : header.data_start + info.offset + info.nbytes]
+        if info.name == "rope_freqs.weight":
+            rope_factors = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(info.ggml_type)).reshape(-1)
+            continue
+        if target is None or target not in params:  # tensors the model does not read
+            continue
         kind = gguf.GGMLQuantizationType(info.ggml_type)
         quantized = kind not in _FLOAT_TYPES
         if blocks and target != embedding and _is_linear_weight(model, target):
@@ -127,6 +131,8 @@ def build_model(gguf_path: Path, config: Any, dtype: torch.dtype, *, blocks: boo
     if tied_head and not isinstance(head, BlockLinear):  # from_config leaves the tie to from_pretrained
         head.weight = model.get_input_embeddings().weight
     _check_complete(model, loaded, gguf_path, tied_head)
+    if rope_factors is not None:
+        _divide_rope_frequencies(model, torch.from_numpy(np.array(rope_factors, dtype=np.float32)), gguf_path)
     for kind_name, count in sorted(dense_types.items()):
         log.info("%d layers of type %s have no kernel here: unpacked to float32", count, kind_name)
     if on_blocks:
@@ -208,6 +214,28 @@ def read_header(file: np.ndarray) -> Header:
     return Header(
         str(metadata["general.architecture"]), tensors, (pos + alignment - 1) // alignment * alignment
     )
+
+
+def _divide_rope_frequencies(model: Any, factors: torch.Tensor, gguf_path: Path) -> None:
+    """llama.cpp's `rope_freqs` tensor: a factor per rotary frequency that each angle is divided by
+    (how its converter writes Llama 3.x's rope scaling, with no rope metadata). transformers' GGUF
+    loading ignores it and would rotate with the plain frequencies, silently wrong; here the model's
+    frequencies are divided by the factors, as llama.cpp computes them."""
+    rotary = model.get_decoder().rotary_emb
+    frequencies = getattr(rotary, "inv_freq", None)
+    rope_type = getattr(rotary, "rope_type", None)
+    if rope_type != "default" or frequencies is None or frequencies.shape != factors.shape:
+        shape = None if frequencies is None else tuple(frequencies.shape)
+        raise UnsupportedModelError(
+            f"{gguf_path}: rope_freqs has {tuple(factors.shape)} factors for a {rope_type} rope of {shape} "
+            "frequencies; tokenwire takes them for a default rope with one factor per frequency"
+        )
+    with torch.no_grad():
+        for name in ("inv_freq", "original_inv_freq"):
+            buffer = getattr(rotary, name, None)
+            if buffer is not None:
+                buffer.copy_(buffer / factors.to(buffer.dtype))
+    log.info("rope frequencies divided by the file's rope_freqs (Llama 3 rope scaling)")
 
 
 def _weights_map(model: Any, processor: Any) -> dict[str, str]:

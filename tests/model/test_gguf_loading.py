@@ -35,9 +35,11 @@ def write_gguf(
     architecture: str,
     leave_out: str = "",
     metadata: Callable[[gguf.GGUFWriter], None] | None = None,
+    permute_qk: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The model's tensors in a GGUF file: 2-D weights as Q8_0 blocks, the rest float32 (a tied
-    lm_head is the embedding's; `leave_out`: a parameter not written), and what `metadata` adds.
+    lm_head is the embedding's; `leave_out`: a parameter not written), and what `metadata` adds;
+    `permute_qk`: q and k rows in llama.cpp's rotary order, as its converter writes llama files.
     Returns the state the file holds, dequantized, by parameter name."""
     names = {hf: name for name, hf in get_gguf_hf_weights_map(model, TensorProcessor()).items()}
     writer = gguf.GGUFWriter(path, architecture)
@@ -50,10 +52,20 @@ def write_gguf(
             continue
         name = names[hf_name]
         data = tensor.detach().float().numpy()
+        heads = (
+            model.config.num_attention_heads if ".q_proj." in hf_name else model.config.num_key_value_heads
+        )
+        permuted = permute_qk and (".q_proj." in hf_name or ".k_proj." in hf_name)
+        if permuted:  # convert_hf_to_gguf.py's LlamaModel.permute
+            data = data.reshape(heads, 2, data.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(data.shape)
         if hf_name in linears:
             blocks = gguf.quants.quantize(data, Q8_0)
             writer.add_tensor(name, blocks, raw_dtype=Q8_0)
             data = gguf.quants.dequantize(blocks, Q8_0)
+            if permuted:  # back, as the held state is transformers' order
+                data = (
+                    data.reshape(heads, data.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(data.shape)
+                )
         else:
             writer.add_tensor(name, data)
         held[hf_name] = torch.from_numpy(np.array(data))
@@ -192,3 +204,40 @@ def test_a_qwen2_file_loads_as_the_server_loads_it(tmp_path: Path) -> None:
     while len(tokens) < len(expected):
         tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
     assert tokens == expected
+
+
+def test_a_llama3_file_rotates_with_its_rope_freqs(tmp_path: Path) -> None:
+    """llama.cpp writes Llama 3.x's rope scaling as a rope_freqs tensor and no rope metadata; read
+    with the plain config the file's metadata gives, the model rotates as the Llama 3 config does."""
+    llama3 = CASES["llama3-rope-biases"][1]["rope_scaling"]  # positions far past its original 64
+    source = tiny("llama", initializer_range=0.2, rope_scaling=llama3)
+    plain = tiny("llama", initializer_range=0.2)
+    path = tmp_path / "llama3.gguf"
+    factors = (plain.model.rotary_emb.inv_freq / source.model.rotary_emb.inv_freq).numpy()
+    assert (factors > 1.5).any()  # the scaling changes these frequencies
+
+    def rope_freqs(writer: gguf.GGUFWriter) -> None:
+        writer.add_tensor("rope_freqs.weight", factors.astype(np.float32))
+
+    held = write_gguf(source, path, "llama", metadata=rope_freqs, permute_qk=True)
+    model = build_model(path, plain.config, torch.float32, blocks=True, activations="float32")
+    assert torch.allclose(model.model.rotary_emb.inv_freq, source.model.rotary_emb.inv_freq, rtol=1e-6)
+    source.load_state_dict(held, strict=False)
+    source.tie_weights()
+    runner = ModelRunner(model, tokenizer(), name="llama3", source="test", max_batch_size=2)
+    assert runner.decode_kernel == "c"
+    prompt = prompts()[3]  # 75 tokens, and 40 more: past the original 64
+    expected = reference_greedy(source, prompt, NEW_TOKENS)
+    assert expected != reference_greedy(plain_with(held), prompt, NEW_TOKENS)  # the factors matter
+    runner.add_sequence(0, SamplingParams(), 0)
+    tokens = [runner.prefill([PrefillChunk(0, prompt, True)])[0].token_id]
+    while len(tokens) < len(expected):
+        tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
+    assert tokens == expected
+
+
+def plain_with(state: dict[str, torch.Tensor]) -> Any:
+    model = tiny("llama", initializer_range=0.2)
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    return model
