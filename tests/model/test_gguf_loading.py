@@ -148,12 +148,17 @@ def test_a_file_with_a_bias_the_config_has_no_place_for_is_refused(tmp_path: Pat
         build_model(path, target, torch.float32, blocks=True, activations="float32")
 
 
-def config_and_vocabulary(model: Any) -> Callable[[gguf.GGUFWriter], None]:
-    """A llama.cpp file's metadata for a tiny Qwen2: its config, and the default model's vocabulary
-    (the tiny models' own), copied from the SmolLM2 file."""
+def config_and_vocabulary(
+    model: Any, more: Callable[[gguf.GGUFWriter], None] | None = None
+) -> Callable[[gguf.GGUFWriter], None]:
+    """A llama.cpp file's metadata for a tiny model: its config's keys as transformers maps them,
+    what `more` adds (as llama.cpp's converter writes it), and the default model's vocabulary (the
+    tiny models' own), copied from the SmolLM2 file."""
     vocabulary = gguf.GGUFReader(resolve_model("default").location)
 
     def add(writer: gguf.GGUFWriter) -> None:
+        if more is not None:
+            more(writer)
         config = model.config
         writer.add_block_count(config.num_hidden_layers)
         writer.add_context_length(config.max_position_embeddings)
@@ -241,3 +246,57 @@ def plain_with(state: dict[str, torch.Tensor]) -> Any:
     model.load_state_dict(state, strict=False)
     model.tie_weights()
     return model
+
+
+@pytest.mark.skipif(not ops.available(), reason="blocks need the C kernels")
+@pytest.mark.parametrize("name", ["phi3", "phi3-longrope"])
+def test_what_a_phi3_files_metadata_says_beyond_transformers_mapping_is_kept(
+    name: str, tmp_path: Path
+) -> None:
+    """transformers' GGUF config for Phi-3 leaves out the sliding window, the rope's dimensions (a
+    partial rotation) and the longrope factors (tensors): gguf_config.py puts them back, and the
+    model decodes as transformers does with the original config (past the window; longrope within
+    its original context, where the runner caps it)."""
+    model_type, overrides = CASES[name]
+    source = tiny(model_type, initializer_range=0.2, **overrides)
+    config = source.config
+    rope = config.rope_parameters
+
+    def phi3_keys(writer: gguf.GGUFWriter) -> None:
+        head_dim = config.hidden_size // config.num_attention_heads
+        writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+        if config.sliding_window:
+            writer.add_sliding_window(config.sliding_window)
+        if rope["rope_type"] == "longrope":
+            writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
+            writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+            writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+
+    path = tmp_path / f"{name}.gguf"
+    held = write_gguf(source, path, "phi3", metadata=config_and_vocabulary(source, phi3_keys))
+    runner = ModelRunner.load(str(path), max_batch_size=2, activations="float32")
+    loaded = runner.model.config
+    assert loaded.sliding_window == config.sliding_window
+    assert loaded.rope_parameters == rope | {"rope_theta": loaded.rope_parameters["rope_theta"]}
+    assert runner.decode_kernel == "c"
+    source.load_state_dict(held, strict=False)
+    source.tie_weights()
+    prompt = prompts()[3]  # 75 tokens and 40 more: past the window of 16, within longrope's 128
+    expected = reference_greedy(source, prompt, NEW_TOKENS)
+    runner.add_sequence(0, SamplingParams(), 0)
+    tokens = [runner.prefill([PrefillChunk(0, prompt, True)])[0].token_id]
+    while len(tokens) < len(expected):
+        tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
+    assert tokens == expected
+
+
+def test_a_rope_scaling_a_config_cannot_take_is_refused(tmp_path: Path) -> None:
+    source = tiny("qwen2")
+
+    def scaling(writer: gguf.GGUFWriter) -> None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)  # not linear or yarn
+
+    path = tmp_path / "scaled.gguf"
+    write_gguf(source, path, "qwen2", metadata=config_and_vocabulary(source, scaling))
+    with pytest.raises(UnsupportedModelError, match="longrope rope scaling"):
+        ModelRunner.load(str(path), max_batch_size=2)

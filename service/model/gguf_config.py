@@ -1,0 +1,84 @@
+"""What transformers' GGUF config mapping leaves out of a llama.cpp file, put back or refused.
+
+transformers reads a fixed set of metadata keys per architecture (its integrations/ggml.py) into the
+config. llama.cpp's converter writes more that change what the model computes: Phi-3's sliding window,
+how many dimensions of each head the rope turns, and its longrope factors (as tensors), and rope
+scaling for any architecture. A config built without them runs the model silently wrong (llama.cpp
+reads them), so each is applied where the config type takes it, and otherwise the file is refused
+with UnsupportedModelError. (Llama 3's `rope_freqs` tensor is applied to the model at load:
+gguf_loading.py.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gguf
+import numpy as np
+
+from tokenwire.service.model.architectures import UnsupportedModelError
+from tokenwire.service.model.gguf_loading import Header
+
+# model types whose config takes a linear or yarn rope scaling as one set of rope parameters
+_SCALED_ROPE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def complete_config(config: Any, header: Header, file: np.ndarray, where: str) -> Any:
+    """`config` (from transformers' GGUF mapping) with what the file says beyond it; `where` names
+    the file in refusals. The config is rebuilt through its class, which checks what it is given."""
+    arch, model_type = header.architecture, str(config.model_type)
+
+    def key(name: str) -> Any:
+        return header.metadata.get(f"{arch}.{name}")
+
+    def refuse(what: str) -> UnsupportedModelError:
+        return UnsupportedModelError(
+            f"{where}: its metadata gives {what}, which tokenwire cannot put in a {model_type} config "
+            "(transformers' GGUF loading drops it); serve the model's transformers folder instead"
+        )
+
+    changes: dict[str, Any] = {}
+    rope = dict(config.rope_parameters or {})
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dims = key("rope.dimension_count")
+    if dims is not None and dims != head_dim:
+        if model_type != "phi3":
+            raise refuse(f"a rope over {dims} of each head's {head_dim} dimensions")
+        rope["partial_rotary_factor"] = dims / head_dim
+    window = key("attention.sliding_window")
+    if window and model_type == "phi3" and config.sliding_window != window:
+        changes["sliding_window"] = window
+    scaling = key("rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling not in ("linear", "yarn") or model_type not in _SCALED_ROPE_TYPES:
+            raise refuse(f"a {scaling} rope scaling")
+        rope |= {"rope_type": scaling, "factor": float(key("rope.scaling.factor"))}
+        if key("rope.scaling.original_context_length"):
+            rope["original_max_position_embeddings"] = int(key("rope.scaling.original_context_length"))
+    factors = {
+        info.name: gguf.quants.dequantize(
+            file[header.data_start + info.offset : header.data_start + info.offset + info.nbytes],
+            gguf.GGMLQuantizationType(info.ggml_type),
+        )
+        .reshape(-1)
+        .tolist()
+        for info in header.tensors
+        if info.name in ("rope_factors_long.weight", "rope_factors_short.weight")
+    }
+    if factors:
+        original = key("rope.scaling.original_context_length")
+        if model_type != "phi3" or len(factors) != 2 or not original:
+            raise refuse("longrope factor tensors")
+        rope |= {
+            "rope_type": "longrope",
+            "long_factor": factors["rope_factors_long.weight"],
+            "short_factor": factors["rope_factors_short.weight"],
+        }
+        changes["original_max_position_embeddings"] = int(original)
+        if key("rope.scaling.attn_factor") is not None:
+            rope["attention_factor"] = float(key("rope.scaling.attn_factor"))
+    if rope != dict(config.rope_parameters or {}):
+        changes["rope_parameters"] = rope
+    if not changes:
+        return config
+    return type(config)(**(config.to_dict() | changes))
