@@ -19,7 +19,8 @@ import numpy as np
 from tokenwire.service.model.architectures import UnsupportedModelError
 from tokenwire.service.model.gguf_loading import Header
 
-# model types whose config takes a linear or yarn rope scaling as one set of rope parameters
+# model types whose config takes a linear or yarn rope scaling as one set of rope parameters (Gemma 3's
+# linear scaling of its global layers is taken too)
 _SCALED_ROPE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -50,11 +51,15 @@ def complete_config(config: Any, header: Header, file: np.ndarray, where: str) -
         changes["sliding_window"] = window
     scaling = key("rope.scaling.type")
     if scaling not in (None, "none"):
-        if scaling not in ("linear", "yarn") or model_type not in _SCALED_ROPE_TYPES:
+        factor = float(key("rope.scaling.factor"))
+        if model_type == "gemma3_text" and scaling == "linear":  # Gemma 3 4B and up: the global layers'
+            rope["full_attention"] = dict(rope["full_attention"]) | {"rope_type": "linear", "factor": factor}
+        elif scaling in ("linear", "yarn") and model_type in _SCALED_ROPE_TYPES:
+            rope |= {"rope_type": scaling, "factor": factor}
+            if key("rope.scaling.original_context_length"):
+                rope["original_max_position_embeddings"] = int(key("rope.scaling.original_context_length"))
+        else:
             raise refuse(f"a {scaling} rope scaling")
-        rope |= {"rope_type": scaling, "factor": float(key("rope.scaling.factor"))}
-        if key("rope.scaling.original_context_length"):
-            rope["original_max_position_embeddings"] = int(key("rope.scaling.original_context_length"))
     factors = {
         info.name: gguf.quants.dequantize(
             file[header.data_start + info.offset : header.data_start + info.offset + info.nbytes],

@@ -36,10 +36,12 @@ def write_gguf(
     leave_out: str = "",
     metadata: Callable[[gguf.GGUFWriter], None] | None = None,
     permute_qk: bool = False,
+    norms_plus_one: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The model's tensors in a GGUF file: 2-D weights as Q8_0 blocks, the rest float32 (a tied
     lm_head is the embedding's; `leave_out`: a parameter not written), and what `metadata` adds;
-    `permute_qk`: q and k rows in llama.cpp's rotary order, as its converter writes llama files.
+    `permute_qk`: q and k rows in llama.cpp's rotary order, as its converter writes llama files;
+    `norms_plus_one`: norm weights + 1, as it writes Gemma's.
     Returns the state the file holds, dequantized, by parameter name."""
     names = {hf: name for name, hf in get_gguf_hf_weights_map(model, TensorProcessor()).items()}
     writer = gguf.GGUFWriter(path, architecture)
@@ -56,6 +58,8 @@ def write_gguf(
             model.config.num_attention_heads if ".q_proj." in hf_name else model.config.num_key_value_heads
         )
         permuted = permute_qk and (".q_proj." in hf_name or ".k_proj." in hf_name)
+        if norms_plus_one and hf_name.endswith("norm.weight"):
+            data = data + np.float32(1)
         if permuted:  # convert_hf_to_gguf.py's LlamaModel.permute
             data = data.reshape(heads, 2, data.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(data.shape)
         if hf_name in linears:
@@ -68,6 +72,8 @@ def write_gguf(
                 )
         else:
             writer.add_tensor(name, data)
+        if norms_plus_one and hf_name.endswith("norm.weight"):
+            data = data - np.float32(1)  # as transformers reads them back
         held[hf_name] = torch.from_numpy(np.array(data))
     if metadata is not None:
         metadata(writer)
@@ -166,7 +172,8 @@ def config_and_vocabulary(
         writer.add_feed_forward_length(config.intermediate_size)
         writer.add_head_count(config.num_attention_heads)
         writer.add_head_count_kv(config.num_key_value_heads)
-        writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+        rope = config.rope_parameters
+        writer.add_rope_freq_base(rope.get("full_attention", rope)["rope_theta"])
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
         for name, field in vocabulary.fields.items():
             if not name.startswith("tokenizer."):
@@ -300,3 +307,43 @@ def test_a_rope_scaling_a_config_cannot_take_is_refused(tmp_path: Path) -> None:
     write_gguf(source, path, "qwen2", metadata=config_and_vocabulary(source, scaling))
     with pytest.raises(UnsupportedModelError, match="longrope rope scaling"):
         ModelRunner.load(str(path), max_batch_size=2)
+
+
+@pytest.mark.skipif(not ops.available(), reason="blocks need the C kernels")
+def test_a_gemma3_file_with_linear_rope_scaling_scales_its_global_layers(tmp_path: Path) -> None:
+    """Gemma 3 4B and up: llama.cpp writes the global layers' linear rope scaling as metadata, which
+    transformers' mapping drops; the loaded config has it, and the model decodes as the original."""
+    rope = {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+    }
+    # six layers: the sixth is global in Gemma 3's pattern, the one llama.cpp assumes
+    source = tiny(
+        "gemma3_text", num_hidden_layers=6, sliding_window=16, rope_parameters=rope, initializer_range=0.2
+    )
+    config = source.config
+
+    def gemma3_keys(writer: gguf.GGUFWriter) -> None:
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(8.0)
+
+    path = tmp_path / "gemma3.gguf"
+    metadata = config_and_vocabulary(source, gemma3_keys)
+    held = write_gguf(source, path, "gemma3", metadata=metadata, norms_plus_one=True)
+    runner = ModelRunner.load(str(path), max_batch_size=2, activations="float32")
+    loaded = runner.model.config
+    assert loaded.rope_parameters["full_attention"] == rope["full_attention"]
+    assert loaded.layer_types == config.layer_types
+    assert runner.decode_kernel == "c"
+    source.load_state_dict(held, strict=False)
+    source.tie_weights()
+    prompt = prompts()[3]
+    expected = reference_greedy(source, prompt, NEW_TOKENS)
+    runner.add_sequence(0, SamplingParams(), 0)
+    tokens = [runner.prefill([PrefillChunk(0, prompt, True)])[0].token_id]
+    while len(tokens) < len(expected):
+        tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
+    assert tokens == expected
