@@ -51,11 +51,16 @@ def complete_config(config: Any, header: Header, file: np.ndarray, where: str) -
         changes["sliding_window"] = window
     scaling = key("rope.scaling.type")
     if scaling not in (None, "none"):
-        factor = float(key("rope.scaling.factor"))
+        factor = key("rope.scaling.factor")
+        if not isinstance(factor, int | float):
+            raise refuse(f"a {scaling} rope scaling without a factor")
         if model_type == "gemma3_text" and scaling == "linear":  # Gemma 3 4B and up: the global layers'
-            rope["full_attention"] = dict(rope["full_attention"]) | {"rope_type": "linear", "factor": factor}
+            rope["full_attention"] = dict(rope["full_attention"]) | {
+                "rope_type": "linear",
+                "factor": float(factor),
+            }
         elif scaling in ("linear", "yarn") and model_type in _SCALED_ROPE_TYPES:
-            rope |= {"rope_type": scaling, "factor": factor}
+            rope |= {"rope_type": scaling, "factor": float(factor)}
             if key("rope.scaling.original_context_length"):
                 rope["original_max_position_embeddings"] = int(key("rope.scaling.original_context_length"))
         else:
