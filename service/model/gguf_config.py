@@ -19,6 +19,10 @@ import numpy as np
 from tokenwire.service.model.architectures import UnsupportedModelError
 from tokenwire.service.model.gguf_loading import Header
 
+# Gemma 2 27B and Gemma 3 27B (by their layer counts, as llama.cpp tells them apart) scale queries by
+# 1 / sqrt(hidden / heads); the others by 1 / sqrt(head_dim). The file does not say which.
+_QUERY_SCALE_BY_WIDTH = {"gemma2": 46, "gemma3_text": 62}
+
 # model types whose config takes a linear or yarn rope scaling as one set of rope parameters (Gemma 3's
 # linear scaling of its global layers is taken too)
 _SCALED_ROPE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -87,8 +91,26 @@ def complete_config(config: Any, header: Header, file: np.ndarray, where: str) -
         changes["original_max_position_embeddings"] = int(original)
         if key("rope.scaling.attn_factor") is not None:
             rope["attention_factor"] = float(key("rope.scaling.attn_factor"))
+    if model_type in ("gemma2", "gemma3_text"):
+        changes |= _gemma_attention(config, key)
     if rope != dict(config.rope_parameters or {}):
         changes["rope_parameters"] = rope
     if not changes:
         return config
     return type(config)(**(config.to_dict() | changes))
+
+
+def _gemma_attention(config: Any, key: Any) -> dict[str, Any]:
+    """Gemma 2/3's query scaling (query_pre_attn_scalar) as llama.cpp computes it, and Gemma 2's soft
+    caps from the file, where the config's defaults would differ."""
+    width = config.num_hidden_layers == _QUERY_SCALE_BY_WIDTH[str(config.model_type)]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    changes: dict[str, Any] = {}
+    scalar = config.hidden_size // config.num_attention_heads if width else head_dim
+    if config.query_pre_attn_scalar != scalar:
+        changes["query_pre_attn_scalar"] = scalar
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        value = key(name)
+        if value is not None and getattr(config, name, None) != value:
+            changes[name] = float(value)
+    return changes

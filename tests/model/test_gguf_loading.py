@@ -14,13 +14,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from transformers import AutoConfig
 from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
 
 from tests.model.test_architectures import CASES, NEW_TOKENS, prompts, tiny
 from tests.models import reference_greedy, tokenizer
 from tokenwire.service.kernels import ops
 from tokenwire.service.model.architectures import UnsupportedModelError
-from tokenwire.service.model.gguf_loading import build_model
+from tokenwire.service.model.gguf_config import complete_config
+from tokenwire.service.model.gguf_loading import Header, build_model
 from tokenwire.service.model.loading import resolve_model
 from tokenwire.service.model.quantized import BlockLinear
 from tokenwire.service.model.runner import ModelRunner
@@ -319,7 +321,12 @@ def test_a_gemma3_file_with_linear_rope_scaling_scales_its_global_layers(tmp_pat
     }
     # six layers: the sixth is global in Gemma 3's pattern, the one llama.cpp assumes
     source = tiny(
-        "gemma3_text", num_hidden_layers=6, sliding_window=16, rope_parameters=rope, initializer_range=0.2
+        "gemma3_text",
+        num_hidden_layers=6,
+        sliding_window=16,
+        rope_parameters=rope,
+        initializer_range=0.2,
+        query_pre_attn_scalar=16,  # 1 / sqrt(head_dim), as llama.cpp scales every Gemma 3 but the 27B's
     )
     config = source.config
 
@@ -347,3 +354,30 @@ def test_a_gemma3_file_with_linear_rope_scaling_scales_its_global_layers(tmp_pat
     while len(tokens) < len(expected):
         tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
     assert tokens == expected
+
+
+@pytest.mark.parametrize(
+    ("model_type", "layers", "hidden", "heads", "head_dim", "scalar"),
+    [
+        ("gemma2", 26, 2304, 8, 256, 256),
+        ("gemma2", 46, 4608, 32, 128, 144),
+        ("gemma3_text", 62, 5376, 32, 128, 168),
+    ],
+)
+def test_gemma_query_scaling_and_soft_caps_follow_llama_cpp(
+    model_type: str, layers: int, hidden: int, heads: int, head_dim: int, scalar: int
+) -> None:
+    """The file does not store Gemma's query scaling: llama.cpp takes 1 / sqrt(hidden / heads) for the
+    27B models (told apart by their layer counts), 1 / sqrt(head_dim) otherwise; Gemma 2's soft caps
+    come from the file's keys."""
+    shape = {"hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": heads // 2}
+    config = AutoConfig.for_model(
+        model_type, num_hidden_layers=layers, head_dim=head_dim, intermediate_size=64, **shape
+    )
+    arch = "gemma3" if model_type == "gemma3_text" else model_type
+    metadata = {f"{arch}.attn_logit_softcapping": 40.0, f"{arch}.final_logit_softcapping": 20.0}
+    header = Header(arch, [], 0, metadata if model_type == "gemma2" else {})
+    completed = complete_config(config, header, np.zeros(0, dtype=np.uint8), "test.gguf")
+    assert completed.query_pre_attn_scalar == scalar
+    if model_type == "gemma2":
+        assert (completed.attn_logit_softcapping, completed.final_logit_softcapping) == (40.0, 20.0)
