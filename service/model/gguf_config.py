@@ -103,10 +103,10 @@ def complete_config(config: Any, header: Header, file: np.ndarray, where: str) -
 def _gemma_attention(config: Any, key: Any) -> dict[str, Any]:
     """Gemma 2/3's query scaling (query_pre_attn_scalar) as llama.cpp computes it, and Gemma 2's soft
     caps from the file, where the config's defaults would differ."""
-    width = config.num_hidden_layers == _QUERY_SCALE_BY_WIDTH[str(config.model_type)]
+    the_27b = config.num_hidden_layers == _QUERY_SCALE_BY_WIDTH[str(config.model_type)]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     changes: dict[str, Any] = {}
-    scalar = config.hidden_size // config.num_attention_heads if width else head_dim
+    scalar = config.hidden_size // config.num_attention_heads if the_27b else head_dim
     if config.query_pre_attn_scalar != scalar:
         changes["query_pre_attn_scalar"] = scalar
     for name in ("attn_logit_softcapping", "final_logit_softcapping"):
