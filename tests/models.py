@@ -23,6 +23,7 @@ from tokenwire.service.model.quantized import (
     swap_in_block_linears,
 )
 from tokenwire.service.model.runner import ModelRunner
+from tokenwire.service.model.types import PrefillChunk, SamplingParams
 
 
 @functools.cache
@@ -131,6 +132,19 @@ def default_model(weights: str = "dense", activations: str = "auto") -> Any:
 def _default_model(weights: str, activations: str) -> Any:
     model, _ = load_model(resolve_model("default"), torch.device("cpu"), torch.float32, weights, activations)
     return model
+
+
+def runner_greedy(runner: ModelRunner, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """A runner's greedy tokens for one prompt, alone (sequence 0, removed after): its prefill's
+    token, then a decode step a token."""
+    runner.add_sequence(0, SamplingParams(), 0)
+    try:
+        tokens = [runner.prefill([PrefillChunk(0, prompt_ids, True)])[0].token_id]
+        while len(tokens) < max_new_tokens:
+            tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
+    finally:
+        runner.remove_sequence(0)
+    return tokens
 
 
 def reference_greedy(reference: Any, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tests.model.test_model_runner import PROMPTS, idle, run, seeded_alone_and_in_a_batch
-from tests.models import reference_greedy, tokenizer
+from tests.models import reference_greedy, runner_greedy, tokenizer
 from tokenwire.service.engine.engine import Engine, EngineConfig
 from tokenwire.service.engine.requests import GenerationRequest, PromptInput, SamplingParams, StoppingParams
 from tokenwire.service.kernels import ops
@@ -367,8 +367,5 @@ def test_a_saved_folder_loads_and_generates_as_transformers_does(name: str, tmp_
     runner = ModelRunner.load(str(tmp_path), max_batch_size=2)
     runner.warm_up()
     prompt = prompts()[3]
-    runner.add_sequence(0, SamplingParams(), 0)
-    tokens = [runner.prefill([PrefillChunk(0, prompt, True)])[0].token_id]
-    for _ in range(NEW_TOKENS - 1):
-        tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
+    tokens = runner_greedy(runner, prompt, NEW_TOKENS)
     assert tokens == reference_greedy(model, prompt, NEW_TOKENS)

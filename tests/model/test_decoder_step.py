@@ -16,7 +16,7 @@ import torch
 
 from tests.model.test_architectures import CASES, NEW_TOKENS, greedy, prompts, tiny
 from tests.model.test_model_runner import idle, run
-from tests.models import quantize_q4_1, quantize_q8_0, reference_greedy, tokenizer
+from tests.models import quantize_q4_1, quantize_q8_0, reference_greedy, runner_greedy, tokenizer
 from tokenwire.service.engine.engine import Engine, EngineConfig
 from tokenwire.service.kernels import ops
 from tokenwire.service.model.decoder_step import _matrix
@@ -185,10 +185,7 @@ def test_gemma3_features_the_c_step_does_not_take_keep_the_torch_path(
     runner = runner_over(model)
     assert runner.decode_kernel == "torch"
     prompt = prompts()[3]
-    runner.add_sequence(0, SamplingParams(), 0)
-    tokens = [runner.prefill([PrefillChunk(0, prompt, True)])[0].token_id]
-    for _ in range(NEW_TOKENS - 1):
-        tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
+    tokens = runner_greedy(runner, prompt, NEW_TOKENS)
     reference = copy.deepcopy(model)
     reference.set_attn_implementation("sdpa")
     assert tokens == reference_greedy(reference, prompt, NEW_TOKENS)

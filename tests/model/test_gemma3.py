@@ -9,14 +9,13 @@ from collections import Counter
 import pytest
 import torch
 
-from tests.models import reference_greedy
+from tests.models import reference_greedy, runner_greedy
 from tokenwire.service.kernels import ops
 from tokenwire.service.model.gguf_loading import BlockEmbedding
 from tokenwire.service.model.loading import load_model, resolve_model
 from tokenwire.service.model.quantized import BlockLinear
 from tokenwire.service.model.runner import ModelRunner
 from tokenwire.service.model.templates import use_chat_template
-from tokenwire.service.model.types import PrefillChunk, SamplingParams
 
 CPU = torch.device("cpu")
 
@@ -39,11 +38,7 @@ def test_gemma3_starts_in_seconds_on_its_blocks_and_decodes_as_generate() -> Non
     runner = ModelRunner(model, tokenizer, name="gemma3", source="test", max_batch_size=2, max_context=256)
     # every layer in decoder_step.c, its embedding looked up on the lm_head's blocks there
     assert runner.decode_kernel == ("c" if "embedding_blocks" in ops.struct_fields("Decoder") else "torch")
-    runner.add_sequence(0, SamplingParams(), 0)
-    tokens = [runner.prefill([PrefillChunk(0, prompt, True)])[0].token_id]
-    while len(tokens) < len(expected):
-        tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
-    assert tokens == expected
+    assert runner_greedy(runner, prompt, len(expected)) == expected
 
 
 @pytest.mark.model

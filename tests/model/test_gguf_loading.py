@@ -18,7 +18,7 @@ from transformers import AutoConfig
 from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
 
 from tests.model.test_architectures import CASES, NEW_TOKENS, prompts, tiny
-from tests.models import reference_greedy, tokenizer
+from tests.models import reference_greedy, runner_greedy, tokenizer
 from tokenwire.service.kernels import ops
 from tokenwire.service.model.architectures import UnsupportedModelError
 from tokenwire.service.model.gguf_config import complete_config
@@ -26,7 +26,6 @@ from tokenwire.service.model.gguf_loading import Header, build_model
 from tokenwire.service.model.loading import resolve_model
 from tokenwire.service.model.quantized import BlockLinear
 from tokenwire.service.model.runner import ModelRunner
-from tokenwire.service.model.types import PrefillChunk, SamplingParams
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
@@ -126,12 +125,7 @@ def test_a_file_runs_on_its_blocks_in_the_c_step(name: str, tmp_path: Path) -> N
     for prompt in prompts()[1:3]:
         expected = reference_greedy(dense, prompt, NEW_TOKENS)
         assert len(set(expected)) > 4
-        runner.add_sequence(0, SamplingParams(), 0)
-        tokens = [runner.prefill([PrefillChunk(0, prompt, True)])[0].token_id]
-        while len(tokens) < len(expected):
-            tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
-        runner.remove_sequence(0)
-        assert tokens == expected
+        assert runner_greedy(runner, prompt, len(expected)) == expected
 
 
 def test_a_file_without_a_block_layers_bias_is_refused(tmp_path: Path) -> None:
@@ -213,11 +207,7 @@ def test_a_qwen2_file_loads_as_the_server_loads_it(tmp_path: Path) -> None:
     prompt = runner.tokenizer(text).input_ids
     assert prompt == tokenizer()(text).input_ids  # the file's vocabulary is the default model's
     expected = reference_greedy(dense, prompt, NEW_TOKENS)
-    runner.add_sequence(0, SamplingParams(), 0)
-    tokens = [runner.prefill([PrefillChunk(0, prompt, True)])[0].token_id]
-    while len(tokens) < len(expected):
-        tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
-    assert tokens == expected
+    assert runner_greedy(runner, prompt, len(expected)) == expected
 
 
 def test_a_llama3_file_rotates_with_its_rope_freqs(tmp_path: Path) -> None:
@@ -243,11 +233,7 @@ def test_a_llama3_file_rotates_with_its_rope_freqs(tmp_path: Path) -> None:
     prompt = prompts()[3]  # 75 tokens, and 40 more: past the original 64
     expected = reference_greedy(source, prompt, NEW_TOKENS)
     assert expected != reference_greedy(plain_with(held), prompt, NEW_TOKENS)  # the factors matter
-    runner.add_sequence(0, SamplingParams(), 0)
-    tokens = [runner.prefill([PrefillChunk(0, prompt, True)])[0].token_id]
-    while len(tokens) < len(expected):
-        tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
-    assert tokens == expected
+    assert runner_greedy(runner, prompt, len(expected)) == expected
 
 
 def plain_with(state: dict[str, torch.Tensor]) -> Any:
@@ -296,11 +282,7 @@ def test_what_a_phi3_files_metadata_says_beyond_transformers_mapping_is_kept(
     source.tie_weights()
     prompt = prompts()[3]  # 75 tokens and 40 more: past the window of 16, within longrope's 128
     expected = reference_greedy(source, prompt, NEW_TOKENS)
-    runner.add_sequence(0, SamplingParams(), 0)
-    tokens = [runner.prefill([PrefillChunk(0, prompt, True)])[0].token_id]
-    while len(tokens) < len(expected):
-        tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
-    assert tokens == expected
+    assert runner_greedy(runner, prompt, len(expected)) == expected
 
 
 def test_a_rope_scaling_a_config_cannot_take_is_refused(tmp_path: Path) -> None:
@@ -353,11 +335,7 @@ def test_a_gemma3_file_with_linear_rope_scaling_scales_its_global_layers(tmp_pat
     source.tie_weights()
     prompt = prompts()[3]
     expected = reference_greedy(source, prompt, NEW_TOKENS)
-    runner.add_sequence(0, SamplingParams(), 0)
-    tokens = [runner.prefill([PrefillChunk(0, prompt, True)])[0].token_id]
-    while len(tokens) < len(expected):
-        tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
-    assert tokens == expected
+    assert runner_greedy(runner, prompt, len(expected)) == expected
 
 
 @pytest.mark.parametrize(

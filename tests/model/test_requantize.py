@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from tests.model.test_architectures import CASES, NEW_TOKENS, prompts, tiny
-from tests.models import reference_greedy, tokenizer
+from tests.models import reference_greedy, runner_greedy, tokenizer
 from tokenwire.service.kernels import ops
 from tokenwire.service.model.loading import load_model, resolve_model
 from tokenwire.service.model.quantized import BlockLinear
 from tokenwire.service.model.runner import ModelRunner
-from tokenwire.service.model.types import PrefillChunk, SamplingParams
 
 CPU = torch.device("cpu")
 
@@ -47,10 +46,7 @@ def test_a_folder_runs_on_q8_0_blocks_in_the_c_step(name: str, tmp_path: Path) -
         ids = torch.tensor([prompt])
         error = (quantized(ids).logits - dense(ids).logits).abs()
         assert float(error.mean()) < 0.02 and float(error.max()) < 0.2  # logits of std ~1
-    runner.add_sequence(0, SamplingParams(), 0)
-    tokens = [runner.prefill([PrefillChunk(0, prompt, True)])[0].token_id]
-    for _ in range(NEW_TOKENS - 1):
-        tokens.append(runner.decode({0: tokens[-1]})[0].token_id)
+    tokens = runner_greedy(runner, prompt, NEW_TOKENS)
     assert tokens == reference_greedy(quantized, prompt, NEW_TOKENS)
 
 
