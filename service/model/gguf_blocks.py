@@ -1,10 +1,11 @@
 """A GGUF tensor's bytes read into the block layouts the kernels run (quantized.py), type by type.
 
 Each reader gives the weights the `gguf` package's dequantization gives, bit for bit, as codes with
-a scale (and a minimum) per group: Q4_0, Q4_1 and Q4_K into Q4Weight; Q5_0, Q5_1, Q8_0, Q5_K and
-Q6_K into Q8Weight (quantized.py's docstring argues each exact; tests/model/test_gguf_blocks.py
-checks them against gguf.quants.dequantize). The layouts follow gguf-py's quants.py, which follows
-ggml-quants.c. Other types have no reader: their tensors are unpacked to float32 at load.
+a scale (and a minimum) per group: Q4_0, Q4_1 and Q4_K into Q4Weight; Q5_0, Q5_1, Q8_0, Q2_K, Q5_K,
+Q6_K, IQ4_NL and IQ4_XS into Q8Weight (quantized.py's docstring argues each exact;
+tests/model/test_gguf_blocks.py checks them against gguf.quants.dequantize). The layouts follow
+gguf-py's quants.py, which follows ggml-quants.c. Other types (Q3_K, the other IQ and TQ types)
+have no reader: their tensors are unpacked to float32 at load.
 """
 
 from __future__ import annotations
@@ -137,6 +138,46 @@ def read_q6_k(data: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
     return _q8(q.astype(np.int16) - 32, scale, None, shape)
 
 
+def read_q2_k(data: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
+    """Super-blocks of 256: w = (d*sc) * q - dmin*m per sub-block of 16, q of 2 bits, sc and m of 4:
+    codes 0..3 in groups of 16 with a minimum (-dmin*m: adding it subtracts dmin*m exactly)."""
+    b = _blocks(data, shape, _K, 84)
+    d, dmin = _half(b[:, 80:82]), _half(b[:, 82:84])
+    scale = d * (b[:, 0:16] & 0x0F).astype(np.float32)
+    minimum = -(dmin * (b[:, 0:16] >> 4).astype(np.float32))
+    # 2 runs of 32 bytes, each holding 4 runs of 32 values (bits 0-1, 2-3, 4-5, 6-7)
+    q = b[:, 16:80].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    return _q8((q & 0x03).reshape(-1, _K), scale, minimum, shape)
+
+
+# IQ4_NL's and IQ4_XS's 16 values, which a 4-bit index picks (ggml's kvalues_iq4nl)
+_IQ4_VALUES = np.array(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8
+)
+
+
+def read_iq4_nl(data: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
+    """w = d * v[q], v a fixed table of 16 signed bytes: 8-bit codes v[q] (twice the file's bits, on
+    the kernels the other 8-bit types use)."""
+    b = _blocks(data, shape, 32, 18)
+    return _q8(_IQ4_VALUES[_nibbles(b[:, 2:18])], _half(b[:, 0:2]), None, shape)
+
+
+def read_iq4_xs(data: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
+    """Super-blocks of 256: w = (d * (ls - 32)) * v[q] per sub-block of 32, ls of 6 bits (4 low bits
+    in scales_l's nibbles, 2 high in scales_h); codes v[q] as IQ4_NL's."""
+    b = _blocks(data, shape, _K, 136)
+    low = (b[:, 4:8].reshape(-1, 4, 1) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2)).reshape(
+        -1, 8
+    ) & 0x0F
+    high_bits = np.ascontiguousarray(b[:, 2:4]).view(np.uint16) >> (2 * np.arange(8, dtype=np.uint16))
+    high = high_bits.astype(np.uint8) & 0x03
+    ls = (low | (high << 4)).astype(np.int8) - np.int8(32)
+    scale = _half(b[:, 0:2]) * ls.astype(np.float32)
+    q = _nibbles(b[:, 8:136].reshape(-1, 16)).reshape(-1, _K)
+    return _q8(_IQ4_VALUES[q], scale, None, shape)
+
+
 # ggml type id (gguf.GGMLQuantizationType) -> reader
 READERS: dict[int, Callable[[np.ndarray, tuple[int, int]], BlockWeight]] = {
     2: read_q4_0,
@@ -144,7 +185,10 @@ READERS: dict[int, Callable[[np.ndarray, tuple[int, int]], BlockWeight]] = {
     6: read_q5_0,
     7: read_q5_1,
     8: read_q8_0,
+    10: read_q2_k,
     12: read_q4_k,
     13: read_q5_k,
     14: read_q6_k,
+    20: read_iq4_nl,
+    23: read_iq4_xs,
 }

@@ -23,6 +23,9 @@ HALVES = {
     Q.Q4_K: (0, 2),
     Q.Q5_K: (0, 2),
     Q.Q6_K: (208,),
+    Q.Q2_K: (80, 82),
+    Q.IQ4_NL: (0,),
+    Q.IQ4_XS: (0,),
 }
 needs_int8 = pytest.mark.skipif(not ops.int8_activations(), reason="this CPU lacks AVX512-VNNI")
 
