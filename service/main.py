@@ -480,8 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add("--dtype", "model dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     model.add(
         "--weights",
-        "auto: a GGUF file's layers run on their own blocks on CPU (Q4_0/1, Q5_0/1, Q8_0, Q2_K, Q4_K, Q5_K, "
-        "Q6_K, IQ4_NL, IQ4_XS); "
+        "auto: a GGUF file's layers run on their own blocks on CPU (Q4_0/1, Q5_0/1, Q8_0, Q2_K-Q6_K, "
+        "IQ4_NL, IQ4_XS); "
         "dense: unpack every layer; q8_0: also quantize every layer still dense (a model folder's) to Q8_0 "
         "blocks at load, for the C step (outputs then the Q8_0 weights', as llama.cpp's from a Q8_0 file)",
         default="auto",

@@ -1,11 +1,11 @@
 """A GGUF tensor's bytes read into the block layouts the kernels run (quantized.py), type by type.
 
 Each reader gives the weights the `gguf` package's dequantization gives, bit for bit, as codes with
-a scale (and a minimum) per group: Q4_0, Q4_1 and Q4_K into Q4Weight; Q5_0, Q5_1, Q8_0, Q2_K, Q5_K,
-Q6_K, IQ4_NL and IQ4_XS into Q8Weight (quantized.py's docstring argues each exact;
+a scale (and a minimum) per group: Q4_0, Q4_1 and Q4_K into Q4Weight; Q5_0, Q5_1, Q8_0, Q2_K, Q3_K,
+Q5_K, Q6_K, IQ4_NL and IQ4_XS into Q8Weight (quantized.py's docstring argues each exact;
 tests/model/test_gguf_blocks.py checks them against gguf.quants.dequantize). The layouts follow
-gguf-py's quants.py, which follows ggml-quants.c. Other types (Q3_K, the other IQ and TQ types)
-have no reader: their tensors are unpacked to float32 at load.
+gguf-py's quants.py, which follows ggml-quants.c. Other types (the IQ types below 4 bits, TQ) have
+no reader: their tensors are unpacked to float32 at load.
 """
 
 from __future__ import annotations
@@ -150,6 +150,21 @@ def read_q2_k(data: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
     return _q8((q & 0x03).reshape(-1, _K), scale, minimum, shape)
 
 
+def read_q3_k(data: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
+    """Super-blocks of 256: w = (d * (sc - 32)) * q per sub-block of 16, sc of 6 bits, q of 3 (two low
+    bits, less 4 where the high bit in hmask is clear): codes -4..3 in groups of 16."""
+    b = _blocks(data, shape, _K, 110)
+    raw = b[:, 96:108]  # 16 scales: low nibbles of bytes 0-7, then their high ones; 2 bits more each
+    low = (raw[:, 0:8].reshape(-1, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)).reshape(-1, 16)
+    high = raw[:, 8:12].reshape(-1, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)
+    sc = ((low & 0x0F) | ((high.reshape(-1, 16) & 0x03) << 4)).astype(np.int8) - np.int8(32)
+    scale = _half(b[:, 108:110]) * sc.astype(np.float32)
+    ql = b[:, 32:96].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    qh = b[:, 0:32].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+    q = (ql.reshape(-1, _K) & 0x03).astype(np.int16) - (((qh.reshape(-1, _K) & 1) ^ 1) << 2).astype(np.int16)
+    return _q8(q, scale, None, shape)
+
+
 # IQ4_NL's and IQ4_XS's 16 values, which a 4-bit index picks (ggml's kvalues_iq4nl)
 _IQ4_VALUES = np.array(
     [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8
@@ -186,6 +201,7 @@ READERS: dict[int, Callable[[np.ndarray, tuple[int, int]], BlockWeight]] = {
     7: read_q5_1,
     8: read_q8_0,
     10: read_q2_k,
+    11: read_q3_k,
     12: read_q4_k,
     13: read_q5_k,
     14: read_q6_k,
