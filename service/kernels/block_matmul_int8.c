@@ -116,6 +116,16 @@ static inline __attribute__((always_inline)) __m512 add_group16(
     return acc;
 }
 
+/* Vector h of group g's weight codes, as vpdpbusd takes them (unsigned): 4 k's (4h..4h+3) x 16
+ * columns. Q4_1 lines hold k, k+4 in nibbles: line h/2's low nibbles for even h, high for odd. */
+static inline __attribute__((always_inline)) __m512i group_codes(const uint8_t *lines, int64_t g, int h, int bits) {
+    if (bits == 4) {
+        const __m512i line = _mm512_loadu_si512(lines + (g * 4 + h / 2) * 64);
+        return _mm512_and_si512(h % 2 ? _mm512_srli_epi16(line, 4) : line, _mm512_set1_epi8(0x0F));
+    }
+    return _mm512_loadu_si512(lines + (g * 8 + h) * 64);
+}
+
 static inline __m512i four_codes(const int8_t *codes) {  /* 4 activation bytes in every lane */
     int32_t four;
     __builtin_memcpy(&four, codes, sizeof(four));
@@ -140,14 +150,7 @@ static inline __attribute__((always_inline)) void block(const Matmul *m, int64_t
          * prefetcher alone left the lm_head at 16 rows waiting on memory */
         const uint8_t *group_lines = lines + g * (bits == 4 ? 4 : 8) * 64;
         for (int p = 0; p < (bits == 4 ? 4 : 8); p++) __builtin_prefetch(group_lines + 2048 + p * 64);
-        for (int h = 0; h < 8; h++) {
-            if (bits == 4) {
-                const __m512i line = _mm512_loadu_si512(lines + (g * 4 + h / 2) * 64);
-                w[h] = _mm512_and_si512(h % 2 ? _mm512_srli_epi16(line, 4) : line, _mm512_set1_epi8(0x0F));
-            } else {
-                w[h] = _mm512_loadu_si512(lines + (g * 8 + h) * 64);
-            }
-        }
+        for (int h = 0; h < 8; h++) w[h] = group_codes(lines, g, h, bits);
         /* Q4_1 lines hold k, k+4 in nibbles: vector h covers k = 8(h/2) + 4(h%2) either way */
         if (group == 16) {  /* two groups of 16 k's: vectors 0..3, then 4..7 */
             for (int half = 0; half < 2; half++) {
@@ -182,10 +185,10 @@ static inline __attribute__((always_inline)) void block(const Matmul *m, int64_t
 }
 
 /* AMX (the tile unit of Intel CPUs since Sapphire Rapids): a group's 16 rows x 16 columns of integer
- * sums in one tile multiply (tdpbsud: signed activation codes by unsigned weight codes, the same
- * products vpdpbusd sums), then the same float steps as block(), so a row gets the same bits with
- * AMX or without, alone or in any batch. It replaces the 8 vpdpbusd a row takes per group, and most
- * of a long prefill's time is those.
+ * sums in one tile multiply (tdpbssd: signed activation codes by signed weight codes, the products
+ * vpdpbusd sums less its +128 offset), then the same float steps as block(), so a row gets the same
+ * bits with AMX or without, alone or in any batch. It replaces the 8 vpdpbusd a row takes per group,
+ * and most of a long prefill's time is those. From 32 rows (AMX_ROWS): at 16 it was slower.
  *
  * Tiles, loaded with ldtilecfg at each item (the step thread shares its tile state with torch's
  * oneDNN, which loads its own): C 16 x 16 int32 sums; A 16 rows x 32 activation codes (a group);
@@ -244,19 +247,13 @@ void kernels_use_amx(int on) { atomic_store(&amx_wanted, on); }
 
 static int use_amx(void) { return atomic_load(&amx_wanted) && amx_int8(); }
 
-/* Group g's weight codes as signed bytes, B's 8 rows of 64 (4 k's x 16 columns): Q4_1's nibbles
- * (line h/2's low nibbles for even h, high for odd, are k = 4h..4h+3), or Q8's qw + 128 back to qw,
- * so that tdpbssd sums the products themselves (no 128 * sum(qx) to take off per row) */
+/* Group g's weight codes as signed bytes, B's 8 rows of 64 (4 k's x 16 columns): Q4_1's as they
+ * are, Q8's qw + 128 back to qw, so that tdpbssd sums the products themselves (no 128 * sum(qx) to
+ * take off per row) */
 static inline __attribute__((always_inline)) void signed_codes(const uint8_t *lines, int64_t g, int bits, int8_t *out) {
     for (int h = 0; h < 8; h++) {
-        __m512i codes;
-        if (bits == 4) {
-            const __m512i line = _mm512_loadu_si512(lines + (g * 4 + h / 2) * 64);
-            codes = _mm512_and_si512(h % 2 ? _mm512_srli_epi16(line, 4) : line, _mm512_set1_epi8(0x0F));
-        } else {
-            codes = _mm512_xor_si512(_mm512_loadu_si512(lines + (g * 8 + h) * 64), _mm512_set1_epi8((char)0x80));
-        }
-        _mm512_store_si512(out + h * 64, codes);
+        const __m512i codes = group_codes(lines, g, h, bits);
+        _mm512_store_si512(out + h * 64, bits == 4 ? codes : _mm512_xor_si512(codes, _mm512_set1_epi8((char)0x80)));
     }
 }
 

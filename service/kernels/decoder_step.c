@@ -271,14 +271,6 @@ void matrix_rows(const Matrix *m, const int64_t *ids, int64_t n, float *out) {
     for (int64_t i = 0; i < n; i++) matrix_row(m, ids[i], out + i * m->in_features);
 }
 
-/* ids: [rows] token ids; x: [rows, hidden], the final-norm hidden states out.
- * cos, sin: [rows, head_dim] for each row's position, or NULL where the decoder has a table (then a
- * step runs without a torch op before it, each of which would let the event loop's thread take
- * the GIL first); positions: where each row's key goes. logits: NULL, or [rows, vocab] for the
- * lm_head's outputs too (then argmax: NULL, or [rows] for each row's argmax).
- * slots: each row's cache slot, or NULL for slot r (decode: one token per sequence). A prompt's
- * tokens may share one slot, each attending up to its own position (decode_attention.c): then this
- * is a prefill, and a token's result is the same however its prompt is split into chunks. */
 /* out = the layer's MLP of j->normed */
 static int mlp(const Layer *layer, Rows *j, int64_t rows, float *out, int threads) {
     int status = multiply(&layer->gate_up, j->normed, rows, j->gate_up, threads);
@@ -287,6 +279,14 @@ static int mlp(const Layer *layer, Rows *j, int64_t rows, float *out, int thread
     return multiply(&layer->down, j->act, rows, out, threads);
 }
 
+/* ids: [rows] token ids; x: [rows, hidden], the final-norm hidden states out.
+ * cos, sin: [rows, head_dim] for each row's position, or NULL where the decoder has a table (then a
+ * step runs without a torch op before it, each of which would let the event loop's thread take
+ * the GIL first); positions: where each row's key goes. logits: NULL, or [rows, vocab] for the
+ * lm_head's outputs too (then argmax: NULL, or [rows] for each row's argmax).
+ * slots: each row's cache slot, or NULL for slot r (decode: one token per sequence). A prompt's
+ * tokens may share one slot, each attending up to its own position (decode_attention.c): then this
+ * is a prefill, and a token's result is the same however its prompt is split into chunks. */
 int decoder_step(const Decoder *d, const int64_t *ids, float *x, const float *cos, const float *sin,
                  const int64_t *positions, const int64_t *slots, int64_t rows, float *logits, int64_t *argmax,
                  int threads) {

@@ -218,18 +218,17 @@ def decode_attention(
             index.dtype == torch.int64 and index.is_contiguous() and len(index) == rows
         ):
             raise ValueError(f"decode_attention: {name} must be a contiguous int64 tensor, one per row")
-    lib = _module().lib
-    args = [
+    if (window is not None and window < 1) or (softcap is not None and not softcap > 0):
+        raise ValueError(f"decode_attention: window {window}, softcap {softcap}")
+    status = _module().lib.decode_attention(
         pointer(query), query.stride(0), query.stride(1),
         pointer(key), key.stride(0), key.stride(1),
         pointer(value), value.stride(0), value.stride(1),
         pointer(cache_k), pointer(cache_v), int(cache_k.dtype == torch.float16),
         pointer(positions), pointer(slots),
         rows, heads, key.shape[1], head_dim, cache_k.shape[0], cache_k.shape[2],
-    ]  # fmt: skip
-    if (window is not None and window < 1) or (softcap is not None and not softcap > 0):
-        raise ValueError(f"decode_attention: window {window}, softcap {softcap}")
-    status = lib.decode_attention(*args, window or 0, softcap or 0.0, scale, pointer(out), threads())
+        window or 0, softcap or 0.0, scale, pointer(out), threads(),
+    )  # fmt: skip
     check(status, "decode_attention")
 
 

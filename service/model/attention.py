@@ -203,7 +203,7 @@ def effective_windows(windows: Sequence[int | None], context_length: int) -> tup
 
 
 def native_attention(device: torch.device, model_dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether decode_attention.c can run plain attention for this model (see SlotAttention)."""
+    """Whether decode_attention.c can run this model's attention (see SlotAttention)."""
     return ops.available() and device.type == "cpu" and model_dtype == torch.float32 and _c_head_dim(head_dim)
 
 

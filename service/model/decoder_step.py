@@ -64,11 +64,10 @@ class DecoderStep:
     def build(
         cls, backbone: Any, lm_head: Any, keys: torch.Tensor, values: torch.Tensor, *, attention_in_c: bool
     ) -> DecoderStep | None:
-        """None unless decode attention runs in C (`_SlotAttention.native`: the kernels are here, a
-        float32 model on CPU, a head_dim it takes, windows and soft caps where the build takes them),
-        the model is one whose layers decoder_step.c computes (`_KINDS`) and this build of the
-        kernels has the fields its layers need, every projection on native blocks, widths multiples
-        of 16."""
+        """None unless decode attention runs in C (`SlotAttention.native`: the kernels are here, a
+        float32 model on CPU, a head_dim it takes), the model is one whose layers decoder_step.c
+        computes (`_KINDS`) and this build of the kernels has the fields its layers need, every
+        projection on native blocks, widths multiples of 16."""
         config = backbone.config
         kind = _KINDS.get(str(getattr(config, "model_type", "")))  # before reading its module names
         if kind is None or not attention_in_c or not keys.is_contiguous():

@@ -13,7 +13,7 @@ Decode-step speed (SmolLM2-135M, 2 shared cores; a step at 16 rows is ~75% matmu
 - The default model's layers run on the GGUF file's own Q4_1 blocks, its lm_head on its Q8_0 blocks
   (quantized.py, block_matmul.c): a step at 16 rows went from ~84 (float32 MKL) to ~60 (torch's
   int4 kernel) to ~45 ms, one row from ~37 to ~19 to ~16 ms.
-- With the C kernels, a llama (or Gemma 3) on GGUF blocks decodes in decoder_step.c: every layer in one call
+- With the C kernels, a model on GGUF blocks decodes in decoder_step.c: every layer in one call
   (DecoderStep, decoder_step.py), with the embedding lookup, the lm_head and, when every row is
   greedy, the argmax: such a step runs no torch op. Measured alone: one row ~15 -> ~7 ms a step,
   16 rows ~44 -> ~28 ms (21 of them in the C step, 4.6 in the lm_head); with 8-bit activations and
@@ -140,6 +140,7 @@ class ModelRunner:
         head_dim = int(getattr(config, "head_dim", config.hidden_size // config.num_attention_heads))
         # What the block layers multiply: "int8", "float32", "bfloat16"; "" when every layer is dense.
         self.activations = block_activations(model)
+        self.cache_dtype = cache_dtype(self.device, self.dtype, self.activations, head_dim)
         self.kv_size = self._size_cache(
             model_context, max_batch_size, kv_cache_bytes, layers, kv_heads, head_dim
         )
@@ -154,7 +155,6 @@ class ModelRunner:
         windows = effective_windows(self.features.windows, self.context_length)
         softcap = self.features.attention_softcap
         # torch.empty: pages are committed only as positions are written, so a large context is cheap.
-        self.cache_dtype = cache_dtype(self.device, self.dtype, self.activations, head_dim)
         keys = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
         values = torch.empty(shape, dtype=self.cache_dtype, device=self.device)
         self._attention = SlotAttention(
@@ -205,8 +205,7 @@ class ModelRunner:
         """The context the KV budget allows (raises KVBudgetError when not even a short one fits),
         logged."""
         wanted = self.context_length
-        element = cache_dtype(self.device, self.dtype, self.activations, head_dim)
-        per_token = bytes_per_token(layers, kv_heads, head_dim, element.itemsize)
+        per_token = bytes_per_token(layers, kv_heads, head_dim, self.cache_dtype.itemsize)
         size = fit_context(wanted, rows, per_token, budget)
         if size.context_length < wanted:
             log.warning(
